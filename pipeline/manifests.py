@@ -1,0 +1,28 @@
+"""Read the declarative specs users edit under manifests/ (teachers, students, recipes, datasets)."""
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import UserError
+
+MANIFEST_ROOT = Path(__file__).resolve().parent.parent / "manifests"
+
+
+def load_spec(kind: str, name_or_path: str, root: Path = MANIFEST_ROOT) -> dict:
+    """Load `manifests/{kind}/{name}.yaml`, or a YAML file given by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = root / kind / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / kind).glob("*.yaml"))
+        raise UserError(
+            f"no {kind[:-1]} spec '{name_or_path}' ({path} not found); known: {', '.join(known) or 'none'}"
+            f"; add manifests/{kind}/{name_or_path}.yaml or pass a path to a YAML file"
+        )
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a YAML mapping at the top level")
+    spec.setdefault("name", path.stem)
+    return spec

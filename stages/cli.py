@@ -1,0 +1,73 @@
+"""The `pipeline` console command: a click group over the stage modules.
+
+Stage modules are imported only when their command runs, so `pipeline --help` stays fast.
+Every option can also come from params.yaml: the section named after the command (e.g. `teach:`)
+is click's default_map for that command, and command-line options override it.
+"""
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.errors import UserError
+
+# command name -> (module, attribute, one-line help)
+STAGES = {
+    "shard": ("stages.shard", "command", "Write a dataset as webdataset shards + manifest.json."),
+    "finetune-teacher": ("stages.finetune_teacher", "command", "Fine-tune a teacher on the train shards."),
+    "teach": ("stages.teach", "command", "Run a teacher once over the views; store top-k logits."),
+    "store": ("stages.store", "group", "Inspect teacher logit stores."),
+    "student": ("stages.student", "command", "Train a student against stored teacher logits."),
+    "fuse": ("stages.fuse", "command", "Fold a trained student into its stock inference model."),
+    "evaluate": ("stages.evaluate", "command", "Evaluate a fused student on the validation split."),
+    "report": ("stages.report", "command", "Table + figure of every evaluated student."),
+}
+
+
+class StageGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name, (module, _, _) in STAGES.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx, name):
+        if name not in STAGES:
+            return None
+        module, attr, _ = STAGES[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, STAGES[name][2]) for name in self.list_commands(ctx)]
+        if not rows:
+            return
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+def load_params(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise click.BadParameter(f"{path} is not valid YAML: {err}") from None
+    return {k.replace("_", "-"): v for k, v in params.items() if isinstance(v, dict)}
+
+
+@click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path),
+              default="params.yaml", show_default=True,
+              help="YAML file whose section per command (e.g. `teach:`) gives that command's defaults.")
+@click.pass_context
+def main(ctx, params_path):
+    """Offline teacher-logit distillation: shard -> teach -> student -> fuse -> evaluate -> report."""
+    ctx.default_map = load_params(params_path)
