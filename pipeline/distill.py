@@ -1,0 +1,123 @@
+"""Distillation loss from stored top-k teacher logits, with one bucket for the rest of the mass.
+
+A store keeps, per (sample, view), the teacher's top-k logits z_1..z_k, their class indices and
+L = logsumexp over ALL classes. That is enough for the exact top-k probabilities p_i = exp(z_i - L)
+and the exact tail mass r = 1 - sum p_i. The loss compares teacher and student on k + 1 buckets
+(the k stored classes + "everything else"), i.e. KL between the two distributions coarsened onto
+those buckets; when k equals the number of classes there is no tail and it is the dense KL.
+
+Temperature. At tau != 1 the tempered teacher softmax(z / tau) needs every logit, and the store
+keeps only k of them. The tail is modelled as FLAT: its C - k classes share the logit
+z_rest = L + log(r) - log(C - k), which reproduces the stored tail mass r exactly at tau = 1. So:
+  - tau = 1: exact (the flat-tail model changes nothing at tau = 1),
+  - k = C: exact at every tau (no tail),
+  - k < C, tau != 1: exact when the teacher's tail is flat; otherwise the tail bucket's tempered
+    mass is over-estimated for tau > 1 (Jensen; small when r is small, as it is for k >= 10 on a
+    trained teacher). The paper's recipe uses tau = 1.
+
+Ensembles. Several teachers are combined as a weighted mean of their (tempered) probabilities.
+Their top-k index sets differ, so every teacher is scattered into a dense [B, C] vector (its tail
+spread flat over its non-top-k classes); the union of all top-k sets is the "known" classes and
+everything else is the ensemble's rest bucket. With one teacher this is exactly the single-store
+target. Dense [B, C] costs nothing next to the student's own [B, C] logits.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SoftTarget:
+    """Teacher target on the student's classes: probabilities (dense) and which classes are known.
+
+    `probs` [B, C] sums to 1 per row; on `known` classes it is the teacher's value, elsewhere it is
+    the tail model, which the loss only ever uses summed (the rest bucket).
+    """
+
+    probs: torch.Tensor
+    known: torch.Tensor
+
+    def mix(self, lam: float) -> "SoftTarget":
+        """Target of a batch mixed with its flip (timm Mixup/CutMix `batch` mode): linear in lam."""
+        return SoftTarget(lam * self.probs + (1 - lam) * self.probs.flip(0), self.known | self.known.flip(0))
+
+
+def teacher_target(topk_logits, topk_indices, lse, num_classes: int, tau: float = 1.0) -> SoftTarget:
+    """Tempered teacher distribution from one store's top-k logits, scattered onto all classes."""
+    z = topk_logits.float()
+    topk_indices = topk_indices.long()
+    k = z.shape[1]
+    known = torch.zeros(z.shape[0], num_classes, dtype=torch.bool, device=z.device)
+    known.scatter_(1, topk_indices, True)
+    n_rest = num_classes - k
+    if n_rest == 0:
+        probs = torch.zeros_like(known, dtype=torch.float32).scatter_(1, topk_indices, F.softmax(z / tau, dim=1))
+        return SoftTarget(probs, known)
+    # Tail mass at tau = 1, r = 1 - exp(lse(top-k) - L), via expm1 in float64: r is often tiny and
+    # 1 - sum(p_i) would cancel. f16 storage can push sum p_i a hair above 1, so clamp at 0.
+    z64 = z.double()
+    lse = lse.double()
+    rest = -torch.expm1(torch.logsumexp(z64, 1) - lse)
+    log_rest = torch.where(rest > 0, rest.clamp_min(1e-300).log(), float("-inf"))
+    log_n = torch.log(torch.tensor(float(n_rest), dtype=torch.float64))
+    z_rest = lse + log_rest - log_n  # the flat tail logit
+    # Normalise over the k logits and the n_rest copies of the tail logit (log n_rest adds the copies).
+    buckets = torch.cat([z64 / tau, (z_rest / tau + log_n)[:, None]], dim=1)
+    p = torch.softmax(buckets, dim=1).float()
+    probs = (p[:, -1] / n_rest)[:, None].expand(-1, num_classes).clone()
+    probs.scatter_(1, topk_indices, p[:, :-1])
+    return SoftTarget(probs, known)
+
+
+def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None) -> SoftTarget:
+    """Weighted mean of several teachers' probabilities; `stored` is [(topk_logits, topk_indices, lse)]."""
+    weights = [1.0] * len(stored) if weights is None else list(weights)
+    if len(weights) != len(stored) or sum(weights) <= 0 or min(weights) < 0:
+        raise ValueError(f"need one non-negative weight per teacher, got {weights} for {len(stored)} teachers")
+    targets = [teacher_target(*t, num_classes=num_classes, tau=tau) for t in stored]
+    total = sum(weights)
+    probs = sum(w / total * t.probs for w, t in zip(weights, targets))
+    known = torch.stack([t.known for t in targets]).any(0)
+    return SoftTarget(probs, known)
+
+
+def bucket_kl(student_logits, target: SoftTarget, tau: float = 1.0) -> torch.Tensor:
+    """Mean over the batch of KL(teacher || student) on the known classes + one rest bucket."""
+    log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+    p = torch.where(target.known, target.probs, 0.0)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(1)
+    has_rest = ~target.known.all(1)
+    if has_rest.any():
+        # Rest bucket: teacher tail mass r vs the student's mass on the same (unknown) classes.
+        rows = has_rest.nonzero(as_tuple=True)[0]
+        r = (1 - p[rows].sum(1)).clamp_min(0)
+        log_q_rest = torch.logsumexp(log_q[rows].masked_fill(target.known[rows], float("-inf")), dim=1)
+        kl = kl.index_add(0, rows, torch.xlogy(r, r) - r * log_q_rest)
+    return kl.mean()
+
+
+def kd_loss(student_logits, labels, target: SoftTarget | None, alpha: float, tau: float = 1.0,
+            label_smoothing: float = 0.0) -> dict:
+    """(1 - alpha) * CE(student, labels) + alpha * tau^2 * KL(teacher_tau || student_tau).
+
+    `labels` are class indices [B] or soft targets [B, C] (after Mixup/CutMix). alpha = 0 needs no
+    target. Returns {"loss", "ce", "kd"} (kd is the unscaled KL; 0 when alpha = 0).
+    """
+    if labels.dim() == 2:
+        ce = torch.sum(-labels * F.log_softmax(student_logits.float(), dim=1), dim=1).mean()
+    else:
+        ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+    if alpha == 0:
+        kd = ce.new_zeros(())
+    else:
+        kd = bucket_kl(student_logits, target, tau)
+    loss = (1 - alpha) * ce + alpha * tau**2 * kd
+    return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
+
+
+def topk_kd_loss(student_logits, topk_logits, topk_indices, lse, tau: float = 1.0) -> torch.Tensor:
+    """KD term (tau^2 * KL) against one store's top-k entries: the contract's single-teacher form."""
+    target = teacher_target(topk_logits, topk_indices, lse, student_logits.shape[1], tau)
+    return tau**2 * bucket_kl(student_logits, target, tau)
