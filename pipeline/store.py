@@ -1,0 +1,253 @@
+"""The teacher logit store: one zarr v3 group per (dataset, view plan, teacher, K, encoding).
+
+Arrays (row i = sample i of the split, column v = view v):
+    values  f16 [N,V,K]   top-k log-probabilities log p = z - lse, sorted by class index
+    indices i16/i32 [N,V,K]  their classes, ascending (int16 whenever the classes fit)
+    lse     f32 [N,V]     logsumexp over ALL classes: logits z = values + lse; rest mass = 1 - sum(exp(values))
+    params  u16 [N,V,P]   the view parameters (pipeline.data.views), so a view replays from the store alone
+    labels  i16/i32 [N]
+    done    u8  [S]       one flag per shard of rows, set after that shard's arrays are written
+
+Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 classes):
+- values are log-probabilities, not raw logits: f16 keeps ~3 significant digits of log p, which is
+  where the KL lives (raw logits of 20-30 would lose precision in f16 for nothing).
+- sorting each view's top-k by class index makes `indices` increasing, so a Delta filter + zstd
+  stores about one byte per index instead of two; values are permuted alongside.
+- the optional `f16-keepN` encoding zeroes all but N mantissa bits of log p (numcodecs BitRound):
+  a relative error of 2^-(N+1) on log p, which costs far less than 1e-3 nats of KL (see bench_teach).
+- rows are written one zarr shard at a time (sharding codec: few files, big compressed chunks), and
+  a shard is the unit of resume and of work sharing between torchrun ranks: no two processes ever
+  touch the same file, and zarr's LocalStore writes every file atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, TransposeCodec
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, stable_hash
+
+# BitRound/Delta/Transpose are numcodecs codecs: readable by zarr-python (what this project uses).
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
+
+FORMAT = 1
+ARRAYS = ("values", "indices", "lse", "params", "labels")
+DEFAULT_VALUES = "f16-keep5"
+
+
+def value_keepbits(encoding: str) -> int | None:
+    """'f16' -> None (plain f16 log p); 'f16-keepN' -> N mantissa bits kept (1..10)."""
+    if encoding == "f16":
+        return None
+    if encoding.startswith("f16-keep") and encoding[8:].isdigit() and 1 <= int(encoding[8:]) <= 10:
+        return int(encoding[8:])
+    raise UserError(f"value encoding '{encoding}' is not one of: f16, f16-keepN (N = 1..10 mantissa bits)")
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32)
+
+
+def store_key(*, dataset_fingerprint: str, split: str, plan_hash: str, teacher: dict, weights_digest: str,
+              k: int, num_views: int, values: str, amp: str) -> str:
+    """Hash of every input that changes the stored numbers; it names the group on disk."""
+    return stable_hash(dict(format=FORMAT, dataset_fingerprint=dataset_fingerprint, split=split, plan=plan_hash,
+                            teacher=teacher, weights_digest=weights_digest, k=k, num_views=num_views,
+                            values=values, amp=amp))
+
+
+def encode_topk(logits: torch.Tensor, k: int, encoding: str = "f16") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B,C] logits -> (log p f16 [B,K], classes [B,K] ascending, lse f32 [B]) as stored."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=1)
+    top, idx = logits.topk(k, dim=1)
+    idx, order = idx.sort(dim=1)
+    logp = (top.gather(1, order) - lse[:, None]).cpu().numpy().astype(np.float16)
+    keep = value_keepbits(encoding)
+    if keep is not None:  # what the BitRound filter will store; applied here too so callers see the stored values
+        logp = numcodecs.BitRound(keepbits=keep).encode(logp).view(np.float16).reshape(logp.shape)
+    return logp, idx.cpu().numpy(), lse.cpu().numpy()
+
+
+def rows_per_chunk(shard_rows: int, num_views: int) -> int:
+    """Inner chunk rows: the largest divisor of the shard giving <= ~4096 views per chunk."""
+    limit = max(1, 4096 // num_views)
+    return max(d for d in range(1, min(shard_rows, limit) + 1) if shard_rows % d == 0)
+
+
+def bytes_on_disk(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class LogitStore:
+    """A store group, read side. `lookup` serves the student's batches from memory."""
+
+    def __init__(self, group: zarr.Group, path):
+        self.group, self.path = group, Path(path)
+        self.provenance = dict(group.attrs["provenance"])
+        self.num_samples, self.num_views, self.k = group["values"].shape
+        self.num_classes = self.provenance["num_classes"]
+        self.plan = self.provenance["plan"]
+        self.key = self.provenance["key"]
+        self.shard_rows = self.provenance["shard_rows"]
+        self._targets = None
+
+    @property
+    def num_shards(self) -> int:
+        return self.group["done"].shape[0]
+
+    def done_mask(self) -> np.ndarray:
+        return self.group["done"][:].astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    def shard_rows_range(self, shard: int) -> range:
+        return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_samples))
+
+    def check_compatible(self, dataset_fingerprint: str, plan_hash: str) -> None:
+        """Refuse to serve targets for another dataset or view plan than the store was made for."""
+        p = self.provenance
+        if p["dataset_fingerprint"] != dataset_fingerprint:
+            raise UserError(f"teacher store {self.path} was made for dataset fingerprint {p['dataset_fingerprint']} "
+                            f"({p['dataset']}/{p['split']}) but these shards have {dataset_fingerprint}; "
+                            "re-run `pipeline teach` on these shards")
+        if p["plan_hash"] != plan_hash:
+            raise UserError(f"teacher store {self.path} was made for view plan {p['plan_hash']} but plan {plan_hash} "
+                            "was asked for; use the store's plan (LogitStore.plan) or re-run `pipeline teach`")
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """Every stored target in memory (values f16, indices, lse, labels): ~5 bytes per top-k entry."""
+        if self._targets is None:
+            g = self.group
+            self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:]))
+                             for name in ("values", "indices", "lse", "labels")}
+        return self._targets
+
+    def lookup(self, index: torch.Tensor, view: torch.Tensor):
+        """(topk_logits f32 [B,K], topk_indices int64 [B,K], lse f32 [B]) for samples `index`, views `view`."""
+        t = self.targets()
+        index, view = index.long().cpu(), view.long().cpu()
+        lse = t["lse"][index, view]
+        return t["values"][index, view].float() + lse[:, None], t["indices"][index, view].long(), lse
+
+    def params(self, index: int, view: int) -> np.ndarray:
+        """The stored parameter vector of one view (for replaying it without recomputing)."""
+        return self.group["params"][index, view]
+
+    def bytes_per_view(self) -> float:
+        return bytes_on_disk(self.path) / (self.num_samples * self.num_views)
+
+
+def open_store(path, require_complete: bool = True) -> LogitStore:
+    """Open a store read-only; UserError if it is missing, not a store, or (by default) unfinished."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+        store = LogitStore(group, path)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        raise UserError(f"{path} is not a teacher logit store; run `pipeline teach` to make one") from None
+    if require_complete and not store.complete:
+        done = int(store.done_mask().sum())
+        raise UserError(f"teacher store {path} is incomplete ({done}/{store.num_shards} shards); "
+                        "re-run the same `pipeline teach` command to finish it")
+    return store
+
+
+def open_pointer(pointer) -> LogitStore:
+    """Open the store named by a pointer file {out}/{teacher}.json written by `pipeline teach`."""
+    import json
+
+    pointer = Path(pointer)
+    if not pointer.is_file():
+        raise UserError(f"no teacher pointer file {pointer}; run `pipeline teach --out {pointer.parent}` first")
+    info = json.loads(pointer.read_text())
+    path = Path(info["store"])
+    if not path.is_absolute():
+        path = pointer.parent / path
+    store = open_store(path)
+    if store.key != info["key"]:
+        raise UserError(f"pointer {pointer} names store key {info['key']} but {path} holds {store.key}; "
+                        "re-run `pipeline teach`")
+    return store
+
+
+def write_pointer(pointer, store: LogitStore) -> dict:
+    p = store.provenance
+    store_path = os.path.relpath(store.path.resolve(), Path(pointer).parent.resolve())
+    info = {"store": store_path, "key": store.key, "teacher": p["teacher"]["name"], "k": store.k,
+            "num_views": store.num_views, "num_classes": store.num_classes, "split": p["split"],
+            "dataset_fingerprint": p["dataset_fingerprint"], "plan": store.plan, "plan_hash": p["plan_hash"]}
+    atomic_write_json(pointer, info)
+    return info
+
+
+class StoreWriter(LogitStore):
+    """The write side: create the arrays once, then fill shard by shard (any order, any process)."""
+
+    def write_shard(self, shard: int, values, indices, lse, params, labels) -> None:
+        rows = self.shard_rows_range(shard)
+        s = slice(rows.start, rows.stop)
+        g = self.group
+        g["values"][s] = values
+        g["indices"][s] = indices
+        g["lse"][s] = lse
+        g["params"][s] = params
+        g["labels"][s] = labels
+        g["done"][shard] = 1  # last: a killed writer leaves the shard not done, to be written again
+
+    def finish(self, run: dict) -> None:
+        self.group.attrs["run"] = run
+
+
+def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, k: int, params_dim: int,
+                   num_classes: int, shard_rows: int, values: str) -> StoreWriter:
+    """Open the store at `path` if it was made from the same inputs, else create it.
+
+    The provenance is written last, so a group without it is a creation that was cut off: it is
+    recreated. A group whose key differs from `provenance["key"]` is refused, never mixed into.
+    """
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        group = zarr.open_group(path, mode="r+")
+        old = group.attrs.get("provenance")
+        if old is not None:
+            if old.get("key") != provenance["key"]:
+                raise UserError(f"{path} holds teacher logits for other inputs (key {old.get('key')}, not "
+                                f"{provenance['key']}); remove it or choose another --store-root")
+            return StoreWriter(group, path)
+    group = zarr.open_group(path, mode="w")
+    idx = index_dtype(num_classes)
+    keep = value_keepbits(values)
+    chunk = rows_per_chunk(shard_rows, num_views)
+
+    def blosc(typesize, bit=False):
+        return [BloscCodec(cname="zstd", clevel=9, typesize=typesize,
+                           shuffle=BloscShuffle.bitshuffle if bit else BloscShuffle.shuffle)]
+
+    def array(name, shape, dtype, filters=(), compressors=None):
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
+                           shards=(shard_rows,) + shape[1:], filters=list(filters), compressors=compressors,
+                           fill_value=0)
+
+    array("values", (num_samples, num_views, k), np.float16,
+          [BitRound(keepbits=keep)] if keep is not None else [], blosc(2, bit=keep is not None))
+    array("indices", (num_samples, num_views, k), idx, [Delta(dtype=str(idx))], blosc(idx.itemsize))
+    array("lse", (num_samples, num_views), np.float32, [], blosc(4))
+    array("params", (num_samples, num_views, params_dim), np.uint16, [TransposeCodec(order=(2, 0, 1))], blosc(2))
+    array("labels", (num_samples,), idx, [], blosc(idx.itemsize))
+    group.create_array("done", shape=(math.ceil(num_samples / shard_rows),), dtype=np.uint8, chunks=(1,),
+                       compressors=None, fill_value=0)
+    group.attrs["provenance"] = {**provenance, "shard_rows": shard_rows, "num_classes": num_classes,
+                                 "index_dtype": str(idx), "values_encoding": values}
+    return StoreWriter(group, path)
