@@ -1,0 +1,1 @@
+"""Data: webdataset shards, replayable augmented views and the loaders built on them."""

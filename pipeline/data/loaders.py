@@ -1,0 +1,151 @@
+"""DataLoaders over the shards: teacher (every view once), student (one view per sample per epoch), eval.
+
+Each loader is a map-style dataset whose items are whole batches (DataLoader batch_size=None): the
+batch plan is fixed up front, DataLoader hands batches to workers in order and yields them in order,
+so a split across workers can have no gap and no duplicate, and a sample decoded once serves all of
+its views in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.shards import ShardReader
+from pipeline.data.views import ViewPlan, render, view_params
+from pipeline.errors import UserError
+
+
+class _Batches(Dataset):
+    """Item b = the batch built by `build(reader, rows)` from rows[b] (an int64 array [B, 2])."""
+
+    def __init__(self, reader: ShardReader, rows: list[np.ndarray], build):
+        self.reader, self.rows, self.build = reader, rows, build
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, b: int) -> dict:
+        return self.build(self.reader, self.rows[b])
+
+
+def _loader(reader, rows, build, workers) -> DataLoader:
+    return DataLoader(_Batches(reader, rows, build), batch_size=None, shuffle=False, num_workers=workers,
+                      persistent_workers=False)
+
+
+def _chunks(pairs: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
+
+
+def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int):
+    """uint8 [B, 3, H, W] images and int32 [B, P] params of the (index, view) rows."""
+    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    params = np.empty((len(rows), plan.params_dim), dtype=np.int32)
+    last, image = -1, None
+    for j, (i, v) in enumerate(rows):
+        if i != last:
+            last, image = i, reader.image(int(i))
+        params[j] = view_params(plan, reader.key(int(i)), int(v))
+        images[j] = render(image, params[j], plan, size)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(params)
+
+
+def _index_view(rows: np.ndarray) -> dict:
+    return {"index": torch.from_numpy(rows[:, 0].copy()), "view": torch.from_numpy(rows[:, 1].copy())}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TeacherBatch:
+    plan: ViewPlan
+    size: int
+
+    def __call__(self, reader, rows):
+        images, params = _render_views(reader, rows, self.plan, self.size)
+        return {**_index_view(rows), "image": images, "params": params,
+                "label": torch.from_numpy(reader.labels[rows[:, 0]])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StudentBatch:
+    plan: ViewPlan
+    size: int
+    mean: tuple
+    std: tuple
+
+    def __call__(self, reader, rows):
+        images, _ = _render_views(reader, rows, self.plan, self.size)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        return {**_index_view(rows), "image": (images.float() - mean) / std,
+                "label": torch.from_numpy(reader.labels[rows[:, 0]])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch:
+    transform: object
+
+    def __call__(self, reader, rows):
+        images = torch.stack([self.transform(reader.image(int(i))) for i in rows])
+        return {"index": torch.from_numpy(rows.copy()), "image": images,
+                "label": torch.from_numpy(reader.labels[rows])}
+
+
+def _check_indices(indices: np.ndarray, n: int) -> np.ndarray:
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(indices) and (indices.min() < 0 or indices.max() >= n):
+        raise UserError(f"sample indices must lie in [0, {n}), got {indices.min()}..{indices.max()}")
+    return indices
+
+
+def teacher_loader(shard_dir, split, plan: ViewPlan, num_views: int, indices, size: int,
+                   batch_size: int, workers: int = 0) -> DataLoader:
+    """Every (i in indices, v in range(num_views)) exactly once, sample-major, as uint8 batches."""
+    reader = ShardReader(shard_dir, split)
+    indices = _check_indices(indices, len(reader))
+    pairs = np.stack([np.repeat(indices, num_views), np.tile(np.arange(num_views), len(indices))], 1)
+
+    return _loader(reader, _chunks(pairs, batch_size), _TeacherBatch(plan, size), workers)
+
+
+def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
+    """The view a sample uses in `epoch`: a seeded per-key permutation of range(V), so V epochs use all."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "little")).permutation(num_views)
+    return int(order[epoch % num_views])
+
+
+def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, mean, std,
+                   batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                   workers: int = 0, interpolation: str | None = None, drop_last: bool = False) -> DataLoader:
+    """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
+    global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees)."""
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
+    reader = ShardReader(shard_dir, split)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(reader))
+    perm = perm[: len(perm) // world_size * world_size][rank::world_size]
+    views = np.array([epoch_view(seed, epoch, reader.key(int(i)), num_views) for i in perm], dtype=np.int64)
+    rows = _chunks(np.stack([perm, views], 1), batch_size)
+    if drop_last and rows and len(rows[-1]) < batch_size:
+        rows = rows[:-1]
+    if interpolation:
+        plan = dataclasses.replace(plan, interpolation=interpolation)
+    return _loader(reader, rows, _StudentBatch(plan, size, tuple(mean), tuple(std)), workers)
+
+
+def eval_loader(shard_dir, split, size: int, crop_pct: float, mean, std, interpolation: str,
+                batch_size: int, workers: int = 0) -> DataLoader:
+    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), normalised."""
+    reader = ShardReader(shard_dir, split)
+    transform = create_transform(input_size=size, is_training=False, interpolation=interpolation,
+                                 mean=tuple(mean), std=tuple(std), crop_pct=crop_pct)
+    indices = np.arange(len(reader), dtype=np.int64)
+    return _loader(reader, _chunks(indices, batch_size), _EvalBatch(transform), workers)

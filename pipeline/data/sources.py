@@ -1,0 +1,156 @@
+"""Sources `pipeline shard` reads: an ImageFolder tree, existing webdataset shards, the digits demo,
+and a synthetic generator. Each returns (dataset name, class names, {split: [Sample]}) in a fixed order
+that depends only on the input, so the shards written from it are byte-identical run to run."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data.shards import IMAGE_EXTS, Sample, index_tar, read_range
+from pipeline.errors import UserError
+
+VAL_NAMES = re.compile(r"^(val|valid|validation|test)\b|^(val|valid|validation|test)[-_.]")
+
+
+def _rank(seed: int, key: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+
+
+def _shuffled(samples: list[Sample], seed: int) -> list[Sample]:
+    """A fixed pseudo-random order (by key hash): classes mix within shards, yet nothing is random."""
+    return sorted(samples, key=lambda s: _rank(seed, s.key))
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """Per class, the round(n * val_fraction) samples with the smallest key hash go to val."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
+    by_class: dict[int, list[Sample]] = {}
+    for s in _shuffled(samples, seed + 1):
+        by_class.setdefault(s.label, []).append(s)
+    train, val = [], []
+    for members in by_class.values():
+        n_val = int(round(len(members) * val_fraction))
+        val += members[:n_val]
+        train += members[n_val:]
+    return {"train": _shuffled(train, seed), "val": _shuffled(val, seed)}
+
+
+def _const(data: bytes) -> bytes:
+    return data
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else fmt.upper(), quality=90)
+    return buf.getvalue()
+
+
+def _folder_samples(root: Path, classes: list[str]) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTS) \
+            if folder.is_dir() else []
+        if not files:
+            raise UserError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTS)}); "
+                            "add images or remove the folder")
+        for path in files:
+            rel = path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
+            samples.append(Sample(rel, label, path.suffix[1:].lower(), str(path), path.read_bytes))
+    return samples
+
+
+def imagefolder(directory, val_fraction: float, seed: int):
+    """DIR/train + DIR/val if present, else class folders directly in DIR split by val_fraction."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    train_root = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{train_root} has no class sub-folders; expected DIR/<class>/<image> "
+                        "or DIR/train/<class>/<image>")
+    train = _folder_samples(train_root, classes)
+    if train_root == root:
+        splits = stratified_split(train, val_fraction, seed)
+    else:
+        splits = {"train": _shuffled(train, seed)}
+        if (root / "val").is_dir():
+            extra = sorted(set(p.name for p in (root / "val").iterdir() if p.is_dir()) - set(classes))
+            if extra:
+                raise UserError(f"{root / 'val'} has classes missing from {train_root}: {', '.join(extra)}")
+            splits["val"] = _shuffled(_val_samples(root / "val", classes), seed)
+    return root.name, classes, splits
+
+
+def _val_samples(root: Path, classes: list[str]) -> list[Sample]:
+    """A val tree may leave some classes out; labels follow the train class list."""
+    present = [c for c in classes if (root / c).is_dir()]
+    index = {c: i for i, c in enumerate(classes)}
+    return [Sample(s.key, index[present[s.label]], s.ext, s.origin, s.read)
+            for s in _folder_samples(root, present)]
+
+
+def webdataset_shards(pattern: str, val_fraction: float, seed: int):
+    """Existing shards; files named val*/test* form the val split, else it is split off train."""
+    paths = [Path(p) for p in wds.shardlists.expand_urls(pattern)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise UserError(f"webdataset pattern {pattern}: missing shard(s) {', '.join(missing[:3]) or pattern}")
+    splits: dict[str, list[Sample]] = {"train": [], "val": []}
+    for path in paths:
+        split = "val" if VAL_NAMES.match(path.name) else "train"
+        for key, members in index_tar(path):
+            ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+            if ext is None or "cls" not in members:
+                raise UserError(f"sample '{key}' in {path} lacks an image ({', '.join(IMAGE_EXTS)}) or a cls entry")
+            try:
+                label = int(read_range(path, *members["cls"]))
+            except ValueError:
+                raise UserError(f"sample '{key}' in {path}: cls is not an integer") from None
+            splits[split].append(Sample(key, label, ext, f"{path}:{key}.{ext}", partial(read_range, path, *members[ext])))
+    num_classes = 1 + max(s.label for samples in splits.values() for s in samples)
+    if not splits["val"]:
+        splits = stratified_split(splits["train"], val_fraction, seed)
+    return Path(paths[0]).parent.name, [str(c) for c in range(num_classes)], splits
+
+
+def digits(size: int, val_fraction: float, seed: int):
+    """scikit-learn's 8x8 handwritten digits (shipped with the package), upscaled to RGB PNGs."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    samples = []
+    for i, (pixels, label) in enumerate(zip(data.images, data.target)):
+        img = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), "L")
+        img = img.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+        samples.append(Sample(f"{i:05d}", int(label), "png", f"digits[{i}]", partial(_const, _encode(img, "png"))))
+    return "digits", [str(c) for c in range(10)], stratified_split(samples, val_fraction, seed)
+
+
+def synthetic(num_classes: int, per_class: int, size: int, fmt: str, val_fraction: float, seed: int):
+    """Learnable toy images: class c is a colour and a stripe orientation, plus per-image noise."""
+    if num_classes < 1 or per_class < 1:
+        raise UserError("synthetic data needs --num-classes >= 1 and --per-class >= 1")
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    samples = []
+    for c in range(num_classes):
+        angle = np.pi * c / num_classes
+        colour = np.array([np.cos(2 * np.pi * (c / num_classes + k / 3)) for k in range(3)]) * 80 + 128
+        for j in range(per_class):
+            rng = np.random.default_rng([seed, c, j])
+            stripes = np.sin(2 * np.pi * 4 * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+            pixels = colour * (0.75 + 0.25 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+            img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+            key = f"c{c:03d}_{j:05d}"
+            samples.append(Sample(key, c, fmt, f"synthetic[{key}]", partial(_const, _encode(img, fmt))))
+    return "synthetic", [f"class{c}" for c in range(num_classes)], stratified_split(samples, val_fraction, seed)

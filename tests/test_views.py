@@ -1,0 +1,127 @@
+"""Replayable views: pure parameters, exact replay, same region at any size, timm's op meanings."""
+
+import dataclasses
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.data.views import GRID, ViewPlan, _op_args, _rand_augment, crop_box, render, view_params
+from pipeline.errors import UserError
+
+PLAN = ViewPlan(size=64)
+
+
+def _image(seed=0, size=(80, 64)):
+    """A smooth gradient with texture, so crops of different regions differ."""
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([xx * 3, yy * 3, (xx + yy) * 2], -1) + rng.integers(0, 20, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_params_are_pure_uint16_and_sized():
+    p = view_params(PLAN, "a/b", 3)
+    assert p.dtype == np.uint16 and p.shape == (PLAN.params_dim,) == (15,)
+    np.testing.assert_array_equal(p, view_params(PLAN, "a/b", 3))
+    assert not np.array_equal(p, view_params(PLAN, "a/b", 4))
+    assert not np.array_equal(p, view_params(dataclasses.replace(PLAN, seed=1), "a/b", 3))
+
+
+def test_plan_dict_roundtrip_and_stable_hash():
+    plan = ViewPlan.from_dict(PLAN.to_dict())
+    assert plan == PLAN and plan.hash() == PLAN.hash()
+    assert ViewPlan().hash() == "916da5d9fd61b3bb"  # changing it orphans every teacher store
+    assert dataclasses.replace(PLAN, re_prob=0.3).hash() != PLAN.hash()
+    with pytest.raises(UserError, match="unknown view plan fields"):
+        ViewPlan.from_dict({"sed": 1})
+
+
+@pytest.mark.parametrize("spec", ["rand-q5", "original-mstd0.5", "rand-m9-mmax20"])
+def test_bad_augment_spec_is_a_user_error(spec):
+    with pytest.raises(UserError):
+        ViewPlan(auto_augment=spec)
+
+
+@settings(max_examples=25, deadline=None)
+@given(key=st.text(min_size=1, max_size=20), view=st.integers(0, 1000), seed=st.integers(0, 2**31))
+def test_replay_from_stored_params_is_exact(key, view, seed):
+    plan = dataclasses.replace(PLAN, seed=seed, re_prob=0.5)
+    params = view_params(plan, key, view)
+    stored = params.astype(np.int32)  # as the teacher store keeps them
+    image = _image()
+    np.testing.assert_array_equal(render(image, params, plan), render(image, stored, plan))
+    assert np.array_equal(params, view_params(plan, key, view))
+
+
+def test_replay_in_another_process_and_order():
+    pairs = [(f"k{i}", v) for i in range(6) for v in range(3)]
+    here = _digest(render(_image(), view_params(PLAN, k, v), PLAN) for k, v in reversed(pairs))
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_views import _digest, _image, PLAN, pairs_render;"
+        "print(pairs_render())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == here
+
+
+def pairs_render():
+    """Renders in forward order (the other process); the test renders in reverse order."""
+    pairs = [(f"k{i}", v) for i in range(6) for v in range(3)]
+    images = [render(_image(), view_params(PLAN, k, v), PLAN) for k, v in pairs]
+    return _digest(reversed(images))
+
+
+def test_same_region_at_two_resolutions():
+    plan = ViewPlan(size=224, auto_augment=None, re_prob=0.0, hflip=0.0)
+    image = _image(size=(300, 240))
+    for v in range(5):
+        params = view_params(plan, "x", v)
+        box = crop_box(params, plan, image.size)
+        big, small = render(image, params, plan, 224), render(image, params, plan, 160)
+        down = np.asarray(Image.fromarray(big).resize((160, 160), Image.Resampling.BOX), dtype=np.float32)
+        ref = np.asarray(image.resize((160, 160), Image.Resampling.BOX, box=box), dtype=np.float32)
+        assert np.abs(down - small).mean() < 4 and np.abs(ref - small).mean() < 4
+        assert 0 <= box[0] < box[2] <= 300 and 0 <= box[1] < box[3] <= 240
+
+
+def test_erased_region_scales_with_size():
+    plan = dataclasses.replace(PLAN, auto_augment=None, re_prob=1.0, re_mode="const", hflip=0.0)
+    params = view_params(plan, "e", 0)
+    flat = Image.new("RGB", (64, 64), (0, 0, 0))
+    masks = [(render(flat, params, plan, s) != 0).any(-1) for s in (64, 128)]
+    x0, y0, w, h = (int(x) / GRID for x in params[-5:-1])
+    assert abs(masks[0].mean() - w * h) < 0.05 and abs(masks[1].mean() - masks[0].mean()) < 0.02
+
+
+def test_op_arguments_are_timms():
+    """Every op's argument at either sign is one timm itself produces at that magnitude."""
+    ra = _rand_augment("rand-m9-mstd0.5", 64, "bicubic")
+    for op in ra.ops:
+        if op.level_fn is None:
+            continue
+        timm_args = {round(op.level_fn(7.5, op.hparams)[0], 6) for _ in range(64)}
+        ours = {round(_op_args(op, 7.5, neg)[0], 6) for neg in (False, True)}
+        assert ours == timm_args, op.name
+
+
+def test_view_statistics_follow_the_plan():
+    plan = ViewPlan(size=64)
+    params = np.stack([view_params(plan, f"s{i}", 0) for i in range(2000)])
+    assert 0.45 < params[:, 4].mean() < 0.55  # flip p=0.5
+    assert 0.9 < params[:, 5].mean() < 1.1  # 2 layers, each applied with p=0.5
+    assert 0.22 < (params[:, -1] > 0).mean() < 0.28  # erase p=0.25
+    mags = params[:, 7][params[:, 7] > 0] / 100
+    assert 8.8 < mags.mean() < 9.2 and mags.max() <= 10
