@@ -14,7 +14,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import IMAGE_EXTS, Sample, index_tar, read_range
+from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, index_tar, read_manifest, read_range
 from pipeline.errors import UserError
 
 VAL_NAMES = re.compile(r"^(val|valid|validation|test)\b|^(val|valid|validation|test)[-_.]")
@@ -101,7 +101,8 @@ def _val_samples(root: Path, classes: list[str]) -> list[Sample]:
 
 
 def webdataset_shards(pattern: str, val_fraction: float, seed: int):
-    """Existing shards; files named val*/test* form the val split, else it is split off train."""
+    """Existing shards; files named val*/test* form the val split, else it is split off train.
+    Class names come from a manifest.json beside the shards, else they are the label numbers."""
     paths = [Path(p) for p in wds.shardlists.expand_urls(pattern)]
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
@@ -118,10 +119,13 @@ def webdataset_shards(pattern: str, val_fraction: float, seed: int):
             except ValueError:
                 raise UserError(f"sample '{key}' in {path}: cls is not an integer") from None
             splits[split].append(Sample(key, label, ext, f"{path}:{key}.{ext}", partial(read_range, path, *members[ext])))
-    num_classes = 1 + max(s.label for samples in splits.values() for s in samples)
+    num_classes = 1 + max((s.label for samples in splits.values() for s in samples), default=-1)
+    classes = [str(c) for c in range(num_classes)]
+    if (paths[0].parent / MANIFEST).is_file():  # shards we wrote before: keep their class names
+        classes = read_manifest(paths[0].parent)["classes"]
     if not splits["val"]:
         splits = stratified_split(splits["train"], val_fraction, seed)
-    return Path(paths[0]).parent.name, [str(c) for c in range(num_classes)], splits
+    return paths[0].parent.name, classes, splits
 
 
 def digits(size: int, val_fraction: float, seed: int):

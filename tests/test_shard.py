@@ -1,0 +1,170 @@
+"""`pipeline shard`: sources, reproducible shards, manifest, and the errors a user can cause."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from _data_helpers import synthetic_shards
+from pipeline.data import sources
+from pipeline.data.shards import ShardReader, read_manifest, write_shards
+from pipeline.errors import UserError
+from pipeline.io import sha256_file
+from stages.cli import main
+
+CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train.tar"
+
+
+def _png(colour, size=16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _folder(root: Path, layout: dict) -> Path:
+    """layout: {relative path: bytes}."""
+    for rel, data in layout.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _shard(args, params=None):
+    return CliRunner().invoke(main, ["--params", str(params or "/nonexistent.yaml"), "shard", *args])
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    a = synthetic_shards(tmp_path / "a", fmt="jpg")
+    b = synthetic_shards(tmp_path / "b", fmt="jpg")
+    assert a == b
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_manifest_describes_the_shards(tmp_path):
+    m = synthetic_shards(tmp_path / "s", num_classes=3, per_class=8, shard_size=5)
+    assert m == read_manifest(tmp_path / "s")
+    assert m["classes"] == ["class0", "class1", "class2"] and m["num_classes"] == 3 and m["tool_version"]
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 18, "val": 6}
+    for split in m["splits"].values():
+        assert sum(s["count"] for s in split["shards"]) == split["count"]
+        for s in split["shards"]:
+            assert sha256_file(tmp_path / "s" / s["name"]) == s["sha256"]
+    with tarfile.open(tmp_path / "s" / "train-000000.tar") as tar:
+        member = tar.getmembers()[0]
+        assert member.mtime == 0 and member.name.endswith((".cls", ".png"))
+    assert synthetic_shards(tmp_path / "t", per_class=9)["fingerprint"] != m["fingerprint"]
+
+
+def test_imagefolder_with_train_and_val(tmp_path):
+    src = _folder(tmp_path / "src", {
+        "train/cat/a.png": _png("red"), "train/cat/b.v2.png": _png("red"), "train/dog/c.png": _png("blue"),
+        "val/dog/d.png": _png("blue"), "train/dog/notes.txt": b"skip me"})
+    result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "o")
+    assert m["classes"] == ["cat", "dog"] and m["dataset"] == "src"
+    reader = ShardReader(tmp_path / "o", "train")
+    assert sorted(reader.keys) == ["cat/a", "cat/b_v2", "dog/c"]
+    assert reader.image_bytes(reader.keys.index("dog/c")) == _png("blue")
+    val = ShardReader(tmp_path / "o", "val")
+    assert val.keys == ["dog/d"] and val.label(0) == 1
+
+
+def test_imagefolder_stratified_split(tmp_path):
+    src = _folder(tmp_path / "src", {f"{c}/{i}.png": _png(c) for c in ("red", "blue") for i in range(10)})
+    name, classes, splits = sources.imagefolder(src, 0.3, seed=0)
+    assert [s.label for s in splits["val"]].count(0) == 3 and len(splits["val"]) == 6
+    again = sources.imagefolder(src, 0.3, seed=0)[2]
+    assert [s.key for s in again["val"]] == [s.key for s in splits["val"]]
+    assert {s.key for s in splits["train"]}.isdisjoint(s.key for s in splits["val"])
+
+
+def test_corrupt_image_errors_or_is_skipped(tmp_path):
+    src = _folder(tmp_path / "src", {"a/ok.png": _png("red"), "a/bad.png": _png("red")[:40],
+                                     "b/ok.png": _png("blue")})
+    result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0"])
+    assert result.exit_code == 2 and "bad.png" in result.output and "--on-bad-image skip" in result.output
+    assert not (tmp_path / "o").exists()
+    result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0",
+                     "--on-bad-image", "skip", "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "o")
+    assert m["splits"]["train"]["count"] == 2
+    assert [s["key"] for s in m["splits"]["train"]["skipped"]] == ["a/bad"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"a/x.png": _png("red"), "b/.keep": b""}, "class folder .* has no images"),
+    ({"x.txt": b""}, "no class sub-folders"),
+    ({"a/x.png": _png("red"), "a/x.jpg": _png("red")}, "duplicate key 'a/x'"),
+])
+def test_bad_folders_are_user_errors(tmp_path, layout, message):
+    src = _folder(tmp_path / "src", layout)
+    result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    with pytest.raises(UserError, match=message):
+        write_shards(sources.imagefolder(src, 0.0, 0)[2], tmp_path / "o", "x", ["a"], "test")
+
+
+def test_zero_images_and_unknown_source(tmp_path):
+    with pytest.raises(UserError, match="zero images"):
+        write_shards({"train": []}, tmp_path / "o", "x", [], "test")
+    result = _shard(["--source", "nosuch:thing", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown --source" in result.output
+
+
+def test_webdataset_source_verifies_and_reshards(tmp_path):
+    first = synthetic_shards(tmp_path / "a", shard_size=5)["splits"]["train"]
+    pattern = f"{tmp_path}/a/train-{{000000..{len(first['shards']) - 1:06d}}}.tar"
+    result = _shard(["--source", f"webdataset:{pattern}", "--out", str(tmp_path / "b"), "--quiet",
+                     "--val-fraction", "0", "--shard-size", "5"])
+    assert result.exit_code == 0, result.output
+    again = read_manifest(tmp_path / "b")["splits"]["train"]
+    assert again["shards"] == first["shards"] and again["fingerprint"] == first["fingerprint"]
+    assert read_manifest(tmp_path / "b")["classes"] == ["class0", "class1", "class2"]
+    result = _shard(["--source", f"webdataset:{tmp_path}/a/train-{{000000..000009}}.tar", "--out",
+                     str(tmp_path / "c")])
+    assert result.exit_code == 2 and "missing shard" in result.output
+
+
+def test_digits_demo_source(tmp_path):
+    name, classes, splits = sources.digits(64, 0.2, seed=0)
+    assert name == "digits" and classes == [str(c) for c in range(10)]
+    assert len(splits["train"]) + len(splits["val"]) == 1797 and 340 < len(splits["val"]) < 380
+    image = Image.open(io.BytesIO(splits["train"][0].read()))
+    assert image.size == (64, 64) and image.mode == "RGB" and np.asarray(image).std() > 20
+
+
+def test_help_explains_options():
+    result = CliRunner().invoke(main, ["shard", "--help"])
+    assert result.exit_code == 0
+    for text in ("imagefolder:DIR", "webdataset:PATTERN", "pixels", "--quiet", "default: 10000"):
+        assert text in result.output
+
+
+@pytest.mark.skipif(not CIFAR_TAR.is_file(), reason="CIFAR-10 tar not present")
+def test_real_cifar10_subset(tmp_path):
+    src = tmp_path / "cifar"
+    counts = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            cls = member.name.split("/")[-2] if member.isfile() else None
+            if cls and counts.get(cls, 0) < 20:
+                counts[cls] = counts.get(cls, 0) + 1
+                tar.extract(member, src, filter="data")
+    result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--quiet",
+                     "--shard-size", "64"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "o")
+    assert len(m["classes"]) == 10 and "airplane" in m["classes"]
+    assert m["splits"]["train"]["count"] == 200 and len(m["splits"]["train"]["shards"]) == 4
+    reader = ShardReader(tmp_path / "o", "train")
+    assert reader.image(0).size == (32, 32) and reader.image_bytes(0)[:2] == b"\xff\xd8"
