@@ -1,0 +1,84 @@
+"""Re-parameterizable students and their fusion into stock inference architectures.
+
+Importing this package registers in timm: rep_ghostnetv3_050/_100/_130/_160, rep_mobilenetv2_100/_140,
+rep_shufflenetv2_100/_200 (kwargs: num_branches 1..5, scale_branch, num_classes). After
+`reparameterize(model)` every RepConvBN is one conv with bias; `to_stock(model)` loads those weights
+(strict) into the stock timm / torchvision model, so deployment needs no code of ours.
+"""
+
+import copy
+
+import timm
+import torch
+import torch.nn as nn
+from timm.utils.model import reparameterize_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.models import mobilenetv2, shufflenetv2
+from pipeline.models.ghostnet import WIDTHS, convert_timm_ghostnetv3, stock_ghostnetv2
+from pipeline.models.rep import RepConvBN, stock_state_dict
+
+__all__ = ["reparameterize", "stock_model_name", "create_stock_model", "to_stock", "count_params_macs",
+           "convert_timm_ghostnetv3"]
+
+# rep student -> stock architecture name (timm, except torchvision's shufflenet_v2_*; timm registers no
+# ghostnetv2_050, which is built as timm GhostNet(version='v2', width=0.5))
+STOCK_NAMES = {
+    **{f"rep_ghostnetv3_{w}": f"ghostnetv2_{w}" for w in WIDTHS},
+    **mobilenetv2.STOCK,
+    **shufflenetv2.STOCK,
+}
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Fold every re-parameterizable block in place (inference form); returns the model."""
+    return reparameterize_model(model, inplace=True)
+
+
+def stock_model_name(name: str) -> str:
+    """The stock architecture a rep student fuses into, e.g. rep_ghostnetv3_100 -> ghostnetv2_100."""
+    if name not in STOCK_NAMES:
+        raise ValueError(f"unknown student model '{name}'; known: {', '.join(STOCK_NAMES)}")
+    return STOCK_NAMES[name]
+
+
+def create_stock_model(name: str, num_classes: int = 1000) -> nn.Module:
+    """The stock timm / torchvision model for a rep student name (or a stock name), randomly initialised."""
+    stock = STOCK_NAMES.get(name, name)
+    if stock not in STOCK_NAMES.values():
+        raise ValueError(f"no stock architecture for '{name}'; known: {', '.join(STOCK_NAMES)}")
+    if stock == "ghostnetv2_050":
+        return stock_ghostnetv2(0.5, num_classes=num_classes)
+    if stock in shufflenetv2.STOCK.values():
+        return shufflenetv2.stock_shufflenetv2(stock, num_classes=num_classes)
+    return timm.create_model(stock, num_classes=num_classes)
+
+
+def to_stock(model: nn.Module) -> nn.Module:
+    """The stock architecture (eval mode) holding the fused weights of `model`, loaded strictly.
+
+    `model` is a rep student made by timm.create_model; an unfused one is fused on a copy.
+    """
+    if any(isinstance(m, RepConvBN) and m.fused is None for m in model.modules()):
+        model = reparameterize(copy.deepcopy(model))
+    stock = create_stock_model(model.pretrained_cfg["architecture"], num_classes=model.num_classes)
+    stock.load_state_dict(stock_state_dict(model), strict=True)
+    device = next(model.parameters()).device
+    return stock.to(device).eval()
+
+
+@torch.no_grad()
+def count_params_macs(model: nn.Module, size: int = 224) -> tuple[int, int]:
+    """(parameters, multiply-accumulates) of one size x size image, by torch's FLOP counter (MACs = FLOPs/2).
+
+    Count a fused (or stock) model for deploy figures; BN, activations and additions are not counted.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    model.train(was_training)
+    return params, counter.get_total_flops() // 2

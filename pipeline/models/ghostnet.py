@@ -1,0 +1,133 @@
+"""rep-GhostNetV3: timm's GhostNetV2 architecture with the GhostNetV3 re-parameterized branches.
+
+The model IS timm's `GhostNet(version='v2')` with three conv+BN pairs per ghost bottleneck swapped for
+RepConvBN blocks (the paper's placement): the primary 1x1 conv of each ghost module (N branches), its
+cheap 3x3 depthwise conv (N branches + 1x1 DW scale + BN identity), and the stride-2 depthwise conv
+of a bottleneck (N branches + 1x1 DW scale). Everything else (stem, DFC attention in blocks 2..15, SE,
+shortcuts, head) is timm's own code, so the fused weights load into stock `ghostnetv2_*` unchanged.
+"""
+
+import re
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.ghostnet import GhostBottleneck, GhostNet
+
+from pipeline.models.rep import replace_conv_bn
+
+# Smallest input side: 5 stride-2 stages leave 1 pixel at 32 px, which DFC attention's 2x2 average pool
+# cannot take. (The project still renders small datasets at >= 64 px: 33 px leaves a 2x2 last stage.)
+MIN_INPUT_SIZE = 33
+
+# GhostNet block table (k, expansion, out channels, SE ratio, stride) per stage, from the GhostNet paper.
+GHOSTNET_CFGS = [
+    [[3, 16, 16, 0, 1]],
+    [[3, 48, 24, 0, 2]],
+    [[3, 72, 24, 0, 1]],
+    [[5, 72, 40, 0.25, 2]],
+    [[5, 120, 40, 0.25, 1]],
+    [[3, 240, 80, 0, 2]],
+    [[3, 200, 80, 0, 1], [3, 184, 80, 0, 1], [3, 184, 80, 0, 1], [3, 480, 112, 0.25, 1],
+     [3, 672, 112, 0.25, 1]],
+    [[5, 672, 160, 0.25, 2]],
+    [[5, 960, 160, 0, 1], [5, 960, 160, 0.25, 1], [5, 960, 160, 0, 1], [5, 960, 160, 0.25, 1]],
+]
+
+WIDTHS = {"050": 0.5, "100": 1.0, "130": 1.3, "160": 1.6}
+
+
+def stock_ghostnetv2(width: float, num_classes: int = 1000, **kwargs) -> GhostNet:
+    """timm's GhostNetV2 architecture at any width (timm registers only 1.0/1.3/1.6 as ghostnetv2_*)."""
+    return GhostNet(GHOSTNET_CFGS, num_classes=num_classes, width=width, version="v2", **kwargs)
+
+
+class RepGhostNetV3(GhostNet):
+    """GhostNetV3 training form; `pipeline.models.reparameterize` turns it into GhostNetV2's deploy form."""
+
+    def __init__(self, cfgs=GHOSTNET_CFGS, width: float = 1.0, num_branches: int = 3, scale_branch: bool = True,
+                 **kwargs):
+        super().__init__(cfgs, width=width, version="v2", **kwargs)
+        rep = dict(num_branches=num_branches, scale_branch=scale_branch)
+        for block in self.modules():
+            if not isinstance(block, GhostBottleneck):
+                continue
+            for ghost in (block.ghost1, block.ghost2):
+                replace_conv_bn(ghost.primary_conv, "0", "1", identity=False, **rep)
+                replace_conv_bn(ghost.cheap_operation, "0", "1", identity=True, **rep)
+            if block.conv_dw is not None:
+                replace_conv_bn(block, "conv_dw", "bn_dw", identity=False, **rep)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"GhostNet input {tuple(x.shape[-2:])} is too small: its DFC attention needs at "
+                             f"least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (64 or more recommended); "
+                             "render or resize the images larger")
+        return super().forward_features(x)
+
+
+# timm ghostnetv3 training-form names -> ours (the rest of the state dict is named alike).
+_TIMM_V3_RENAMES = [
+    (r"\.primary_rpr_conv\.(\d+)\.", r".primary_conv.0.convs.\1."),
+    (r"\.cheap_rpr_conv\.(\d+)\.", r".cheap_operation.0.convs.\1."),
+    (r"\.cheap_rpr_scale\.", r".cheap_operation.0.scale."),
+    (r"\.cheap_rpr_skip\.", r".cheap_operation.0.identity."),
+    (r"\.dw_rpr_conv\.(\d+)\.", r".conv_dw.convs.\1."),
+    (r"\.dw_rpr_scale\.", r".conv_dw.scale."),
+]
+
+
+def convert_timm_ghostnetv3(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm `ghostnetv3_*` training-form state dict -> ours (N=3, scale branch on): identical outputs."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, repl in _TIMM_V3_RENAMES:
+            new, hits = re.subn(pattern, repl, new)
+            if hits:  # timm's ConvBnAct calls its norm `bn1` (the reference checkpoints `bn`)
+                new = re.sub(r"\.bn1?\.", ".bn.", new)
+                break
+        out[new] = value
+    return out
+
+
+def _cfg(**kwargs):
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="conv_stem", classifier="classifier", min_input_size=(3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+                **kwargs)
+
+
+default_cfgs = generate_default_cfgs({f"rep_ghostnetv3_{w}": _cfg() for w in WIDTHS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RepGhostNetV3:
+    if pretrained:
+        raise ValueError(f"{variant} has no pretrained weights of its own; load timm's ghostnetv3_100 weights "
+                         "with pipeline.models.convert_timm_ghostnetv3")
+    return build_model_with_cfg(RepGhostNetV3, variant, pretrained, width=WIDTHS[variant[-3:]],
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+@register_model
+def rep_ghostnetv3_050(pretrained: bool = False, **kwargs) -> RepGhostNetV3:
+    """rep-GhostNetV3 0.5x (deploys as GhostNetV2 0.5x)."""
+    return _create("rep_ghostnetv3_050", pretrained, **kwargs)
+
+
+@register_model
+def rep_ghostnetv3_100(pretrained: bool = False, **kwargs) -> RepGhostNetV3:
+    """rep-GhostNetV3 1.0x (deploys as timm ghostnetv2_100)."""
+    return _create("rep_ghostnetv3_100", pretrained, **kwargs)
+
+
+@register_model
+def rep_ghostnetv3_130(pretrained: bool = False, **kwargs) -> RepGhostNetV3:
+    """rep-GhostNetV3 1.3x (deploys as timm ghostnetv2_130)."""
+    return _create("rep_ghostnetv3_130", pretrained, **kwargs)
+
+
+@register_model
+def rep_ghostnetv3_160(pretrained: bool = False, **kwargs) -> RepGhostNetV3:
+    """rep-GhostNetV3 1.6x (deploys as timm ghostnetv2_160)."""
+    return _create("rep_ghostnetv3_160", pretrained, **kwargs)

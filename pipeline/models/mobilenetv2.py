@@ -1,0 +1,56 @@
+"""rep-MobileNetV2: timm's MobileNetV2 with every depthwise and 1x1 conv of its blocks re-parameterized.
+
+Depthwise 3x3 convs get N branches + a 1x1 DW scale branch (+ BN identity at stride 1); the 1x1 expansion
+and projection convs get N branches. Stem and head stay plain. The fused model loads into stock timm
+`mobilenetv2_100` / `mobilenetv2_140`.
+"""
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+from pipeline.models.rep import replace_conv_bn
+
+# (conv, bn) attribute pairs of each timm block type, in forward order
+_CONV_BN_PAIRS = {
+    DepthwiseSeparableConv: (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    InvertedResidual: (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+}
+
+STOCK = {"rep_mobilenetv2_100": "mobilenetv2_100", "rep_mobilenetv2_140": "mobilenetv2_140"}
+
+
+def _rep_mobilenetv2(stock: str, num_branches: int = 3, scale_branch: bool = True, **kwargs):
+    """Build the stock timm model and swap its block convs for RepConvBN blocks."""
+    model = timm.create_model(stock, **kwargs)
+    for block in model.blocks.modules():
+        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(block), ()):
+            replace_conv_bn(block, conv_name, bn_name, num_branches=num_branches, scale_branch=scale_branch)
+    return model
+
+
+default_cfgs = generate_default_cfgs({
+    name: dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               first_conv="conv_stem", classifier="classifier")
+    for name in STOCK
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs):
+    if pretrained:
+        raise ValueError(f"{variant} has no pretrained weights; create it with pretrained=False")
+    return build_model_with_cfg(_rep_mobilenetv2, variant, pretrained, stock=STOCK[variant], **kwargs)
+
+
+@register_model
+def rep_mobilenetv2_100(pretrained: bool = False, **kwargs):
+    """rep-MobileNetV2 1.0x (deploys as timm mobilenetv2_100)."""
+    return _create("rep_mobilenetv2_100", pretrained, **kwargs)
+
+
+@register_model
+def rep_mobilenetv2_140(pretrained: bool = False, **kwargs):
+    """rep-MobileNetV2 1.4x (deploys as timm mobilenetv2_140)."""
+    return _create("rep_mobilenetv2_140", pretrained, **kwargs)

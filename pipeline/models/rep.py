@@ -1,0 +1,167 @@
+"""A re-parameterizable conv-BN block (GhostNetV3 / MobileOne / RepVGG style).
+
+Training form: N parallel kxk conv+BN branches, an optional 1x1 conv+BN "scale" branch and an optional
+BN-only identity branch, summed. All of them are linear in the input (eval-mode BN is affine), so
+`reparameterize()` folds them into one kxk conv with bias that computes the same function.
+"""
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvBn(nn.Sequential):
+    """conv (no bias) + BatchNorm, one branch of a RepConvBN."""
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride, padding, groups, eps):
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(out_chs, eps=eps),
+        ))
+
+
+def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, bias) of conv(kernel) followed by `bn` in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+class RepConvBN(nn.Module):
+    """Sum of `num_branches` kxk conv+BN branches, a 1x1 conv+BN scale branch and a BN identity branch.
+
+    The scale branch exists only for k > 1 (for k == 1 it would be one more branch); the identity branch
+    only where it is shape-preserving (stride 1, in == out). Both need 'same' padding (k // 2) so that the
+    1x1 / identity taps land on the kxk centre. `stock_bn` names the BatchNorm sibling that this block
+    replaces in the stock architecture (see `replace_conv_bn`).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int = 1,
+            padding: int | None = None,
+            groups: int = 1,
+            num_branches: int = 3,
+            scale_branch: bool = True,
+            identity: bool = True,
+            eps: float = 1e-5,
+    ):
+        super().__init__()
+        if not 1 <= num_branches <= 5:
+            raise ValueError(f"num_branches must be in 1..5, got {num_branches}")
+        padding = kernel_size // 2 if padding is None else padding
+        self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
+        self.stride, self.padding, self.groups, self.eps = stride, padding, groups, eps
+        self.stock_bn = None
+        centred = padding == kernel_size // 2 and kernel_size % 2 == 1
+        self.convs = nn.ModuleList(
+            ConvBn(in_chs, out_chs, kernel_size, stride, padding, groups, eps) for _ in range(num_branches))
+        self.scale = None
+        if scale_branch and kernel_size > 1:
+            if not centred:
+                raise ValueError(f"a 1x1 scale branch needs odd k and padding k//2, got k={kernel_size}, "
+                                 f"padding={padding}")
+            self.scale = ConvBn(in_chs, out_chs, 1, stride, 0, groups, eps)
+        self.identity = None
+        if identity and stride == 1 and in_chs == out_chs and centred:
+            self.identity = nn.BatchNorm2d(out_chs, eps=eps)
+        self.fused = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x)
+        out = self.convs[0](x)
+        for branch in self.convs[1:]:
+            out = out + branch(x)
+        if self.scale is not None:
+            out = out + self.scale(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return out
+
+    @torch.no_grad()
+    def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single kxk kernel and bias equal to the sum of all branches (BN in eval mode)."""
+        if self.fused is not None:
+            return self.fused.weight, self.fused.bias
+        kernel, bias = 0, 0
+        for branch in self.convs:
+            k, b = fold_bn(branch.conv.weight, branch.bn)
+            kernel, bias = kernel + k, bias + b
+        pad = self.kernel_size // 2
+        if self.scale is not None:
+            k, b = fold_bn(self.scale.conv.weight, self.scale.bn)
+            kernel, bias = kernel + F.pad(k, [pad, pad, pad, pad]), bias + b
+        if self.identity is not None:
+            w = self.convs[0].conv.weight
+            eye = torch.zeros_like(w)
+            in_per_group = self.in_chs // self.groups
+            idx = torch.arange(self.out_chs, device=w.device)
+            eye[idx, idx % in_per_group, pad, pad] = 1
+            k, b = fold_bn(eye, self.identity)
+            kernel, bias = kernel + k, bias + b
+        return kernel, bias
+
+    @torch.no_grad()
+    def reparameterize(self):
+        """Replace the branches by one conv with bias (inference form); a no-op once fused.
+
+        The name follows timm's convention, so `timm.utils.reparameterize_model` fuses these blocks too.
+        """
+        if self.fused is not None:
+            return
+        kernel, bias = self.fused_kernel_bias()
+        self.fused = nn.Conv2d(self.in_chs, self.out_chs, self.kernel_size, self.stride, self.padding,
+                               groups=self.groups, bias=True, device=kernel.device, dtype=kernel.dtype)
+        self.fused.weight.copy_(kernel)
+        self.fused.bias.copy_(bias)
+        self.convs, self.scale, self.identity = nn.ModuleList(), None, None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_chs}, {self.out_chs}, k={self.kernel_size}, s={self.stride}, g={self.groups}, "
+                f"stock_bn={self.stock_bn}")
+
+
+def replace_conv_bn(parent: nn.Module, conv_name: str, bn_name: str, **kwargs) -> RepConvBN:
+    """Swap the stock `conv -> bn` pair `parent.<conv_name>`, `parent.<bn_name>` for a RepConvBN.
+
+    The RepConvBN takes the conv's slot; the BN slot keeps only the activation of a timm BatchNormAct2d
+    (or becomes Identity), so the forward code of the stock model runs unchanged and the fused weights map
+    back onto the stock conv + BN names (`stock_state_dict`).
+    """
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    rep = RepConvBN(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                    conv.groups, eps=bn.eps, **kwargs)
+    rep.stock_bn = bn_name
+    setattr(parent, conv_name, rep)
+    act = getattr(bn, "act", None)
+    setattr(parent, bn_name, nn.Identity() if act is None else act)
+    return rep
+
+
+def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a fused model renamed onto the stock architecture.
+
+    Each fused RepConvBN at path P becomes the stock `P.weight` plus a BatchNorm at its `stock_bn`
+    sibling that only adds the bias (weight 1, mean 0, var 1 - eps).
+    """
+    state = model.state_dict()
+    for path, rep in model.named_modules():
+        if not isinstance(rep, RepConvBN):
+            continue
+        if rep.fused is None:
+            raise ValueError(f"{path} is not fused yet: call reparameterize(model) first")
+        parent = path.rpartition(".")[0]
+        bn = f"{parent}.{rep.stock_bn}" if parent else rep.stock_bn
+        state[f"{path}.weight"] = state.pop(f"{path}.fused.weight")
+        bias = state.pop(f"{path}.fused.bias")
+        state[f"{bn}.weight"] = torch.ones_like(bias)
+        state[f"{bn}.bias"] = bias
+        state[f"{bn}.running_mean"] = torch.zeros_like(bias)
+        state[f"{bn}.running_var"] = torch.full_like(bias, 1.0 - rep.eps)
+        state[f"{bn}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return state

@@ -1,0 +1,172 @@
+"""Students: re-parameterized training form == fused form == stock architecture; counts; timm conversion."""
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from pipeline.models import (
+    convert_timm_ghostnetv3,
+    count_params_macs,
+    create_stock_model,
+    reparameterize,
+    stock_model_name,
+    to_stock,
+)
+from pipeline.models.ghostnet import GHOSTNET_CFGS
+from pipeline.models.rep import RepConvBN
+
+MODELS = ["rep_ghostnetv3_050", "rep_ghostnetv3_100", "rep_ghostnetv3_130", "rep_ghostnetv3_160",
+          "rep_mobilenetv2_100", "rep_mobilenetv2_140", "rep_shufflenetv2_100", "rep_shufflenetv2_200"]
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, so a folding mistake shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+    return model.eval()
+
+
+def assert_same_logits(ref: torch.Tensor, out: torch.Tensor):
+    """max |diff| <= 1e-4 * max |logit| and the same top-1 class for every sample."""
+    scale = ref.abs().max().item()
+    assert scale > 0
+    diff = (ref - out).abs().max().item()
+    assert diff <= 1e-4 * scale, f"max|diff| {diff:.3g} > 1e-4 * max|logit| {scale:.3g}"
+    assert torch.equal(ref.argmax(-1), out.argmax(-1))
+
+
+def images(n=2, size=64, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("in_chs,out_chs,k,stride,groups", [
+    (8, 8, 3, 1, 8),    # depthwise, identity branch
+    (8, 8, 3, 2, 8),    # depthwise stride 2
+    (8, 8, 5, 1, 8),    # depthwise 5x5
+    (8, 8, 5, 2, 8),
+    (8, 16, 3, 1, 4),   # grouped, no identity
+    (12, 12, 3, 1, 3),  # grouped, identity
+    (8, 8, 1, 1, 1),    # 1x1: no scale branch, identity
+    (8, 6, 1, 2, 1),
+])
+@pytest.mark.parametrize("num_branches", [1, 3])
+@pytest.mark.parametrize("scale_branch", [True, False])
+def test_rep_block_fuses_exactly(in_chs, out_chs, k, stride, groups, num_branches, scale_branch):
+    block = randomize_bn(RepConvBN(in_chs, out_chs, k, stride, groups=groups, num_branches=num_branches,
+                                   scale_branch=scale_branch))
+    assert (block.identity is not None) == (stride == 1 and in_chs == out_chs)
+    assert (block.scale is not None) == (scale_branch and k > 1)
+    x = torch.randn(2, in_chs, 9, 9)
+    with torch.no_grad():
+        ref = block(x)
+        block.reparameterize()
+        out = block(x)
+    assert isinstance(block.fused, nn.Conv2d) and block.fused.bias is not None
+    assert len(block.convs) == 0 and block.scale is None and block.identity is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_check_detects_a_wrong_fold():
+    """The comparison fails when one branch is folded wrongly (the tests above can fail)."""
+    block = randomize_bn(RepConvBN(8, 8, 3, 1, groups=8))
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = block(x)
+        block.reparameterize()
+        block.fused.bias += 0.01 * torch.randn(8)  # e.g. an identity BN's mean forgotten
+        with pytest.raises(AssertionError):
+            assert_same_logits(ref.flatten(1), block(x).flatten(1))
+
+
+def test_scale_branch_needs_same_padding():
+    with pytest.raises(ValueError, match="padding"):
+        RepConvBN(8, 8, 3, 1, padding=0, groups=8)
+    with pytest.raises(ValueError, match="num_branches"):
+        RepConvBN(8, 8, 3, 1, num_branches=6)
+
+
+@pytest.mark.parametrize("scale_branch", [True, False])
+@pytest.mark.parametrize("num_branches", [1, 3, 5])
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_equals_training_form_and_stock(name, num_branches, scale_branch):
+    model = timm.create_model(name, num_classes=10, num_branches=num_branches, scale_branch=scale_branch)
+    randomize_bn(model, seed=num_branches)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        fused = reparameterize(model)
+        assert not any(isinstance(m, RepConvBN) and m.fused is None for m in fused.modules())
+        out = fused(x)
+        assert_same_logits(ref, out)
+        stock = to_stock(fused)  # loads strict
+        assert type(stock) is type(create_stock_model(stock_model_name(name), 10))
+        assert_same_logits(ref, stock(x))
+
+
+def test_branch_options_change_the_training_form():
+    def count(**kw):
+        return sum(p.numel() for p in timm.create_model("rep_ghostnetv3_050", **kw).parameters())
+    assert count(num_branches=1, scale_branch=False) < count(num_branches=1) < count(num_branches=3)
+    with pytest.raises(ValueError, match="num_branches"):
+        timm.create_model("rep_ghostnetv3_050", num_branches=0)
+
+
+def test_stock_targets():
+    assert stock_model_name("rep_ghostnetv3_100") == "ghostnetv2_100"
+    assert stock_model_name("rep_mobilenetv2_140") == "mobilenetv2_140"
+    assert stock_model_name("rep_shufflenetv2_200") == "shufflenet_v2_x2_0"
+    with pytest.raises(ValueError, match="unknown student"):
+        stock_model_name("resnet50")
+    # the 0.5x target is timm's GhostNet class in its v2 form at width 0.5
+    stock = create_stock_model("rep_ghostnetv3_050", num_classes=10)
+    ref = timm.models.ghostnet.GhostNet(GHOSTNET_CFGS, num_classes=10, width=0.5, version="v2")
+    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_to_stock_leaves_the_training_model_alone():
+    model = randomize_bn(timm.create_model("rep_shufflenetv2_100", num_classes=5))
+    x = images()
+    with torch.no_grad():
+        assert_same_logits(model(x), to_stock(model)(x))
+    assert all(m.fused is None for m in model.modules() if isinstance(m, RepConvBN))
+
+
+def test_timm_ghostnetv3_converts_with_identical_outputs():
+    theirs = randomize_bn(timm.create_model("ghostnetv3_100", num_classes=10), seed=3)
+    ours = timm.create_model("rep_ghostnetv3_100", num_classes=10, num_branches=3, scale_branch=True)
+    ours.load_state_dict(convert_timm_ghostnetv3(theirs.state_dict()), strict=True)
+    ours.eval()
+    x = images()
+    with torch.no_grad():
+        ref = theirs(x)
+        assert_same_logits(ref, ours(x))
+        assert_same_logits(ref, to_stock(ours)(x))
+
+
+@pytest.mark.parametrize("name,params_m,macs_m", [
+    ("rep_ghostnetv3_050", 2.853, 49.6),
+    ("rep_ghostnetv3_100", 6.148, 167.0),
+    ("rep_ghostnetv3_130", 8.948, 269.3),
+    ("rep_ghostnetv3_160", 12.378, 398.6),
+    ("rep_mobilenetv2_100", 3.5, 300.0),
+    ("rep_shufflenetv2_100", 2.28, 146.0),
+])
+def test_deploy_params_and_macs(name, params_m, macs_m):
+    params, macs = count_params_macs(reparameterize(timm.create_model(name, num_classes=1000)), size=224)
+    assert params / 1e6 == pytest.approx(params_m, rel=0.01)
+    assert macs / 1e6 == pytest.approx(macs_m, rel=0.01)
+
+
+def test_ghostnet_rejects_too_small_inputs():
+    model = timm.create_model("rep_ghostnetv3_050", num_classes=10).eval()
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.zeros(1, 3, 32, 32))
+    assert model(torch.zeros(1, 3, 40, 40)).shape == (1, 10)
