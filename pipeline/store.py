@@ -174,7 +174,7 @@ def open_pointer(pointer) -> LogitStore:
     info = json.loads(pointer.read_text())
     path = Path(info["store"])
     if not path.is_absolute():
-        path = pointer.parent / path
+        path = (pointer.parent / path).resolve()
     store = open_store(path)
     if store.key != info["key"]:
         raise UserError(f"pointer {pointer} names store key {info['key']} but {path} holds {store.key}; "
@@ -251,3 +251,27 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
     group.attrs["provenance"] = {**provenance, "shard_rows": shard_rows, "num_classes": num_classes,
                                  "index_dtype": str(idx), "values_encoding": values}
     return StoreWriter(group, path)
+
+
+def summarize(store: LogitStore) -> dict:
+    """What `pipeline store inspect` prints: shape, size, completeness, top-k mass, teacher top-1."""
+    p, done = store.provenance, store.done_mask()
+    rows = np.concatenate([np.arange(r.start, r.stop) for r in map(store.shard_rows_range, np.flatnonzero(done))]
+                          ) if done.any() else np.zeros(0, np.int64)
+    info = {"path": str(store.path), "key": store.key, "teacher": p["teacher"]["name"], "model": p["teacher"]["model"],
+            "weights_digest": p["weights_digest"][:16], "dataset": p["dataset"], "split": p["split"],
+            "dataset_fingerprint": p["dataset_fingerprint"], "plan_hash": p["plan_hash"],
+            "shape": [store.num_samples, store.num_views, store.k], "num_classes": store.num_classes,
+            "values_encoding": p["values_encoding"], "index_dtype": p["index_dtype"],
+            "complete": bool(done.all()), "shards_done": f"{int(done.sum())}/{len(done)}",
+            "bytes_on_disk": bytes_on_disk(store.path), "bytes_per_view": round(store.bytes_per_view(), 2),
+            "versions": p.get("versions"), "run": dict(store.group.attrs.get("run") or {})}
+    if len(rows):
+        g = store.group
+        values = g["values"].get_orthogonal_selection((rows,)).astype(np.float32)
+        indices = g["indices"].get_orthogonal_selection((rows,))
+        labels = g["labels"].get_orthogonal_selection((rows,))
+        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
+        info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
+        info["teacher_top1_vs_labels"] = round(float((top1 == labels[:, None]).mean()), 4)
+    return info

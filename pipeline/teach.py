@@ -1,0 +1,212 @@
+"""The teacher pass: run one teacher once over every (sample, view) and keep its top-k in a store.
+
+Work is split by store shard (a block of rows): each shard's arrays are written, then its done
+flag, so a process killed at any moment loses at most the shards in flight and a rerun picks up
+the rest. Under torchrun, rank r takes every world-th pending shard: no two ranks touch one file.
+The loader's batches never straddle two shards (shard rows x views is a multiple of the batch),
+so every view is computed in the same batch whatever was done before or by whom: a resumed or
+multi-process run stores exactly what one uninterrupted process stores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+from pipeline.store import DEFAULT_VALUES, create_or_open, encode_topk, store_key, write_pointer, bytes_on_disk
+from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dist():
+    """(rank, world, initialised here) from torchrun's environment; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("TEACH_BACKEND") != "gloo"
+                            else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for but no CUDA device is visible; use --device cpu")
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(device)
+
+
+def aligned_shard_rows(requested: int, num_views: int, batch_size: int) -> int:
+    """Round the rows per shard up so a shard holds a whole number of batches."""
+    step = batch_size // math.gcd(batch_size, num_views)
+    return max(step, math.ceil(requested / step) * step)
+
+
+class Forward:
+    """uint8 images -> teacher logits: normalise on the device, optional AMP and channels_last."""
+
+    def __init__(self, model, spec, device, amp="none", channels_last=False):
+        self.device, self.channels_last = device, channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format) if channels_last else model.to(device)
+        self.mean = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1) * 255
+        if amp not in AMP_DTYPES:
+            raise UserError(f"--amp '{amp}' is not one of {', '.join(AMP_DTYPES)}")
+        self.amp = AMP_DTYPES[amp]
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        x = x.contiguous(memory_format=self.memory_format)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with ctx:
+            return self.model(x).float()
+
+
+def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size=64, device="auto", amp="none",
+          workers=0, store_root="stores", out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
+          channels_last=False, quiet=False, log=print) -> dict:
+    """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict."""
+    from pipeline.data.loaders import teacher_loader
+    from pipeline.data.shards import read_manifest
+
+    manifest = read_manifest(shards)
+    if split not in manifest["splits"]:
+        raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest['splits'])}); pass --split")
+    num_samples = manifest["splits"][split]["count"]
+    spec = resolve_spec(teacher)
+    if weights:
+        spec["weights"], spec["pretrained"] = str(weights), False
+    if spec["source"] == "timm" and not spec.get("weights") and not spec.get("pretrained"):
+        raise UserError(f"teacher '{spec['name']}' has no weights (pretrained: false and no `weights:`); "
+                        "give --weights FILE.safetensors, set `weights:` in its spec, or `pretrained: true`")
+    check_num_classes(spec, manifest["num_classes"])
+    if not 1 <= k <= manifest["num_classes"]:
+        raise UserError(f"--k {k} must lie in 1..{manifest['num_classes']} (the number of classes)")
+    if num_views < 1 or batch_size < 1:
+        raise UserError(f"--views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
+    model, digest = load_teacher(spec)
+    rank, world, own_group = _dist()
+    dev = resolve_device(device)
+    if spec.get("weights"):  # the path is not an input of the numbers; the digest is
+        spec = {**spec, "weights": Path(spec["weights"]).name}
+    key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=spec,
+                    weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp)
+    path = Path(store_root) / f"{spec['name']}-{key}.zarr"
+    provenance = dict(key=key, dataset=manifest["dataset"], dataset_fingerprint=manifest["fingerprint"],
+                      split=split, split_fingerprint=manifest["splits"][split]["fingerprint"],
+                      plan=plan.to_dict(), plan_hash=plan.hash(), teacher=spec, weights_digest=digest, k=k,
+                      num_views=num_views, amp=amp, versions=_versions())
+    layout = dict(num_samples=num_samples, num_views=num_views, k=k, params_dim=plan.params_dim,
+                  num_classes=manifest["num_classes"], shard_rows=aligned_shard_rows(shard_rows, num_views, batch_size),
+                  values=values)
+    if rank == 0:
+        writer = create_or_open(path, provenance, **layout)
+    _barrier(world)
+    if rank != 0:
+        writer = create_or_open(path, provenance, **layout)
+    pending = [int(s) for s in np.flatnonzero(~writer.done_mask())]
+    _barrier(world)  # every rank has read the same done-mask before anyone writes
+    start = time.perf_counter()
+    mine = pending[rank::world]
+    if not pending:
+        if rank == 0 and not quiet:
+            log(f"{path}: up to date ({num_samples} samples x {num_views} views, K={k}); no teacher forward run")
+    else:
+        forward = Forward(model, spec, dev, amp, channels_last)
+        _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size,
+                    workers, values, quiet or rank != 0, num_classes=manifest["num_classes"])
+    _barrier(world)
+    seconds = time.perf_counter() - start
+    summary = {"store": str(path), "key": key, "views": num_samples * num_views,
+               "computed_views": sum(len(writer.shard_rows_range(s)) for s in pending) * num_views,
+               "seconds": round(seconds, 3), "bytes_on_disk": bytes_on_disk(path), "up_to_date": not pending}
+    summary["views_per_s"] = round(summary["computed_views"] / seconds, 2) if pending and seconds > 0 else None
+    if rank == 0:
+        if pending:
+            writer.finish({"seconds": summary["seconds"], "views_per_s": summary["views_per_s"], "world_size": world,
+                           "device": str(dev), "batch_size": batch_size, "workers": workers})
+        if out is not None:
+            write_pointer(Path(out) / f"{spec['name']}.json", writer)
+        if pending and not quiet:
+            log(f"{path}: {summary['computed_views']} views in {seconds:.1f} s ({summary['views_per_s']} views/s), "
+                f"{summary['bytes_on_disk'] / 1e6:.2f} MB on disk "
+                f"({summary['bytes_on_disk'] / summary['views']:.1f} B/view)")
+    if own_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size, workers,
+                values, quiet, num_classes):
+    rows = np.concatenate([np.arange(r.start, r.stop) for r in map(writer.shard_rows_range, mine)]) if mine else []
+    loader = teacher_loader(shards, split, plan, num_views, rows, size=spec["input_size"], batch_size=batch_size,
+                            workers=workers)
+    buffers: dict[int, dict] = {}
+    bar = tqdm(total=len(rows) * num_views, unit="view", disable=quiet, desc=f"teach {spec['name']}", smoothing=0.1)
+    for batch in loader:
+        logits = forward(batch["image"])
+        if logits.shape[1] != num_classes:
+            raise UserError(f"teacher '{spec['name']}' outputs {logits.shape[1]} classes but the dataset has "
+                            f"{num_classes}; fix `num_classes` / the model in its spec")
+        logp, idx, lse = encode_topk(logits, k, values)
+        index, view = batch["index"].numpy(), batch["view"].numpy()
+        for shard in np.unique(index // writer.shard_rows):
+            sel = index // writer.shard_rows == shard
+            if shard not in buffers:
+                buffers[shard] = _new_buffer(writer, shard, num_views, k, plan)
+            buf = buffers[shard]
+            r = index[sel] - buf["start"]
+            v = view[sel]
+            buf["values"][r, v], buf["indices"][r, v], buf["lse"][r, v] = logp[sel], idx[sel], lse[sel]
+            buf["params"][r, v] = batch["params"].numpy()[sel]
+            buf["labels"][r] = batch["label"].numpy()[sel]
+            buf["left"] -= int(sel.sum())
+            if buf["left"] == 0:
+                writer.write_shard(int(shard), *(buf[n] for n in ("values", "indices", "lse", "params", "labels")))
+                del buffers[shard]
+        bar.update(len(index))
+    bar.close()
+
+
+def _new_buffer(writer, shard, num_views, k, plan) -> dict:
+    rows = writer.shard_rows_range(int(shard))
+    n, idx_dtype = len(rows), np.dtype(writer.provenance["index_dtype"])
+    return {"start": rows.start, "left": n * num_views, "values": np.zeros((n, num_views, k), np.float16),
+            "indices": np.zeros((n, num_views, k), idx_dtype), "lse": np.zeros((n, num_views), np.float32),
+            "params": np.zeros((n, num_views, plan.params_dim), np.uint16), "labels": np.zeros(n, idx_dtype)}
+
+
+def _versions() -> dict:
+    import timm
+    import zarr
+
+    from pipeline import __version__
+
+    return {"pipeline": __version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}

@@ -1,0 +1,68 @@
+"""`pipeline teach`: run one teacher over the views of a split and store its top-k logits."""
+
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.store import DEFAULT_VALUES
+
+
+def load_plan(value):
+    """A view plan from params.yaml (a mapping), a YAML file path, or the defaults."""
+    from pipeline.data.views import ViewPlan
+
+    if value is None or value == "":
+        return ViewPlan()
+    if isinstance(value, dict):
+        return ViewPlan.from_dict(value)
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"--plan {path}: file not found; give a YAML mapping of view plan fields")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
+    return ViewPlan.from_dict(data.get("plan", data))
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--teacher", required=True, help="Teacher spec: a name under manifests/teachers/ or a YAML path.")
+@click.option("--shards", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Shard directory written by `pipeline shard` (holds manifest.json).")
+@click.option("--split", default="train", help="Split of the shards to run over.")
+@click.option("--plan", "plan", default=None,
+              help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
+                   "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
+@click.option("--views", "num_views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
+@click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
+@click.option("--amp", default="none", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast dtype.")
+@click.option("--channels-last/--no-channels-last", default=False, help="channels_last memory format (GPU CNNs).")
+@click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader processes rendering views.")
+@click.option("--store-root", default="stores", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory holding the stores; each lives at {root}/{teacher}-{key}.zarr.")
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the pointer file {out}/{teacher}.json that names the store (what DVC tracks).")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Weights file (.safetensors or a plain checkpoint) overriding the spec's weights.")
+@click.option("--values", default=DEFAULT_VALUES,
+              help="Value encoding: f16 (log-probabilities, lossless f16) or f16-keepN (N mantissa bits).")
+@click.option("--shard-rows", default=256, type=click.IntRange(min=1),
+              help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
+                   "(rounded up to a whole number of batches).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
+            out, weights, values, shard_rows, quiet):
+    """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
+
+    Resumable: rerun the same command after an interruption. A finished store is reported as up to
+    date without running the teacher. Under torchrun, ranks share the work.
+    """
+    from pipeline.teach import teach
+
+    teach(teacher=teacher, shards=shards, split=split, plan=load_plan(plan), num_views=num_views, k=k,
+          batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
+          weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last, quiet=quiet,
+          log=click.echo)
