@@ -19,50 +19,46 @@ SCHEDULES = ("cosine", "step")
 RE_MODES = ("const", "rand", "pixel")
 
 
+def knob(default, help: str):
+    """A recipe field with the one-line help that `pipeline student --help` shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Recipe:
     name: str = "custom"
-    # Optimisation. batch_size is GLOBAL (all ranks together); lr is for that batch, not rescaled.
-    epochs: int = 10
-    batch_size: int = 128
-    opt: str = "lamb"
-    lr: float = 5e-3
-    weight_decay: float = 0.05  # timm filters norms and biases (1-d params) out of the decay
-    momentum: float = 0.9
-    grad_clip: Optional[float] = None
-    # Schedule, stepped per update: cosine to min_lr, or step decay; linear warmup from warmup_lr.
-    sched: str = "cosine"
-    min_lr: float = 0.0
-    warmup_epochs: float = 0
-    warmup_lr: float = 1e-6
-    decay_epochs: float = 30
-    decay_rate: float = 0.1
-    # EMA of the weights (timm ModelEmaV3); None turns it off.
-    ema_decay: Optional[float] = 0.9999
-    ema_warmup: bool = False
-    # Loss: (1 - alpha) * CE(label_smoothing) + alpha * tau^2 * KL(teacher_tau || student_tau).
-    alpha: float = 0.5
-    tau: float = 1.0
-    label_smoothing: float = 0.1
-    # Re-parameterization of rep_* students: N parallel kxk branches + a 1x1 depthwise branch.
-    # None leaves the student manifest's value (and lets non-rep timm students train).
-    num_branches: Optional[int] = None
-    scale_branch: Optional[bool] = None
-    # Views. With a teacher store the plan comes from the store: a field set here must match it,
-    # None takes the store's value. Without a store (alpha = 0) these build the plan.
-    auto_augment: Optional[str] = None
-    re_prob: Optional[float] = None
-    re_mode: Optional[str] = None
-    hflip: Optional[float] = None
-    scale: Optional[list] = None
-    num_views: Optional[int] = None  # only without a store; None = one fresh view per epoch
-    # Mixup/CutMix (Table 8 ablation only; the paper trains without): batch-mode timm Mixup.
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    # Input size of the student; None = the student manifest's input_size.
-    img_size: Optional[int] = None
-    sync_bn: bool = False  # CUDA + DDP only (torch has no CPU SyncBatchNorm)
-    seed: int = 0
+    epochs: int = knob(10, "Training epochs.")
+    batch_size: int = knob(128, "GLOBAL batch size (all processes together); lr is not rescaled.")
+    opt: str = knob("lamb", "timm optimizer name: lamb, adamw, sgd, ...")
+    lr: float = knob(5e-3, "Peak learning rate (after warmup).")
+    weight_decay: float = knob(0.05, "Weight decay; never applied to norms and biases (1-d params).")
+    momentum: float = knob(0.9, "Momentum (sgd/rmsprop-style optimizers).")
+    grad_clip: Optional[float] = knob(None, "Clip the gradient norm to this value; null = no clipping.")
+    sched: str = knob("cosine", "LR schedule, stepped every update: cosine (to min_lr) or step.")
+    min_lr: float = knob(0.0, "Final learning rate of the cosine schedule.")
+    warmup_epochs: float = knob(0, "Epochs of linear warmup from warmup_lr.")
+    warmup_lr: float = knob(1e-6, "Learning rate at the start of the warmup.")
+    decay_epochs: float = knob(30, "step schedule: epochs between decays.")
+    decay_rate: float = knob(0.1, "step schedule: factor per decay.")
+    ema_decay: Optional[float] = knob(0.9999, "Weight EMA decay per update (timm ModelEmaV3); null = no EMA.")
+    ema_warmup: bool = knob(False, "Ramp the EMA decay up over the first updates (short runs).")
+    alpha: float = knob(0.5, "KD weight: loss = (1-alpha) CE + alpha tau^2 KL; 0 = labels only, no store.")
+    tau: float = knob(1.0, "KD temperature (exact at 1; see pipeline.distill for tau != 1).")
+    label_smoothing: float = knob(0.1, "Label smoothing of the CE term.")
+    num_branches: Optional[int] = knob(None, "rep_* students: parallel kxk branches N (1..5); null = manifest's.")
+    scale_branch: Optional[bool] = knob(None, "rep_* students: add the 1x1 depthwise branch; null = manifest's.")
+    auto_augment: Optional[str] = knob(None, "RandAugment spec of the views, e.g. rand-m9-mstd0.5; with a "
+                                             "store it must match the store's plan; null = the store's.")
+    re_prob: Optional[float] = knob(None, "RandomErasing probability of the views (as auto_augment).")
+    re_mode: Optional[str] = knob(None, "RandomErasing fill: pixel, rand or const (as auto_augment).")
+    hflip: Optional[float] = knob(None, "Horizontal flip probability of the views (as auto_augment).")
+    scale: Optional[list] = knob(None, "RandomResizedCrop area range [min, max] (as auto_augment).")
+    num_views: Optional[int] = knob(None, "Views per sample without a store (alpha 0); null = epochs.")
+    mixup: float = knob(0.0, "Mixup Beta alpha (Table 8 ablation only; the paper uses none).")
+    cutmix: float = knob(0.0, "CutMix Beta alpha (Table 8 ablation only; the paper uses none).")
+    img_size: Optional[int] = knob(None, "Student input size in px; null = the student manifest's.")
+    sync_bn: bool = knob(False, "SyncBatchNorm across processes (CUDA only: torch has none on CPU).")
+    seed: int = knob(0, "Seed of the initial weights, sample order, view choice, dropout and Mixup.")
     description: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,357 @@
+"""Train a student against stored teacher logits (or labels only when alpha = 0).
+
+Per epoch: student_loader replays, for every sample, one of the V views the teachers saw (at the
+student's own resolution and normalisation), the stores give the teacher targets of exactly those
+(sample, view) pairs, and the loss is pipeline.distill.kd_loss. timm provides the optimizer
+(weight decay filtered off norms and biases), the per-update schedule and the weight EMA.
+
+Exact resume: every epoch ends with one atomic checkpoint (model, EMA, optimizer, counters,
+history); the learning rate is a pure function of the update count and every random stream
+(loader order, views, dropout, Mixup) is reseeded from (seed, epoch, rank), so a resumed run
+replays the uninterrupted one.
+
+More than one process: run under torchrun; each rank takes a strided share of every global batch
+(the recipe's batch_size is global) and DDP averages gradients. BatchNorm statistics are per rank
+unless recipe.sync_bn (CUDA only: torch has no CPU SyncBatchNorm). CUDA: bf16 autocast and
+channels_last.
+"""
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from safetensors.torch import save
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import pipeline.models  # noqa: F401  (registers the rep_* students in timm)
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.data.loaders import eval_loader, student_loader
+from pipeline.data.shards import read_manifest
+from pipeline.data.views import ViewPlan
+from pipeline.distill import ensemble_target, kd_loss
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.recipes import Recipe
+
+CHECKPOINT = "checkpoint.safetensors"
+PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
+# Recipe fields that describe the views: with a store they must agree with its plan (or be None).
+PLAN_FIELDS = ("auto_augment", "re_prob", "re_mode", "hflip", "scale")
+MIN_GHOSTNET_SIZE = 64
+
+
+def student_size(student: dict, recipe: Recipe) -> int:
+    """The student's square input size: the recipe's img_size, else the student manifest's."""
+    size = recipe.img_size or student.get("input_size", 224)
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    if "ghostnet" in student["model"] and size < MIN_GHOSTNET_SIZE:
+        raise UserError(
+            f"student {student['model']} needs images of at least {MIN_GHOSTNET_SIZE} px (it downsamples 32x and "
+            f"its DFC attention pools by 2), got {size}; set img_size >= {MIN_GHOSTNET_SIZE} (--img-size) and "
+            f"shard small datasets at >= {MIN_GHOSTNET_SIZE} px"
+        )
+    return size
+
+
+def build_student(student: dict, recipe: Recipe, num_classes: int):
+    """timm.create_model from the student manifest, with the recipe's re-parameterization knobs."""
+    kwargs = dict(student.get("model_kwargs") or {})
+    if recipe.num_branches is not None:
+        kwargs["num_branches"] = recipe.num_branches
+    if recipe.scale_branch is not None:
+        kwargs["scale_branch"] = recipe.scale_branch
+    try:
+        return timm.create_model(student["model"], num_classes=num_classes, **kwargs), kwargs
+    except TypeError as err:
+        raise UserError(
+            f"student model {student['model']} rejects {sorted(kwargs)} ({err}); for a non-rep model set "
+            f"num_branches and scale_branch to null in the recipe"
+        ) from None
+    except RuntimeError as err:
+        raise UserError(f"cannot create student model {student['model']}: {err}") from None
+
+
+def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_classes: int, size: int,
+                  interpolation: str) -> tuple[ViewPlan, int]:
+    """The view plan and V the student replays: the stores' (checked against the shards), or the recipe's."""
+    if recipe.alpha == 0 or not stores:
+        if recipe.alpha > 0:
+            raise UserError(f"recipe '{recipe.name}' has alpha={recipe.alpha} > 0: it needs teacher stores "
+                            f"(--teachers), or set alpha=0 to train on labels only")
+        fields = {k: getattr(recipe, k) for k in PLAN_FIELDS if getattr(recipe, k) is not None}
+        plan = ViewPlan(seed=recipe.seed, size=size, interpolation=interpolation, **fields)
+        return plan, recipe.num_views or recipe.epochs
+    plan = ViewPlan.from_dict(stores[0].plan)
+    for store in stores:
+        store.check_compatible(dataset_fingerprint, plan.hash())
+        if store.provenance.get("split", "train") != "train":
+            raise UserError(f"teacher store {store.path} holds the '{store.provenance['split']}' split; the student "
+                            f"trains on 'train': run `pipeline teach` on the train split")
+        if int(store.num_classes) != num_classes:
+            raise UserError(f"teacher store {store.path} has {store.num_classes} classes, the shards have "
+                            f"{num_classes}; teach with a teacher for this dataset")
+    num_views = min(int(store.num_views) for store in stores)
+    for key in PLAN_FIELDS:
+        want, have = getattr(recipe, key), getattr(plan, key)
+        if want is not None and (list(want) if key == "scale" else want) != (list(have) if key == "scale" else have):
+            raise UserError(
+                f"recipe '{recipe.name}' asks for {key}={want!r} but the teacher store's view plan has "
+                f"{key}={have!r}; run `pipeline teach` with that view plan, or set {key} to null to use the store's"
+            )
+    return plan, num_views
+
+
+class Targets:
+    """Teacher targets of a batch's (index, view) pairs from one or more stores (weighted ensemble)."""
+
+    def __init__(self, stores: list, num_classes: int, tau: float, weights=None):
+        if weights is not None and len(weights) != len(stores):
+            raise UserError(f"{len(weights)} teacher weights given for {len(stores)} teachers")
+        self.stores, self.num_classes, self.tau, self.weights = stores, num_classes, tau, weights
+
+    def __call__(self, index, view, device):
+        stored = [tuple(t.to(device) for t in s.lookup(index, view)) for s in self.stores]
+        return ensemble_target(stored, self.num_classes, self.tau, self.weights)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
+
+
+def _distributed():
+    """(rank, world_size, device) from torchrun's environment; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _reduce_mean(values: dict, world: int, device) -> dict:
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` over `loader`."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with _autocast(device):
+            logits = model(x)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+        hits = top == batch["label"][:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(1).sum().item()
+        total += len(hits)
+    model.train(was_training)
+    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _safetensors_bytes(state_dict) -> bytes:
+    return save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
+
+
+def _write_plots(path, history) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
+          resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256) -> dict:
+    """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
+
+    stores: opened LogitStores (pipeline.store.open_store) in the order of `teacher_names`.
+    Returns the last epoch's metrics. Outputs: checkpoint.safetensors (every epoch), model.safetensors,
+    ema.safetensors, student.json, state.json, metrics.json, plots.csv.
+    """
+    out = Path(out_dir)
+    rank, world, device = _distributed()
+    manifest = read_manifest(shard_dir)
+    num_classes = int(manifest["num_classes"])
+    size = student_size(student, recipe)
+    interpolation = student.get("interpolation", "bicubic")
+    stores = list(stores) if recipe.alpha > 0 else []
+    plan, num_views = resolve_views(recipe, stores, manifest["fingerprint"], num_classes,
+                                    size, interpolation)
+    targets = Targets(stores, num_classes, recipe.tau, teacher_weights) if stores else None
+
+    if recipe.batch_size % world:
+        raise UserError(f"batch_size {recipe.batch_size} (global) is not divisible by {world} processes")
+    local_batch = recipe.batch_size // world
+    steps_per_epoch = manifest["splits"]["train"]["count"] // recipe.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"batch_size {recipe.batch_size} is larger than the train split "
+                        f"({manifest['splits']['train']['count']} samples); lower it (--batch-size)")
+
+    torch.manual_seed(recipe.seed)
+    model, model_kwargs = build_student(student, recipe, num_classes)
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                    momentum=recipe.momentum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, decay_epochs=recipe.decay_epochs,
+        decay_rate=recipe.decay_rate, min_lr=recipe.min_lr, warmup_lr=recipe.warmup_lr,
+        warmup_epochs=recipe.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup) if recipe.ema_decay else None
+    mixup = None
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, mode="batch",
+                      label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+
+    # What a resumed run must share with the interrupted one (JSON round-trip: tuples compare as lists).
+    run_id = json.loads(json.dumps({"recipe": recipe.to_dict(), "teachers": list(teacher_names),
+                                    "teacher_weights": teacher_weights, "student": student,
+                                    "shards": manifest["fingerprint"]}))
+    start_epoch, step, history = 0, 0, []
+    if resume and (out / CHECKPOINT).is_file():
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        if ckpt["state"]["run"] != run_id:
+            raise UserError(f"{out / CHECKPOINT} was written by a different run (recipe, teachers, student, "
+                            f"or shards differ); drop --resume to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema:
+            ema.module.load_state_dict(ckpt["ema"])
+        start_epoch, step, history = ckpt["state"]["epoch"], ckpt["state"]["step"], ckpt["state"]["history"]
+
+    core = model
+    if world > 1:
+        if recipe.sync_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            core = model
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    val = eval_loader(shard_dir, "val", size, student.get("crop_pct", 1.0), student["mean"], student["std"],
+                      interpolation, eval_batch_size, workers) if rank == 0 else None
+    for epoch in range(start_epoch, recipe.epochs):
+        started = time.perf_counter()
+        torch.manual_seed(_seed(recipe.seed, epoch, rank))
+        np.random.seed(_seed("mixup", recipe.seed, epoch, rank))
+        loader = student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
+                                local_batch, recipe.seed, epoch, rank, world, workers, interpolation,
+                                drop_last=True)
+        model.train()
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   disable=quiet or rank != 0, leave=False)
+        for batch in bar:
+            scheduler.step_update(step)  # lr of this update: a pure function of the update count
+            x = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            labels = batch["label"].to(device)
+            target = targets(batch["index"], batch["view"], device) if targets else None
+            if mixup:
+                lam = mixup._mix_batch(x)  # mixes x in place with its flip; returns the (area-corrected) lam
+                labels = mixup_target(labels, num_classes, lam, recipe.label_smoothing)
+                target = target.mix(lam) if target else None
+            with _autocast(device):
+                logits = model(x)
+            losses = kd_loss(logits, labels, target, recipe.alpha, recipe.tau, recipe.label_smoothing)
+            if not torch.isfinite(losses["loss"]):
+                raise UserError(f"loss became {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
+                                f"lower the learning rate (--lr) or check the teacher store")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if recipe.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            step += 1
+            if ema:
+                ema.update(core, step=step)
+            for k in sums:
+                sums[k] += losses[k].item()
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+               **_reduce_mean({k: v / steps_per_epoch for k, v in sums.items()}, world, device)}
+        if rank == 0:
+            row["top1"], row["top5"] = evaluate(core, val, device, channels_last)
+            if ema:
+                row["ema_top1"], row["ema_top5"] = evaluate(ema.module, val, device, channels_last)
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            history.append(row)
+            state = {"epoch": epoch + 1, "step": step, "history": history, "run": run_id}
+            parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+            if ema:
+                parts["ema"] = ema.module.state_dict()
+            save_checkpoint(out / CHECKPOINT, parts)
+            atomic_write_json(out / "state.json", {k: v for k, v in state.items() if k != "history"})
+            atomic_write_json(out / "metrics.json", _metrics(history))
+            _write_plots(out / "plots.csv", history)
+            if not quiet:
+                tqdm.write(_summary(row))
+        else:
+            history.append(row)
+        if world > 1:
+            dist.barrier()
+
+    if rank == 0:
+        atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
+        if ema:
+            atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
+        last = history[-1]
+        use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
+        atomic_write_json(out / "student.json", {
+            "model": student["model"], "model_kwargs": model_kwargs, "num_classes": num_classes,
+            "input_size": size, "mean": list(student["mean"]), "std": list(student["std"]),
+            "crop_pct": student.get("crop_pct", 1.0), "interpolation": interpolation,
+            "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
+            "weights": "ema.safetensors" if use_ema else "model.safetensors",
+            "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
+        })
+    return history[-1] if history else {}
+
+
+def _metrics(history) -> dict:
+    """DVC metrics: the last epoch's values, plus the best validation top-1 seen."""
+    last = history[-1]
+    best = max(max(r["top1"], r.get("ema_top1", -math.inf)) for r in history)
+    return {"epoch": last["epoch"], "train": {k: last[k] for k in ("loss", "ce", "kd", "lr")},
+            "val": {k: last[k] for k in ("top1", "top5", "ema_top1", "ema_top5") if k in last},
+            "best_top1": best}
+
+
+def _summary(row) -> str:
+    ema = f" ema {row['ema_top1']:.2f}" if "ema_top1" in row else ""
+    return (f"epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f} kd {row['kd']:.4f}) "
+            f"lr {row['lr']:.2e} val top1 {row['top1']:.2f}{ema} ({row['seconds']:.1f}s)")

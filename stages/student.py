@@ -1,0 +1,115 @@
+"""`pipeline student`: train a student against stored teacher logits (pipeline.train).
+
+Every recipe field is also a flat option (--alpha, --epochs, --num-branches, --scale-branch/
+--no-scale-branch, ...) so that an ablation is one option or one params.yaml key; --set key=value
+reaches the same fields (and can set one to null). Run under torchrun for several processes.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import click
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.manifests import load_spec
+from pipeline.recipes import FIELDS, TYPES, Recipe, load_recipe, parse_overrides
+
+RECIPE_OPTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")]
+
+
+def _names(value) -> list[str]:
+    """'a,b' or ['a', 'b'] (params.yaml) -> ['a', 'b']."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _weights(value) -> list[float] | None:
+    names = _names(value)
+    try:
+        return [float(w) for w in names] or None
+    except ValueError:
+        raise UserError(f"--teacher-weights must be numbers like 1,1 (one per teacher), got {value!r}") from None
+
+
+def _recipe_option(name: str):
+    flag = name.replace("_", "-")
+    kind = TYPES[name]
+    text = f"{FIELDS[name].metadata['help']} [recipe key {name}]"
+    if kind is bool:
+        return click.option(f"--{flag}/--no-{flag}", name, default=None, help=text)
+    if kind is list:
+        return click.option(f"--{flag}", name, type=str, default=None, help=text + " As a,b or [a, b].")
+    return click.option(f"--{flag}", name, type=kind, default=None, help=text)
+
+
+def _recipe_overrides(values: dict, set_items) -> dict:
+    overrides = parse_overrides(set_items)
+    for name in RECIPE_OPTIONS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if TYPES[name] is list and isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        overrides[name] = value
+    return overrides
+
+
+class _Command(click.Command):
+    """Accept params.yaml keys spelled like the options (num-branches) as well as num_branches."""
+
+    def parse_args(self, ctx, args):
+        if ctx.default_map:
+            ctx.default_map = {k.replace("-", "_"): v for k, v in ctx.default_map.items()}
+        return super().parse_args(ctx, args)
+
+
+def _command(func):
+    for name in reversed(RECIPE_OPTIONS):
+        func = _recipe_option(name)(func)
+    return func
+
+
+@click.command("student", cls=_Command)
+@click.option("--student", required=True, help="Student spec: manifests/students/NAME.yaml or a YAML path.")
+@click.option("--teachers", default="", show_default=True,
+              help="Comma-separated teacher names; their stores are found via TEACH_DIR/NAME.json. "
+                   "Several teachers = an ensemble (mean of probabilities). Unused when alpha = 0.")
+@click.option("--teacher-weights", default=None,
+              help="Comma-separated ensemble weights, one per teacher (default: equal).")
+@click.option("--recipe", default="ghostnetv3-paper", show_default=True,
+              help="Training recipe: manifests/recipes/NAME.yaml or a YAML path.")
+@click.option("--shards", "shard_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Shard directory (pipeline shard --out) with the train and val splits.")
+@click.option("--teach-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory holding the teacher pointer files NAME.json (pipeline teach --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory: model/ema safetensors, student.json, metrics.json, plots.csv, checkpoint.")
+@click.option("--resume/--no-resume", default=False, show_default=True,
+              help="Continue from OUT/checkpoint.safetensors (same recipe, teachers, student and shards).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes per rank (0 = decode in the training process).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Batch size of the per-epoch validation.")
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
+              help="Any recipe field, value in YAML (e.g. --set ema_decay=null). Repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@_command
+def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, resume, workers,
+            eval_batch_size, set_items, quiet, **recipe_values):
+    """Train STUDENT with RECIPE against the stored logits of TEACHERS (the student stage)."""
+    from pipeline.store import open_pointer
+    from pipeline.train import train
+
+    recipe = load_recipe(recipe, _recipe_overrides(recipe_values, set_items))
+    spec = load_spec("students", student)
+    names = _names(teachers)
+    stores = []
+    if recipe.alpha > 0 and names:
+        if teach_dir is None:
+            raise UserError("--teachers needs --teach-dir (the `pipeline teach --out` directory)")
+        stores = [open_pointer(teach_dir / f"{name}.json") for name in names]
+    train(spec, recipe, shard_dir, out, stores, names, _weights(teacher_weights), resume=resume,
+          workers=workers, quiet=quiet, eval_batch_size=eval_batch_size)
