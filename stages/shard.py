@@ -1,13 +1,17 @@
 """`pipeline shard`: a dataset source -> webdataset shards per split + manifest.json."""
 
 import click
+from click.core import ParameterSource
 
 from pipeline.data import shards, sources
 from pipeline.errors import UserError
+from pipeline.manifests import load_spec
+
+SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size")
 
 
 def _read_source(source, val_fraction, seed, image_size, num_classes, per_class, image_format):
-    kind, _, arg = source.partition(":")
+    kind, _, arg = (source or "").partition(":")
     if kind == "imagefolder" and arg:
         return sources.imagefolder(arg, val_fraction, seed)
     if kind == "webdataset" and arg:
@@ -16,13 +20,18 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
         return sources.digits(image_size, val_fraction, seed)
     if kind == "synthetic" and not arg:
         return sources.synthetic(num_classes, per_class, image_size, image_format, val_fraction, seed)
-    raise UserError(f"unknown --source '{source}'; use imagefolder:DIR, webdataset:PATTERN, digits or synthetic")
+    raise UserError(f"unknown --source '{source}'; use imagefolder:DIR, webdataset:PATTERN, digits or synthetic"
+                    " (or --dataset NAME from manifests/datasets/)")
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--source", required=True,
-              help="imagefolder:DIR (class sub-folders, or DIR/train + DIR/val), webdataset:PATTERN "
-                   "(existing tars, brace patterns allowed), digits (the embedded demo) or synthetic (tests).")
+@click.option("--dataset", default=None,
+              help="A spec in manifests/datasets/ (digits, cifar10, imagenet) or a YAML path; it sets "
+                   f"{', '.join(SPEC_OPTIONS)} unless given here, and its num_classes is checked.")
+@click.option("--source", default=None,
+              help="imagefolder:DIR (class sub-folders, or DIR/train [+ DIR/val]; DIR may be a .tar of such a "
+                   "tree), webdataset:PATTERN (existing tars, brace patterns allowed), digits (the embedded "
+                   "demo) or synthetic (tests).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory for {split}-NNNNNN.tar and manifest.json (replaced atomically).")
 @click.option("--name", default=None, help="Dataset name in the manifest [default: from the source].")
@@ -40,13 +49,23 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
 @click.option("--image-format", type=click.Choice(["jpg", "png"]), default="jpg",
               help="Synthetic source: encoding of the images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(source, out, name, val_fraction, seed, shard_size, on_bad_image, image_size, num_classes,
-            per_class, image_format, quiet):
+@click.pass_context
+def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image_format, quiet, **options):
     """Write a dataset as webdataset shards + manifest.json (same input -> byte-identical output)."""
-    dataset, classes, splits = _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
-                                            image_format)
-    manifest = shards.write_shards(splits, out, name or dataset, classes, source, maxcount=shard_size,
-                                   on_bad_image=on_bad_image, quiet=quiet)
+    expected_classes = None
+    if dataset:
+        spec = load_spec("datasets", dataset)
+        expected_classes = spec.get("num_classes")
+        for key in SPEC_OPTIONS:
+            if key in spec and ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
+                options[key] = spec[key]
+    name, classes, splits = _read_source(options["source"], options["val_fraction"], seed, options["image_size"],
+                                         num_classes, per_class, image_format)
+    if expected_classes is not None and len(classes) != expected_classes:
+        raise UserError(f"dataset {dataset} expects {expected_classes} classes but {options['source']} has "
+                        f"{len(classes)}; check the source path or the spec's num_classes")
+    manifest = shards.write_shards(splits, out, options["name"] or name, classes, options["source"],
+                                   maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet)
     if not quiet:
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         skipped = sum(len(v["skipped"]) for v in manifest["splits"].values())

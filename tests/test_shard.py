@@ -77,6 +77,19 @@ def test_imagefolder_with_train_and_val(tmp_path):
     assert val.keys == ["dog/d"] and val.label(0) == 1
 
 
+def test_imagefolder_inside_a_tar_is_read_in_place(tmp_path):
+    src = _folder(tmp_path / "src", {f"train/{c}/{i}.png": _png(c) for c in ("red", "blue") for i in range(5)})
+    with tarfile.open(tmp_path / "src.tar", "w") as tar:
+        tar.add(src / "train", arcname="train")
+    from_dir = sources.imagefolder(src, 0.2, seed=0)
+    from_tar = sources.imagefolder(tmp_path / "src.tar", 0.2, seed=0)
+    assert from_tar[:2] == from_dir[:2] == ("src", ["blue", "red"])
+    for split in ("train", "val"):
+        assert [(s.key, s.label, s.read()) for s in from_tar[2][split]] == \
+            [(s.key, s.label, s.read()) for s in from_dir[2][split]]
+    assert len(from_tar[2]["val"]) == 2
+
+
 def test_imagefolder_stratified_split(tmp_path):
     src = _folder(tmp_path / "src", {f"{c}/{i}.png": _png(c) for c in ("red", "blue") for i in range(10)})
     name, classes, splits = sources.imagefolder(src, 0.3, seed=0)
@@ -161,10 +174,24 @@ def test_real_cifar10_subset(tmp_path):
                 counts[cls] = counts.get(cls, 0) + 1
                 tar.extract(member, src, filter="data")
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--quiet",
-                     "--shard-size", "64"])
+                     "--shard-size", "64", "--val-fraction", "0.1"])
     assert result.exit_code == 0, result.output
     m = read_manifest(tmp_path / "o")
     assert len(m["classes"]) == 10 and "airplane" in m["classes"]
-    assert m["splits"]["train"]["count"] == 200 and len(m["splits"]["train"]["shards"]) == 4
+    assert m["splits"]["train"]["count"] == 180 and len(m["splits"]["train"]["shards"]) == 3
+    assert m["splits"]["val"]["count"] == 20
     reader = ShardReader(tmp_path / "o", "train")
     assert reader.image(0).size == (32, 32) and reader.image_bytes(0)[:2] == b"\xff\xd8"
+
+
+def test_dataset_spec_sets_defaults_and_checks_classes(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("source: synthetic\nimage_size: 32\nval_fraction: 0.5\nnum_classes: 4\n")
+    result = _shard(["--dataset", str(spec), "--out", str(tmp_path / "o"), "--per-class", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "o")
+    assert m["splits"]["val"]["count"] == 8 and ShardReader(tmp_path / "o", "val").image(0).size == (32, 32)
+    result = _shard(["--dataset", str(spec), "--out", str(tmp_path / "p"), "--num-classes", "3"])
+    assert result.exit_code == 2 and "expects 4 classes" in result.output
+    result = _shard(["--dataset", "nosuch", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "digits" in result.output  # lists the known specs

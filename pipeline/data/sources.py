@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import tarfile
 from functools import partial
 from pathlib import Path
 
@@ -54,50 +55,70 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _folder_samples(root: Path, classes: list[str]) -> list[Sample]:
-    samples = []
-    for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTS) \
-            if folder.is_dir() else []
-        if not files:
-            raise UserError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTS)}); "
-                            "add images or remove the folder")
-        for path in files:
-            rel = path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
-            samples.append(Sample(rel, label, path.suffix[1:].lower(), str(path), path.read_bytes))
+def _tree(source: Path) -> tuple[set[str], dict[str, tuple[str, object]]]:
+    """Folders and files (relative path -> (origin, read)) of a directory or of a tar holding one."""
+    if source.is_dir():
+        entries = sorted(source.rglob("*"))
+        dirs = {p.relative_to(source).as_posix() for p in entries if p.is_dir()}
+        files = {p.relative_to(source).as_posix(): (str(p), p.read_bytes) for p in entries if p.is_file()}
+        return dirs, files
+    if source.is_file() and tarfile.is_tarfile(source):
+        dirs, files = set(), {}
+        with tarfile.open(source, "r:") as tar:
+            for m in tar:
+                name = m.name.removeprefix("./").rstrip("/")
+                dirs.update("/".join(name.split("/")[:k]) for k in range(1, name.count("/") + 1))
+                if m.isdir():
+                    dirs.add(name)
+                elif m.isfile():
+                    files[name] = (f"{source}:{name}", partial(read_range, source, m.offset_data, m.size))
+        return dirs, files
+    raise UserError(f"image folder {source} does not exist (expected a directory or a .tar of one)")
+
+
+def _class_samples(dirs, files, prefix: str, classes: list[str], where: str) -> list[Sample]:
+    """Images under `prefix`<class>/ (any depth), labelled by position in `classes`."""
+    samples, counts = [], dict.fromkeys(classes, 0)
+    index = {c: i for i, c in enumerate(classes)}
+    for rel, (origin, read) in sorted(files.items()):
+        if not rel.startswith(prefix) or "/" not in rel[len(prefix):]:
+            continue
+        inner = rel[len(prefix):]
+        cls, ext = inner.split("/")[0], inner.rpartition(".")[2].lower()
+        if cls not in index or ext not in IMAGE_EXTS or "." not in inner:
+            continue
+        counts[cls] += 1
+        samples.append(Sample(inner.rpartition(".")[0].replace(".", "_"), index[cls], ext, origin, read))
+    empty = [c for c, n in counts.items() if not n and f"{prefix}{c}" in dirs]
+    if empty:
+        raise UserError(f"class folder {where}/{prefix}{empty[0]} has no images ({', '.join(IMAGE_EXTS)}); "
+                        "add images or remove the folder")
     return samples
 
 
-def imagefolder(directory, val_fraction: float, seed: int):
-    """DIR/train + DIR/val if present, else class folders directly in DIR split by val_fraction."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
-    train_root = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _subfolders(dirs: set[str], prefix: str) -> list[str]:
+    return sorted(d[len(prefix):] for d in dirs
+                  if d.startswith(prefix) and "/" not in d[len(prefix):] and not d[len(prefix):].startswith("."))
+
+
+def imagefolder(source, val_fraction: float, seed: int):
+    """DIR/train (+ DIR/val if present, else split off train by val_fraction), or class folders
+    directly in DIR. DIR may also be a .tar holding such a tree (read in place, not extracted)."""
+    root = Path(source)
+    dirs, files = _tree(root)
+    prefix = "train/" if "train" in dirs else ""
+    classes = _subfolders(dirs, prefix)
     if not classes:
-        raise UserError(f"{train_root} has no class sub-folders; expected DIR/<class>/<image> "
+        raise UserError(f"{root}/{prefix} has no class sub-folders; expected DIR/<class>/<image> "
                         "or DIR/train/<class>/<image>")
-    train = _folder_samples(train_root, classes)
-    if train_root == root:
-        splits = stratified_split(train, val_fraction, seed)
-    else:
-        splits = {"train": _shuffled(train, seed)}
-        if (root / "val").is_dir():
-            extra = sorted(set(p.name for p in (root / "val").iterdir() if p.is_dir()) - set(classes))
-            if extra:
-                raise UserError(f"{root / 'val'} has classes missing from {train_root}: {', '.join(extra)}")
-            splits["val"] = _shuffled(_val_samples(root / "val", classes), seed)
-    return root.name, classes, splits
-
-
-def _val_samples(root: Path, classes: list[str]) -> list[Sample]:
-    """A val tree may leave some classes out; labels follow the train class list."""
-    present = [c for c in classes if (root / c).is_dir()]
-    index = {c: i for i, c in enumerate(classes)}
-    return [Sample(s.key, index[present[s.label]], s.ext, s.origin, s.read)
-            for s in _folder_samples(root, present)]
+    train = _class_samples(dirs, files, prefix, classes, str(root))
+    if not (prefix and "val" in dirs):
+        return root.stem, classes, stratified_split(train, val_fraction, seed)
+    extra = sorted(set(_subfolders(dirs, "val/")) - set(classes))
+    if extra:
+        raise UserError(f"{root}/val has classes missing from {root}/train: {', '.join(extra)}")
+    val = _class_samples(dirs, files, "val/", classes, str(root))
+    return root.stem, classes, {"train": _shuffled(train, seed), "val": _shuffled(val, seed)}
 
 
 def webdataset_shards(pattern: str, val_fraction: float, seed: int):
