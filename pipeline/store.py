@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numcodecs
@@ -36,12 +37,18 @@ from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, TransposeCode
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, stable_hash
 
-# BitRound/Delta/Transpose are numcodecs codecs: readable by zarr-python (what this project uses).
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
 
 FORMAT = 1
 ARRAYS = ("values", "indices", "lse", "params", "labels")
 DEFAULT_VALUES = "f16-keep5"
+
+
+@contextmanager
+def numcodecs_quiet():
+    """BitRound/Delta/Transpose are numcodecs codecs: zarr-python (what reads these stores) has them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
 
 
 def value_keepbits(encoding: str) -> int | None:
@@ -94,7 +101,9 @@ class LogitStore:
     def __init__(self, group: zarr.Group, path):
         self.group, self.path = group, Path(path)
         self.provenance = dict(group.attrs["provenance"])
-        self.num_samples, self.num_views, self.k = group["values"].shape
+        with numcodecs_quiet():
+            self.arrays = {name: group[name] for name in (*ARRAYS, "done")}
+        self.num_samples, self.num_views, self.k = self.arrays["values"].shape
         self.num_classes = self.provenance["num_classes"]
         self.plan = self.provenance["plan"]
         self.key = self.provenance["key"]
@@ -103,10 +112,10 @@ class LogitStore:
 
     @property
     def num_shards(self) -> int:
-        return self.group["done"].shape[0]
+        return self.arrays["done"].shape[0]
 
     def done_mask(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        return self.arrays["done"][:].astype(bool)
 
     @property
     def complete(self) -> bool:
@@ -129,7 +138,7 @@ class LogitStore:
     def targets(self) -> dict[str, torch.Tensor]:
         """Every stored target in memory (values f16, indices, lse, labels): ~5 bytes per top-k entry."""
         if self._targets is None:
-            g = self.group
+            g = self.arrays
             self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:]))
                              for name in ("values", "indices", "lse", "labels")}
         return self._targets
@@ -143,7 +152,7 @@ class LogitStore:
 
     def params(self, index: int, view: int) -> np.ndarray:
         """The stored parameter vector of one view (for replaying it without recomputing)."""
-        return self.group["params"][index, view]
+        return self.arrays["params"][index, view]
 
     def bytes_per_view(self) -> float:
         return bytes_on_disk(self.path) / (self.num_samples * self.num_views)
@@ -198,7 +207,7 @@ class StoreWriter(LogitStore):
     def write_shard(self, shard: int, values, indices, lse, params, labels) -> None:
         rows = self.shard_rows_range(shard)
         s = slice(rows.start, rows.stop)
-        g = self.group
+        g = self.arrays
         g["values"][s] = values
         g["indices"][s] = indices
         g["lse"][s] = lse
@@ -226,6 +235,12 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
                 raise UserError(f"{path} holds teacher logits for other inputs (key {old.get('key')}, not "
                                 f"{provenance['key']}); remove it or choose another --store-root")
             return StoreWriter(group, path)
+    with numcodecs_quiet():
+        return _create(path, provenance, num_samples=num_samples, num_views=num_views, k=k, params_dim=params_dim,
+                       num_classes=num_classes, shard_rows=shard_rows, values=values)
+
+
+def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values):
     group = zarr.open_group(path, mode="w")
     idx = index_dtype(num_classes)
     keep = value_keepbits(values)
@@ -267,7 +282,7 @@ def summarize(store: LogitStore) -> dict:
             "bytes_on_disk": bytes_on_disk(store.path), "bytes_per_view": round(store.bytes_per_view(), 2),
             "versions": p.get("versions"), "run": dict(store.group.attrs.get("run") or {})}
     if len(rows):
-        g = store.group
+        g = store.arrays
         values = g["values"].get_orthogonal_selection((rows,)).astype(np.float32)
         indices = g["indices"].get_orthogonal_selection((rows,))
         labels = g["labels"].get_orthogonal_selection((rows,))

@@ -27,7 +27,7 @@ from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _dist():
+def _dist(device: torch.device):
     """(rank, world, initialised here) from torchrun's environment; gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -36,8 +36,7 @@ def _dist():
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("TEACH_BACKEND") != "gloo"
-                            else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
 
 
@@ -110,8 +109,8 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     if num_views < 1 or batch_size < 1:
         raise UserError(f"--views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
     model, digest = load_teacher(spec)
-    rank, world, own_group = _dist()
     dev = resolve_device(device)
+    rank, world, own_group = _dist(dev)
     if spec.get("weights"):  # the path is not an input of the numbers; the digest is
         spec = {**spec, "weights": Path(spec["weights"]).name}
     key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=spec,

@@ -135,7 +135,7 @@ def _file_teacher(spec: dict) -> tuple[nn.Module, str]:
             model = torch.export.load(str(path)).module()
     except Exception as err:  # noqa: BLE001 - a bad user file
         raise UserError(f"teacher '{name}': cannot load {spec['source']} file {path} ({type(err).__name__}); "
-                        f"save it with {'torch.jit.save' if spec['source'] == 'torchscript' else 'torch.export.save'}") from None
+                        f"save it with {'torch.jit.save' if spec['source'] == 'torchscript' else 'torch.export.save (a .pt2 file)'}") from None
     from pipeline.io import sha256_file
 
     return model, sha256_file(path)
@@ -149,7 +149,8 @@ def load_teacher(spec) -> tuple[nn.Module, str]:
         digest = state_digest(model.state_dict())
     else:
         model, digest = _file_teacher(spec)
-    model.eval()
+    if spec["source"] != "export":  # an exported program keeps the mode it was exported in (eval() refused)
+        model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, digest

@@ -1,0 +1,105 @@
+"""The logit store on its own: encoding, index dtype, refusal of wrong inputs, interrupted creation, inspect."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.errors import UserError
+from pipeline.store import create_or_open, encode_topk, index_dtype, open_pointer, open_store, write_pointer
+from stages.cli import main
+
+PROV = {"key": "k1", "dataset": "toy", "dataset_fingerprint": "fp-a", "split": "train", "plan": {"seed": 0},
+        "plan_hash": "plan-a", "teacher": {"name": "t", "model": "m"}, "weights_digest": "w" * 64}
+
+
+def make_store(path, num_classes=10, n=5, v=2, k=3, values="f16", prov=PROV, seed=0):
+    """A complete store of random logits; returns (store, logits [n*v, C])."""
+    writer = create_or_open(path, prov, num_samples=n, num_views=v, k=k, params_dim=4, num_classes=num_classes,
+                            shard_rows=2, values=values)
+    logits = torch.randn(n * v, num_classes, generator=torch.Generator().manual_seed(seed)) * 4
+    logp, idx, lse = encode_topk(logits, k, values)
+    for shard in range(writer.num_shards):
+        r = writer.shard_rows_range(shard)
+        s = slice(r.start * v, r.stop * v)
+        writer.write_shard(shard, logp[s].reshape(-1, v, k), idx[s].reshape(-1, v, k), lse[s].reshape(-1, v),
+                           np.full((len(r), v, 4), 7, np.uint16), np.arange(r.start, r.stop) % num_classes)
+    return open_store(path), logits
+
+
+def test_encode_topk_sorted_by_class_with_exact_lse():
+    logits = torch.randn(6, 50) * 3
+    logp, idx, lse = encode_topk(logits, 5)
+    assert (np.diff(idx, axis=1) > 0).all()
+    torch.testing.assert_close(torch.from_numpy(lse), torch.logsumexp(logits, 1))
+    expected = logits.gather(1, torch.from_numpy(idx)) - torch.logsumexp(logits, 1, keepdim=True)
+    torch.testing.assert_close(torch.from_numpy(logp).float(), expected, atol=2e-3, rtol=1e-3)
+    assert set(idx[0]) == set(logits[0].topk(5).indices.tolist())
+
+
+@pytest.mark.parametrize("values", ["f16", "f16-keep5"])
+def test_lookup_returns_what_was_encoded(tmp_path, values):
+    store, logits = make_store(tmp_path / "s.zarr", values=values)
+    logp, idx, lse = encode_topk(logits, 3, values)
+    z, classes, l_ = store.lookup(torch.tensor([0, 4, 2]), torch.tensor([1, 0, 1]))
+    rows = [1, 8, 5]  # sample-major, view-minor
+    assert classes.dtype == torch.int64 and torch.equal(classes, torch.from_numpy(idx[rows]).long())
+    torch.testing.assert_close(l_, torch.from_numpy(lse[rows]))
+    torch.testing.assert_close(z, torch.from_numpy(logp[rows]).float() + l_[:, None])
+
+
+def test_index_dtype_int16_when_classes_fit_else_int32(tmp_path):
+    assert index_dtype(1000) == np.int16 and index_dtype(32768) == np.int16 and index_dtype(32769) == np.int32
+    small, _ = make_store(tmp_path / "small.zarr", num_classes=1000)
+    big, logits = make_store(tmp_path / "big.zarr", num_classes=40000, n=2, v=1)
+    assert small.arrays["indices"].dtype == np.int16 and big.arrays["indices"].dtype == np.int32
+    assert torch.equal(big.lookup(torch.tensor([1]), torch.tensor([0]))[1][0], logits[1].topk(3).indices.sort().values)
+
+
+def test_store_for_other_inputs_is_refused(tmp_path):
+    store, _ = make_store(tmp_path / "s.zarr")
+    store.check_compatible("fp-a", "plan-a")
+    with pytest.raises(UserError, match="fp-a.*fp-b"):
+        store.check_compatible("fp-b", "plan-a")
+    with pytest.raises(UserError, match="plan-a.*plan-b"):
+        store.check_compatible("fp-a", "plan-b")
+    with pytest.raises(UserError, match="other inputs"):
+        create_or_open(tmp_path / "s.zarr", {**PROV, "key": "k2"}, num_samples=5, num_views=2, k=3, params_dim=4,
+                       num_classes=10, shard_rows=2, values="f16")
+    with pytest.raises(UserError, match="not a teacher logit store"):
+        open_store(tmp_path)
+
+
+def test_pointer_resolves_relative_store_and_checks_key(tmp_path):
+    store, _ = make_store(tmp_path / "stores" / "s.zarr")
+    info = write_pointer(tmp_path / "out" / "t.json", store)
+    assert info["store"] == "../stores/s.zarr" and info["teacher"] == "t"
+    assert open_pointer(tmp_path / "out" / "t.json").key == "k1"
+    (tmp_path / "out" / "t.json").write_text(json.dumps({**info, "key": "zz"}))
+    with pytest.raises(UserError, match="key zz"):
+        open_pointer(tmp_path / "out" / "t.json")
+
+
+def test_cut_off_creation_is_recreated_and_partial_store_resumes(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "s.zarr", mode="w").create_array("values", shape=(1,), dtype="f2")  # no provenance
+    writer = create_or_open(tmp_path / "s.zarr", PROV, num_samples=5, num_views=2, k=3, params_dim=4,
+                            num_classes=10, shard_rows=2, values="f16")
+    assert writer.num_samples == 5 and not writer.done_mask().any()
+    with pytest.raises(UserError, match="incomplete"):
+        open_store(tmp_path / "s.zarr")
+
+
+def test_inspect_prints_size_mass_top1_and_completeness(tmp_path):
+    make_store(tmp_path / "s.zarr")
+    result = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", "inspect", str(tmp_path / "s.zarr"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["complete"] and info["shards_done"] == "3/3" and info["shape"] == [5, 2, 3]
+    assert 0 < info["mean_topk_mass"] <= 1 and 0 <= info["teacher_top1_vs_labels"] <= 1 and info["bytes_per_view"] > 0
+    text = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", "inspect", str(tmp_path / "s.zarr")])
+    assert "bytes_per_view" in text.output and "complete: True" in text.output

@@ -1,0 +1,76 @@
+"""Teacher specs and weights sources: local safetensors / checkpoint, TorchScript, torch.export, errors."""
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.teachers import load_teacher, resolve_spec
+from tests._teach_helpers import tiny_teacher
+
+
+def test_shipped_specs_resolve_with_preprocessing():
+    for name, model in [("beitv2", "beitv2_base_patch16_224.in1k_ft_in22k_in1k"),
+                        ("deit", "deit_base_patch16_224.fb_in1k"), ("resnet", "resnet101.tv_in1k")]:
+        spec = resolve_spec(name)
+        assert spec["model"] == model and spec["num_classes"] == 1000 and spec["input_size"] == 224
+
+
+def test_safetensors_and_weights_only_checkpoint_give_the_same_teacher(tmp_path):
+    spec = yaml.safe_load(tiny_teacher(tmp_path).read_text())
+    a, digest_a = load_teacher(spec)
+    torch.save({"state_dict": a.state_dict()}, tmp_path / "tiny.pth")
+    b, digest_b = load_teacher({**spec, "weights": str(tmp_path / "tiny.pth")})
+    assert digest_a == digest_b and not a.training
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_pickled_objects_are_never_loaded(tmp_path):
+    spec = yaml.safe_load(tiny_teacher(tmp_path).read_text())
+    torch.save({"state_dict": {}, "cfg": object.__new__(Opaque)}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="cannot read weights"):
+        load_teacher({**spec, "weights": str(tmp_path / "evil.pth")})
+    with pytest.raises(UserError, match="do not fit"):
+        load_teacher({**spec, "num_classes": 7})
+
+
+class Opaque:
+    pass
+
+
+class Own(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("source", ["torchscript", "export"])
+def test_users_own_teacher_from_file(tmp_path, source):
+    model, x = Own().eval(), torch.randn(2, 3, 16, 16)
+    path = tmp_path / ("own.pt" if source == "torchscript" else "own.pt2")
+    if source == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.export.save(torch.export.export(model, (x,)), str(path))
+    spec = {"name": "own", "model": str(path), "source": source}
+    with pytest.raises(UserError, match="must state its preprocessing"):
+        load_teacher(spec)
+    loaded, digest = load_teacher({**spec, "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1], "num_classes": 5})
+    torch.testing.assert_close(loaded(x), model(x))
+    assert len(digest) == 64
+
+
+def test_bad_specs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no teacher spec 'nope'"):
+        resolve_spec("nope")
+    with pytest.raises(UserError, match="not a timm model"):
+        resolve_spec({"name": "x", "model": "no_such_model_abc"})
+    with pytest.raises(UserError, match="unknown spec keys"):
+        resolve_spec({"name": "x", "model": "resnet18", "colour": 1})
+    with pytest.raises(UserError, match="not found"):
+        load_teacher({"name": "x", "model": "resnet18", "weights": str(tmp_path / "missing.safetensors")})
