@@ -1,0 +1,154 @@
+"""Fine-tune a teacher spec on the train shards, for datasets that no hub teacher was trained on.
+
+The teacher starts from its pretrained weights where they can be had (the classifier is replaced to
+fit the dataset's classes) and from scratch otherwise, trains with AdamW + cosine on augmented views
+(the same view renderer the students use), and ends as a weights file plus a teacher spec YAML that
+`pipeline teach --teacher {out}/teacher.yaml` accepts. A checkpoint after every epoch lets an
+interrupted run resume where it stopped.
+"""
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from pipeline.data.loaders import eval_loader, student_loader
+from pipeline.data.shards import read_manifest
+from pipeline.data.views import ViewPlan
+from pipeline.errors import UserError
+from pipeline.evaluate import predict, topk_accuracy
+from pipeline.io import atomic_write_bytes, atomic_write_json, stable_hash
+from pipeline.teachers import read_state_dict, resolve_spec
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS = "weights.safetensors"
+SPEC = "teacher.yaml"
+RESUME = "resume.pt"
+
+
+def build_model(spec: dict, num_classes: int, pretrained: bool):
+    """The spec's timm model with a `num_classes` head; returns (model, where its weights came from)."""
+    import timm
+
+    if spec["source"] != "timm":
+        raise UserError(f"teacher '{spec['name']}': only timm teachers can be fine-tuned here (source is "
+                        f"{spec['source']}); fine-tune it yourself and point `weights:` at the result")
+    kwargs = dict(spec.get("model_kwargs") or {})
+    model = timm.create_model(spec["model"], pretrained=False, num_classes=num_classes, **kwargs)
+    if spec.get("weights"):
+        state = read_state_dict(Path(spec["weights"]), spec["name"])
+        own = model.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fitting, strict=False)
+        return model, f"{spec['weights']} ({len(fitting)}/{len(own)} tensors)"
+    if pretrained:
+        try:
+            return timm.create_model(spec["model"], pretrained=True, num_classes=num_classes, **kwargs), "pretrained"
+        except (OSError, RuntimeError) as err:  # offline, no cache, or no pretrained tag
+            _logger.warning("teacher '%s': no pretrained weights (%s); training from scratch", spec["name"], err)
+    return model, "scratch"
+
+
+def _save_resume(path: Path, model, optimizer, epoch: int, config_key: str) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "config": config_key}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_resume(path: Path, model, optimizer, config_key: str) -> int:
+    """Epochs already done by an interrupted run with the same settings (0 if none)."""
+    if not path.is_file():
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a torn or foreign checkpoint is simply not resumed
+        return 0
+    if state.get("config") != config_key:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"])
+
+
+def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_size: int = 64, lr: float = 2e-3,
+                     weight_decay: float = 0.05, warmup_epochs: float = 1.0, label_smoothing: float = 0.1,
+                     size: int | None = None, scale_min: float = 0.35, hflip: float = 0.5,
+                     auto_augment: str | None = "rand-m9-mstd0.5", re_prob: float = 0.0, seed: int = 0,
+                     pretrained: bool | None = None, workers: int = 0, quiet: bool = False) -> dict:
+    """Train, write {out}/weights.safetensors + teacher.yaml + metrics.json; return the metrics."""
+    from safetensors.torch import save
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    spec = resolve_spec(teacher)
+    manifest = read_manifest(shard_dir)
+    num_classes = manifest["num_classes"]
+    size = int(size or spec["input_size"])
+    if epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {epochs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    use_pretrained = spec.get("pretrained", False) if pretrained is None else pretrained
+    model, origin = build_model(spec, num_classes, bool(use_pretrained))
+    plan = ViewPlan(seed=seed, size=size, scale=(scale_min, 1.0), hflip=hflip, auto_augment=auto_augment,
+                    re_prob=re_prob, interpolation=spec["interpolation"])
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-manifest["splits"]["train"]["count"] // batch_size)
+    scheduler = CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch, lr_min=lr * 1e-2,
+                                  warmup_t=int(warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 1e-2,
+                                  t_in_epochs=False)
+    config_key = stable_hash({"spec": spec, "data": manifest["fingerprint"], "plan": plan.to_dict(), "epochs": epochs,
+                              "batch_size": batch_size, "lr": lr, "wd": weight_decay, "ls": label_smoothing,
+                              "origin": origin})
+    resume = out_dir / RESUME
+    start = _load_resume(resume, model, optimizer, config_key)
+    if start:
+        _logger.warning("resuming teacher '%s' fine-tuning after epoch %d", spec["name"], start)
+
+    started = time.time()
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=f"finetune {spec['name']}",
+               unit="step", disable=quiet)
+    loss_avg = float("nan")
+    for epoch in range(start, epochs):
+        model.train()
+        loader = student_loader(shard_dir, "train", plan, num_views=epochs, size=size, mean=spec["mean"],
+                                std=spec["std"], batch_size=batch_size, seed=seed, epoch=epoch, workers=workers)
+        for step, batch in enumerate(loader):
+            loss = F.cross_entropy(model(batch["image"]), batch["label"], label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            loss_avg = loss.item() if loss_avg != loss_avg else 0.9 * loss_avg + 0.1 * loss.item()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_avg:.3f}", refresh=False)
+        _save_resume(resume, model, optimizer, epoch + 1, config_key)
+    bar.close()
+
+    val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
+                      interpolation=spec["interpolation"], batch_size=128, workers=workers)
+    logits, labels = predict(model, val, quiet=quiet, desc="val")
+    acc = topk_accuracy(logits, labels)
+    atomic_write_bytes(out_dir / WEIGHTS, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+    tuned = {k: v for k, v in spec.items() if k != "pretrained"}
+    tuned.update(pretrained=False, weights=str(out_dir / WEIGHTS), num_classes=num_classes, input_size=size,
+                 description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
+                             f"({epochs} epochs from {origin}; val top-1 {acc[1]:.2f}%)")
+    atomic_write_bytes(out_dir / SPEC, yaml.safe_dump(tuned, sort_keys=False).encode())
+    metrics = {"teacher": spec["name"], "dataset": manifest["dataset"], "epochs": epochs, "init": origin,
+               "train_loss": loss_avg, "val_top1": acc[1], "val_top5": acc[5],
+               "seconds": round(time.time() - started, 1)}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    resume.unlink(missing_ok=True)
+    return metrics
+
