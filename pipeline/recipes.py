@@ -66,9 +66,10 @@ class Recipe:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
-# Field -> its plain type (Optional[X] -> X).
-TYPES = {k: next(a for a in typing.get_args(t) or (t,) if a is not type(None))
-         for k, t in typing.get_type_hints(Recipe).items()}
+HINTS = typing.get_type_hints(Recipe)
+# Field -> its plain type (Optional[X] -> X); NULLABLE: the Optional ones.
+TYPES = {k: next(a for a in typing.get_args(t) or (t,) if a is not type(None)) for k, t in HINTS.items()}
+NULLABLE = {k for k, t in HINTS.items() if type(None) in typing.get_args(t)}
 
 
 def parse_overrides(items) -> dict:
@@ -106,7 +107,7 @@ def load_recipe(name_or_path: str, overrides=None) -> Recipe:
 
 def _coerce(where, key, value):
     if value is None:
-        if FIELDS[key].default is not None:
+        if key not in NULLABLE:
             raise UserError(f"{where}: '{key}' cannot be null")
         return None
     kind = TYPES[key]
@@ -130,8 +131,7 @@ def _validate(where, r: Recipe) -> None:
     check(r.tau > 0, f"tau must be > 0, got {r.tau}")
     check(0 <= r.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {r.label_smoothing}")
     check(r.sched in SCHEDULES, f"sched must be one of {', '.join(SCHEDULES)}, got '{r.sched}'")
-    check(0 <= r.warmup_epochs < r.epochs or r.warmup_epochs == 0,
-          f"warmup_epochs must be in [0, epochs), got {r.warmup_epochs}")
+    check(r.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {r.warmup_epochs}")
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
     check(r.num_branches is None or 1 <= r.num_branches <= 5, f"num_branches must be in 1..5, got {r.num_branches}")
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")

@@ -310,7 +310,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                 row["ema_top1"], row["ema_top5"] = evaluate(ema.module, val, device, channels_last)
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
-            state = {"epoch": epoch + 1, "step": step, "history": history, "run": run_id}
+            state = {"epoch": epoch + 1, "step": step, "world_size": world, "history": history, "run": run_id}
             parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
             if ema:
                 parts["ema"] = ema.module.state_dict()

@@ -1,0 +1,168 @@
+"""Student training: learning, exact resume, refusals, DDP equality, the CLI stage."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import pipeline.train as train_mod
+from pipeline.checkpoint import load_checkpoint
+from pipeline.errors import UserError
+from pipeline.recipes import load_recipe
+from pipeline.train import train
+from stages.cli import main as cli
+from tests._student_helpers import PLAN, STUDENT, make_shards, make_store
+
+QUICK = {"epochs": 4, "batch_size": 16, "lr": 2e-2, "warmup_epochs": 0, "ema_decay": 0.9,
+         "num_branches": None, "scale_branch": None, "img_size": 64}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    make_shards(root / "shards")
+    store = make_store(root / "shards", root / "teach")
+    return root, store
+
+
+def rows(out):
+    with open(Path(out) / "plots.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_kd_run_learns_and_writes_outputs(data, tmp_path):
+    root, store = data
+    recipe = load_recipe("demo", {**QUICK, "epochs": 5})
+    last = train(STUDENT, recipe, root / "shards", tmp_path, [store], ["t1"], quiet=True)
+    history = rows(tmp_path)
+    kd = [float(r["kd"]) for r in history]
+    assert kd[-1] < 0.6 * kd[0], kd
+    assert last["top1"] >= 60 or last["ema_top1"] >= 60, last  # 4 classes: chance is 25 %
+    info = json.loads((tmp_path / "student.json").read_text())
+    assert info["teachers"] == ["t1"] and info["num_classes"] == 4 and info["recipe"]["name"] == "demo"
+    assert info["view_plan"] == PLAN.to_dict() and info["num_views"] == 2
+    weights = load_file(tmp_path / info["weights"])
+    assert set(weights) == set(load_file(tmp_path / "model.safetensors"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epoch"] == 5 and metrics["val"]["top1"] == last["top1"]
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5]
+
+
+def test_resume_replays_the_uninterrupted_run(data, tmp_path, monkeypatch):
+    root, store = data
+    recipe = load_recipe("demo", {**QUICK, "epochs": 3, "mixup": 0.4})
+    train(STUDENT, recipe, root / "shards", tmp_path / "full", [store], ["t1"], quiet=True)
+
+    real_save, calls = train_mod.save_checkpoint, []
+
+    def crash_after_first_epoch(*args):
+        real_save(*args)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(STUDENT, recipe, root / "shards", tmp_path / "cut", [store], ["t1"], quiet=True)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["state"]["epoch"] == 1
+    train(STUDENT, recipe, root / "shards", tmp_path / "cut", [store], ["t1"], resume=True, quiet=True)
+
+    full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
+    for a, b in zip(full, cut, strict=True):
+        for key in ("loss", "ce", "kd", "lr", "top1", "ema_top1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-6), (key, a, b)
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
+        assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
+def test_resume_refuses_another_recipe(data, tmp_path):
+    root, store = data
+    train(STUDENT, load_recipe("demo", {**QUICK, "epochs": 1}), root / "shards", tmp_path, [store], ["t1"],
+          quiet=True)
+    with pytest.raises(UserError, match="different run"):
+        train(STUDENT, load_recipe("demo", {**QUICK, "epochs": 1, "alpha": 0.9}), root / "shards", tmp_path,
+              [store], ["t1"], resume=True, quiet=True)
+
+
+def test_refuses_a_store_for_other_shards_or_views(data, tmp_path):
+    root, _ = data
+    other = make_store(root / "shards", tmp_path / "teach", name="other", fingerprint="0123456789abcdef")
+    with pytest.raises(UserError, match="0123456789abcdef") as err:
+        train(STUDENT, load_recipe("demo", QUICK), root / "shards", tmp_path / "out", [other], ["other"], quiet=True)
+    assert "re-run `pipeline teach`" in str(err.value)
+    # A recipe asking for other views than the store holds is named with both values.
+    with pytest.raises(UserError, match=r"re_prob=0\.5.*re_prob=0\.25"):
+        train(STUDENT, load_recipe("demo", {**QUICK, "re_prob": 0.5}), root / "shards", tmp_path / "out",
+              [data[1]], ["t1"], quiet=True)
+    # Two stores of different view plans cannot be ensembled.
+    shifted = make_store(root / "shards", tmp_path / "teach", name="shifted", plan=PLAN.__class__(seed=1, size=64))
+    with pytest.raises(UserError, match="view plan"):
+        train(STUDENT, load_recipe("demo", QUICK), root / "shards", tmp_path / "out", [data[1], shifted],
+              ["t1", "shifted"], quiet=True)
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+def test_refuses_small_ghostnet_inputs_and_missing_stores(data, tmp_path):
+    root, store = data
+    ghost = {**STUDENT, "model": "rep_ghostnetv3_050"}
+    with pytest.raises(UserError, match="at least 64 px"):
+        train(ghost, load_recipe("demo", {**QUICK, "img_size": 32}), root / "shards", tmp_path, [store], ["t1"])
+    with pytest.raises(UserError, match="needs teacher stores"):
+        train(STUDENT, load_recipe("demo", QUICK), root / "shards", tmp_path, [], [])
+
+
+def test_cli_plain_ce_ensemble_and_errors(data, tmp_path):
+    """The stage end to end: a rep GhostNetV3 student, two teachers (ensemble), params from the CLI."""
+    root, _ = data
+    make_store(root / "shards", root / "teach", name="t2", seed=1)
+    student = tmp_path / "ghost.yaml"
+    student.write_text(json.dumps({**STUDENT, "model": "rep_ghostnetv3_050"}))
+    args = ["student", "--student", str(student), "--teachers", "t1,t2", "--teacher-weights", "2,1",
+            "--recipe", "demo", "--shards", str(root / "shards"), "--teach-dir", str(root / "teach"),
+            "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "16", "--num-branches", "2",
+            "--no-scale-branch", "--set", "ema_decay=null", "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "out" / "student.json").read_text())
+    assert info["model_kwargs"] == {"num_branches": 2, "scale_branch": False}
+    assert info["teachers"] == ["t1", "t2"] and info["teacher_weights"] == [2.0, 1.0]
+    assert info["weights"] == "model.safetensors" and not (tmp_path / "out" / "ema.safetensors").exists()
+
+    bad = CliRunner().invoke(cli, args[:-1] + ["--alpha", "1.5"])
+    assert bad.exit_code == 2 and "alpha must be in [0, 1]" in bad.output
+    missing = CliRunner().invoke(cli, [a if a != "t1,t2" else "t1,nope" for a in args])
+    assert missing.exit_code == 2 and "nope.json" in missing.output
+
+
+def test_ddp_two_processes_equal_one(data, tmp_path):
+    """torchrun, 2 gloo ranks x 8 == 1 rank x 16 (a LayerNorm model: BN statistics are per rank on CPU)."""
+    root, _ = data
+    student = tmp_path / "convnext.yaml"
+    student.write_text(json.dumps({**STUDENT, "model": "test_convnext"}))
+    common = ["student", "--student", str(student), "--teachers", "t1", "--recipe", "demo",
+              "--shards", str(root / "shards"), "--teach-dir", str(root / "teach"), "--epochs", "2",
+              "--batch-size", "16", "--lr", "0.01", "--warmup-epochs", "0", "--quiet",
+              "--set", "num_branches=null", "--set", "scale_branch=null"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = str(Path(sys.executable).parent / "pipeline")  # the console script
+    one = subprocess.run([sys.executable, script] + common + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29531", script] + common + ["--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "state.json").read_text())["world_size"] == 2
+    for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
+        for key in ("loss", "ce", "kd"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), (key, a, b)
+    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
