@@ -170,3 +170,15 @@ def test_ghostnet_rejects_too_small_inputs():
     with pytest.raises(ValueError, match="too small"):
         model(torch.zeros(1, 3, 32, 32))
     assert model(torch.zeros(1, 3, 40, 40)).shape == (1, 10)
+
+
+def test_student_manifests_build_their_models():
+    from pipeline.manifests import MANIFEST_ROOT, load_spec
+
+    names = sorted(p.stem for p in (MANIFEST_ROOT / "students").glob("*.yaml"))
+    assert len(names) == len(MODELS)
+    assert {load_spec("students", n)["model"] for n in names} == set(MODELS)
+    spec = load_spec("students", "ghostnetv3-100")
+    assert {"name", "model", "model_kwargs", "input_size", "mean", "std", "crop_pct", "interpolation"} <= set(spec)
+    model = timm.create_model(spec["model"], num_classes=3, **spec["model_kwargs"])
+    assert len(model.blocks[1][0].ghost1.primary_conv[0].convs) == spec["model_kwargs"]["num_branches"]
