@@ -8,7 +8,7 @@ import torch
 from timm.data import create_transform
 
 from _data_helpers import synthetic_shards
-from pipeline.data.loaders import epoch_view, eval_loader, student_loader, teacher_loader
+from pipeline.data.loaders import epoch_views, eval_loader, student_loader, teacher_loader
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
@@ -55,6 +55,15 @@ def test_teacher_loader_two_ranks_two_workers_cover_everything_once(shard_dir):
     assert seen == [(i, v) for i in range(n) for v in range(views)]  # sample-major, view-minor, in order
 
 
+def test_teacher_batches_do_not_depend_on_worker_count(shard_dir):
+    def run(workers, batch_size):
+        batches = teacher_loader(shard_dir, "train", PLAN, 2, range(7), 48, batch_size, workers=workers)
+        return torch.cat([b["image"] for b in batches]), torch.cat([b["params"] for b in batches])
+
+    (a, pa), (b, pb) = run(0, 5), run(2, 3)
+    assert torch.equal(a, b) and torch.equal(pa, pb) and a.shape == (14, 3, 48, 48)
+
+
 def test_teacher_batches_replay_from_params(shard_dir):
     reader = ShardReader(shard_dir, "train")
     batch = next(iter(teacher_loader(shard_dir, "train", PLAN, 2, [5, 2], 64, 4)))
@@ -77,7 +86,7 @@ def test_student_views_cover_all_views_over_epochs(shard_dir):
                 per_sample[i].append(v)
         assert sorted(order) == list(range(18)) and order != list(range(18))
     assert all(sorted(v) == list(range(views)) for v in per_sample.values())
-    assert epoch_view(1, 4, "k", 3) == epoch_view(1, 1, "k", 3)
+    assert epoch_views(1, 4, ["k"], 3) == epoch_views(1, 1, ["k"], 3)
 
 
 def test_student_ranks_split_global_batches(shard_dir):

@@ -105,6 +105,10 @@ def test_corrupt_image_errors_or_is_skipped(tmp_path):
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0"])
     assert result.exit_code == 2 and "bad.png" in result.output and "--on-bad-image skip" in result.output
     assert not (tmp_path / "o").exists()
+    previous = synthetic_shards(tmp_path / "prev")
+    _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "prev"), "--val-fraction", "0"])
+    assert read_manifest(tmp_path / "prev") == previous  # a failed run leaves the old output intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev", "src"]  # and no temp dirs
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0",
                      "--on-bad-image", "skip", "--quiet"])
     assert result.exit_code == 0, result.output

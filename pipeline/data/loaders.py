@@ -22,9 +22,9 @@ from pipeline.errors import UserError
 
 
 class _Batches(Dataset):
-    """Item b = the batch built by `build(reader, rows)` from rows[b] (an int64 array [B, 2])."""
+    """Item b = the batch built by `build(reader, rows[b])` (rows[b]: int64 [B, 2] index, view)."""
 
-    def __init__(self, reader: ShardReader, rows: list[np.ndarray], build):
+    def __init__(self, reader: ShardReader, rows, build):
         self.reader, self.rows, self.build = reader, rows, build
 
     def __len__(self) -> int:
@@ -40,9 +40,32 @@ def _loader(reader, rows, build, workers) -> DataLoader:
 
 
 def _chunks(pairs: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    _check_batch_size(batch_size)
+    return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
+
+
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SampleMajorRows:
+    """Batch b of the flat (i, v) sequence, i over `indices`, v over range(V); built on demand
+    (N x V rows of a large dataset need not sit in memory)."""
+
+    indices: np.ndarray
+    num_views: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) * self.num_views // self.batch_size)
+
+    def __getitem__(self, b: int) -> np.ndarray:
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        t = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(self.indices) * self.num_views))
+        return np.stack([self.indices[t // self.num_views], t % self.num_views], 1)
 
 
 def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int):
@@ -109,17 +132,18 @@ def teacher_loader(shard_dir, split, plan: ViewPlan, num_views: int, indices, si
                    batch_size: int, workers: int = 0) -> DataLoader:
     """Every (i in indices, v in range(num_views)) exactly once, sample-major, as uint8 batches."""
     reader = ShardReader(shard_dir, split)
-    indices = _check_indices(indices, len(reader))
-    pairs = np.stack([np.repeat(indices, num_views), np.tile(np.arange(num_views), len(indices))], 1)
+    _check_batch_size(batch_size)
+    rows = _SampleMajorRows(_check_indices(indices, len(reader)), int(num_views), int(batch_size))
+    return _loader(reader, rows, _TeacherBatch(plan, size), workers)
 
-    return _loader(reader, _chunks(pairs, batch_size), _TeacherBatch(plan, size), workers)
 
-
-def epoch_view(seed: int, epoch: int, key: str, num_views: int) -> int:
-    """The view a sample uses in `epoch`: a seeded per-key permutation of range(V), so V epochs use all."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    order = np.random.default_rng(int.from_bytes(digest, "little")).permutation(num_views)
-    return int(order[epoch % num_views])
+def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
+    """The view each key uses in `epoch`: (key offset + seeded permutation of the epoch phase) mod V,
+    a per-key permutation of range(V) over any V consecutive epochs, so all V views get used."""
+    offsets = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}\x00{k}".encode(), digest_size=8).digest(),
+                                          "little") % num_views for k in keys), dtype=np.int64, count=len(keys))
+    phase = np.random.default_rng([seed, num_views]).permutation(num_views)[epoch % num_views]
+    return (offsets + phase) % num_views
 
 
 def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, mean, std,
@@ -132,7 +156,7 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
     reader = ShardReader(shard_dir, split)
     perm = np.random.default_rng([seed, epoch]).permutation(len(reader))
     perm = perm[: len(perm) // world_size * world_size][rank::world_size]
-    views = np.array([epoch_view(seed, epoch, reader.key(int(i)), num_views) for i in perm], dtype=np.int64)
+    views = epoch_views(seed, epoch, [reader.keys[i] for i in perm], num_views)
     rows = _chunks(np.stack([perm, views], 1), batch_size)
     if drop_last and rows and len(rows[-1]) < batch_size:
         rows = rows[:-1]

@@ -189,13 +189,15 @@ class ShardReader:
             if not path.is_file():
                 raise UserError(f"shard {path} listed in the manifest is missing; re-run `pipeline shard`")
             self.paths.append(path)
-            for key, members in index_tar(path):
-                image_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
-                if image_ext is None or "cls" not in members:
-                    raise UserError(f"sample '{key}' in {path} lacks an image or a cls entry")
-                keys.append(key)
-                loc.append((len(self.paths) - 1, *members[image_ext]))
-                labels.append(int(read_range(path, *members["cls"])))
+            with open(path, "rb") as f:
+                for key, members in index_tar(path):
+                    image_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+                    if image_ext is None or "cls" not in members:
+                        raise UserError(f"sample '{key}' in {path} lacks an image or a cls entry")
+                    keys.append(key)
+                    loc.append((len(self.paths) - 1, *members[image_ext]))
+                    f.seek(members["cls"][0])
+                    labels.append(int(f.read(members["cls"][1])))
         if len(keys) != manifest["splits"][split]["count"]:
             raise UserError(f"{self.shard_dir}: split {split} holds {len(keys)} samples but the manifest "
                             f"says {manifest['splits'][split]['count']}; re-run `pipeline shard`")
