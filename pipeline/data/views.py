@@ -10,7 +10,7 @@ Layout of the vector (P = 6 + 2 * layers + 4 * erase boxes + 1), every slot on a
     [0:4]   crop: area in the scale range, log-ratio in the ratio range, x and y position (0..GRID)
     [4]     horizontal flip (0/1)
     [5]     number of RandAugment layers applied (those not skipped by the op's probability)
-    then per layer: op code (1 + 2 * op index + negated) or 0 if skipped; magnitude * 100
+    then per layer: op code (1 + 2 * op index + negated) or 0 if skipped; magnitude * 10
     then per erase box: x0, y0, w, h as fractions of the output (0..GRID), all 0 if unused
     [-1]    noise seed of the erased pixels (0 when nothing is erased)
 Unused slots are zero, which keeps the compressed store small.
@@ -31,8 +31,9 @@ from timm.data.transforms import str_to_pil_interp
 from pipeline.errors import UserError
 from pipeline.io import stable_hash
 
-GRID = 4095  # fractions (crop, position, erase boxes) are stored as q / GRID: 12 bits, ample at 224 px
-MAG_SCALE = 100  # RandAugment magnitudes are stored as round(m * 100)
+GRID = 1023  # fractions (crop, position, erase boxes) are stored as q / GRID: 10 bits, < 0.5 px at 500 px
+MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degrees of rotation a step
+PARAMS_LAYOUT = 1  # part of the plan hash: a new layout never reads stores written with an old one
 ERASE_AREA = (0.02, 1 / 3)  # timm RandomErasing defaults (fraction of the image)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 ERASE_FILL = (124, 116, 104)  # ImageNet mean in uint8, timm's fill for geometric ops and const erase
@@ -90,7 +91,7 @@ class ViewPlan:
         return cls(**d)
 
     def hash(self) -> str:
-        return stable_hash(self.to_dict())
+        return stable_hash({**self.to_dict(), "params_layout": PARAMS_LAYOUT})
 
     @property
     def num_layers(self) -> int:
