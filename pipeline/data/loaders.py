@@ -9,14 +9,16 @@ its views in the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.shards import ShardReader
+from pipeline.data.shards import MANIFEST, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
 
@@ -32,6 +34,18 @@ class _Batches(Dataset):
 
     def __getitem__(self, b: int) -> dict:
         return self.build(self.reader, self.rows[b])
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_reader(shard_dir: str, split: str, manifest_stamp: tuple) -> ShardReader:
+    return ShardReader(shard_dir, split)
+
+
+def _reader(shard_dir, split: str) -> ShardReader:
+    """One tar index per split, reused by the loaders of every epoch until the manifest changes."""
+    manifest = Path(shard_dir).resolve() / MANIFEST
+    stamp = (manifest.stat().st_mtime_ns, manifest.stat().st_size) if manifest.is_file() else ()
+    return _cached_reader(str(manifest.parent), split, stamp)
 
 
 def _loader(reader, rows, build, workers) -> DataLoader:
@@ -131,7 +145,7 @@ def _check_indices(indices: np.ndarray, n: int) -> np.ndarray:
 def teacher_loader(shard_dir, split, plan: ViewPlan, num_views: int, indices, size: int,
                    batch_size: int, workers: int = 0) -> DataLoader:
     """Every (i in indices, v in range(num_views)) exactly once, sample-major, as uint8 batches."""
-    reader = ShardReader(shard_dir, split)
+    reader = _reader(shard_dir, split)
     _check_batch_size(batch_size)
     rows = _SampleMajorRows(_check_indices(indices, len(reader)), int(num_views), int(batch_size))
     return _loader(reader, rows, _TeacherBatch(plan, size), workers)
@@ -153,7 +167,7 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
     global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees)."""
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
-    reader = ShardReader(shard_dir, split)
+    reader = _reader(shard_dir, split)
     perm = np.random.default_rng([seed, epoch]).permutation(len(reader))
     perm = perm[: len(perm) // world_size * world_size][rank::world_size]
     views = epoch_views(seed, epoch, [reader.keys[i] for i in perm], num_views)
@@ -168,7 +182,7 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
 def eval_loader(shard_dir, split, size: int, crop_pct: float, mean, std, interpolation: str,
                 batch_size: int, workers: int = 0) -> DataLoader:
     """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), normalised."""
-    reader = ShardReader(shard_dir, split)
+    reader = _reader(shard_dir, split)
     transform = create_transform(input_size=size, is_training=False, interpolation=interpolation,
                                  mean=tuple(mean), std=tuple(std), crop_pct=crop_pct)
     indices = np.arange(len(reader), dtype=np.int64)
