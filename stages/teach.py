@@ -9,21 +9,25 @@ from pipeline.errors import UserError
 from pipeline.store import DEFAULT_VALUES
 
 
-def load_plan(value):
-    """A view plan from params.yaml (a mapping), a YAML file path, or the defaults."""
-    from pipeline.data.views import ViewPlan
+class PlanParam(click.ParamType):
+    """A view plan: a YAML file of ViewPlan fields, or (from params.yaml) the mapping itself."""
 
-    if value is None or value == "":
-        return ViewPlan()
-    if isinstance(value, dict):
-        return ViewPlan.from_dict(value)
-    path = Path(value)
-    if not path.is_file():
-        raise UserError(f"--plan {path}: file not found; give a YAML mapping of view plan fields")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
-    return ViewPlan.from_dict(data.get("plan", data))
+    name = "plan"
+
+    def convert(self, value, param, ctx):
+        from pipeline.data.views import ViewPlan
+
+        if isinstance(value, ViewPlan):
+            return value
+        if isinstance(value, dict):
+            return ViewPlan.from_dict(value)
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"--plan {path}: file not found; give a YAML mapping of view plan fields")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
+        return ViewPlan.from_dict(data.get("plan", data))
 
 
 @click.command(context_settings={"show_default": True})
@@ -31,10 +35,10 @@ def load_plan(value):
 @click.option("--shards", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Shard directory written by `pipeline shard` (holds manifest.json).")
 @click.option("--split", default="train", help="Split of the shards to run over.")
-@click.option("--plan", "plan", default=None,
+@click.option("--plan", "plan", type=PlanParam(), default=None,
               help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
                    "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
-@click.option("--views", "num_views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
+@click.option("--views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
@@ -53,16 +57,17 @@ def load_plan(value):
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
+def command(teacher, shards, split, plan, views, k, batch_size, device, amp, channels_last, workers, store_root,
             out, weights, values, shard_rows, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
 
     Resumable: rerun the same command after an interruption. A finished store is reported as up to
     date without running the teacher. Under torchrun, ranks share the work.
     """
+    from pipeline.data.views import ViewPlan
     from pipeline.teach import teach
 
-    teach(teacher=teacher, shards=shards, split=split, plan=load_plan(plan), num_views=num_views, k=k,
+    teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
           weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last, quiet=quiet,
           log=click.echo)

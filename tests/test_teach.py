@@ -144,3 +144,15 @@ def test_offline_without_cached_weights_exits_2_with_one_line(setup):
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: teacher 'hub'") and "weights" in lines[0], done.stderr
+
+
+def test_options_and_view_plan_come_from_params_yaml(setup):
+    tmp, spec, shards, _ = setup
+    params = tmp / "params.yaml"
+    params.write_text(f"teach:\n  teacher: {spec}\n  shards: {shards}\n  views: 1\n  k: 2\n  device: cpu\n"
+                      f"  store_root: {tmp / 'from-params'}\n  out: {tmp / 'from-params'}\n  quiet: true\n"
+                      "  plan:\n    seed: 3\n    size: 64\n    auto_augment: rand-m5\n")
+    result = CliRunner().invoke(main, ["--params", str(params), "teach"])
+    assert result.exit_code == 0, result.output
+    store = open_pointer(tmp / "from-params" / "tiny.json")
+    assert (store.num_views, store.k, store.plan["seed"], store.plan["auto_augment"]) == (1, 2, 3, "rand-m5")
