@@ -75,7 +75,7 @@ def decode_image(data: bytes, origin: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img if img.mode == "RGB" else img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise UserError(f"corrupt or unreadable image {origin}: {err}; fix or remove it, "
                         "or pass --on-bad-image skip") from None
 
@@ -86,9 +86,11 @@ def read_manifest(shard_dir) -> dict:
         raise UserError(f"no {MANIFEST} in {shard_dir}; create the shards with `pipeline shard --out {shard_dir}`")
     try:
         manifest = json.loads(path.read_text())
-        manifest["splits"], manifest["classes"]  # noqa: B018  (required fields)
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is corrupt ({err!r}); re-run `pipeline shard` to rewrite it") from None
+    except ValueError as err:
+        raise UserError(f"{path} is corrupt ({err}); re-run `pipeline shard` to rewrite it") from None
+    missing = [k for k in ("classes", "splits", "fingerprint") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{path} is corrupt (no {', '.join(missing)}); re-run `pipeline shard` to rewrite it")
     return manifest
 
 
