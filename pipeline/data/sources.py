@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, index_tar, read_manifest, read_range
 from pipeline.errors import UserError
 
-VAL_NAMES = re.compile(r"^(val|valid|validation|test)\b|^(val|valid|validation|test)[-_.]")
+VAL_NAMES = re.compile(r"^(val|valid|validation|test)[-_.]")  # shard names of a held-out split
 
 
 def _rank(seed: int, key: str) -> bytes:
@@ -139,7 +139,8 @@ def webdataset_shards(pattern: str, val_fraction: float, seed: int):
                 label = int(read_range(path, *members["cls"]))
             except ValueError:
                 raise UserError(f"sample '{key}' in {path}: cls is not an integer") from None
-            splits[split].append(Sample(key, label, ext, f"{path}:{key}.{ext}", partial(read_range, path, *members[ext])))
+            read = partial(read_range, path, *members[ext])
+            splits[split].append(Sample(key, label, ext, f"{path}:{key}.{ext}", read))
     num_classes = 1 + max((s.label for samples in splits.values() for s in samples), default=-1)
     classes = [str(c) for c in range(num_classes)]
     if (paths[0].parent / MANIFEST).is_file():  # shards we wrote before: keep their class names

@@ -114,7 +114,8 @@ def _rand_augment(spec, size, interpolation):
     try:
         ra = rand_augment_transform(spec, hparams)
     except (AssertionError, ValueError) as err:
-        raise UserError(f"bad RandAugment spec '{spec}' ({err or 'unknown section'}); see timm's rand_augment_transform") from None
+        raise UserError(f"bad RandAugment spec '{spec}' ({err or 'unknown section'}); "
+                        "see timm's rand_augment_transform for the syntax") from None
     if any((op.magnitude_max or 10) > 10 for op in ra.ops):
         raise UserError(f"RandAugment spec '{spec}': mmax above 10 is not supported for replayable views")
     return ra
