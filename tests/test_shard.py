@@ -147,6 +147,8 @@ def test_webdataset_source_verifies_and_reshards(tmp_path):
     again = read_manifest(tmp_path / "b")["splits"]["train"]
     assert again["shards"] == first["shards"] and again["fingerprint"] == first["fingerprint"]
     assert read_manifest(tmp_path / "b")["classes"] == ["class0", "class1", "class2"]
+    _, _, splits = sources.webdataset_shards(f"{tmp_path}/a/{{train,val}}-000000.tar", 0.5, 0)
+    assert [len(splits["train"]), len(splits["val"])] == [5, 5]  # val-*.tar is the val split, not a split-off
     result = _shard(["--source", f"webdataset:{tmp_path}/a/train-{{000000..000009}}.tar", "--out",
                      str(tmp_path / "c")])
     assert result.exit_code == 2 and "missing shard" in result.output
