@@ -71,6 +71,12 @@ def teacher_target(topk_logits, topk_indices, lse, num_classes: int, tau: float 
     return SoftTarget(probs, known)
 
 
+def dense_target(teacher_logits, tau: float = 1.0) -> SoftTarget:
+    """Target from a teacher's full logits (online KD, or a dense reference): every class known."""
+    probs = F.softmax(teacher_logits.float() / tau, dim=1)
+    return SoftTarget(probs, torch.ones_like(probs, dtype=torch.bool))
+
+
 def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None) -> SoftTarget:
     """Weighted mean of several teachers' probabilities; `stored` is [(topk_logits, topk_indices, lse)]."""
     weights = [1.0] * len(stored) if weights is None else list(weights)

@@ -3,9 +3,8 @@
 import numpy as np
 import torch
 
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, view_params
-from pipeline.data.shards import ShardReader
 from pipeline.store import create_or_open, encode_topk, open_store, store_key, write_pointer
 from tests._data_helpers import synthetic_shards
 
