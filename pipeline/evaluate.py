@@ -86,3 +86,92 @@ def speed(runners: dict, size: int, runs: int = 100, batch: int = 32) -> dict:
         "latency_ms": {name: latency_ms(fn, one, runs=runs) for name, fn in runners.items()},
         f"throughput_b{batch}": {name: throughput(fn, many) for name, fn in runners.items()},
     }
+
+
+def recipe_summary(info: dict) -> str:
+    """One line saying what the student's recipe did: KD or not, branches, schedule."""
+    recipe, kwargs = info.get("recipe") or {}, info.get("model_kwargs") or {}
+    teachers = info.get("teachers") or []
+    alpha = recipe.get("alpha", 0)
+    kd = f"KD a={alpha:g} tau={recipe.get('tau', 1):g}" if alpha and teachers else "labels only"
+    branches = kwargs.get("num_branches")
+    if branches is None:
+        rep = "stock"
+    elif branches == 1 and not kwargs.get("scale_branch", True):
+        rep = "no re-param"
+    else:
+        rep = f"N={branches}" + ("+1x1" if kwargs.get("scale_branch", True) else "")
+    parts = [kd, rep]
+    if recipe.get("epochs"):
+        parts.append(f"{recipe['epochs']} ep {recipe.get('opt', '')}".strip())
+    return f"{recipe.get('name', '?')}: " + ", ".join(parts)
+
+
+def teacher_agreement(logits, shard_dir, teachers, teach_dir, batch_size: int, quiet: bool):
+    """Top-1 agreement (%) with each teacher on val; a teacher that cannot be loaded is skipped with a note."""
+    from pipeline.data.loaders import eval_loader
+    from pipeline.errors import UserError
+    from pipeline.store import open_pointer
+    from pipeline.teachers import load_teacher
+
+    scores, notes = {}, {}
+    for name in teachers:
+        try:
+            if teach_dir is None:
+                raise UserError("no --teach-dir given")
+            spec = open_pointer(f"{teach_dir}/{name}.json").provenance["teacher"]
+            teacher, _ = load_teacher(spec)
+        except UserError as err:
+            scores[name], notes[name] = None, f"skipped: {err}"
+            continue
+        val = eval_loader(shard_dir, "val", size=spec["input_size"], crop_pct=spec["crop_pct"], mean=spec["mean"],
+                          std=spec["std"], interpolation=spec["interpolation"], batch_size=batch_size)
+        teacher_logits, _ = predict(teacher, val, quiet=quiet, desc=f"teacher {name}")
+        scores[name] = agreement(logits, teacher_logits)
+    return scores, notes
+
+
+def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, latency_runs: int = 100, batch: int = 32,
+                   batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> dict:
+    """Every figure of one deployed student, as the DVC metrics dict `pipeline evaluate` writes.
+
+    `threads` fixes the CPU threads of torch and onnxruntime for the speed figures (1 gives steady
+    numbers on a shared machine); None keeps the libraries' defaults (all cores).
+    """
+    from pathlib import Path
+
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.shards import read_manifest
+    from pipeline.fuse import ONNX, load_fused
+    from pipeline.models import count_params_macs
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, info = load_fused(fused_dir)
+    manifest = read_manifest(shard_dir)
+    if manifest["num_classes"] != info["num_classes"]:
+        from pipeline.errors import UserError
+
+        raise UserError(f"{fused_dir} predicts {info['num_classes']} classes but {shard_dir} has "
+                        f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
+    size = int(info["input_size"])
+    val = eval_loader(shard_dir, "val", size=size, crop_pct=info["crop_pct"], mean=info["mean"], std=info["std"],
+                      interpolation=info["interpolation"], batch_size=batch_size)
+    logits, labels = predict(model, val, quiet=quiet, desc=info["student"])
+    acc = topk_accuracy(logits, labels)
+    params, macs = count_params_macs(model, size)
+    scores, notes = teacher_agreement(logits, shard_dir, info["teachers"], teach_dir, batch_size, quiet)
+    runners = {"torch": torch_runner(model)}
+    onnx_path = Path(fused_dir) / ONNX
+    if onnx_path.is_file():
+        runners["onnx"] = onnx_runner(onnx_path, threads)
+    timing = speed(runners, size, runs=latency_runs, batch=batch)
+    return {
+        "student": info["student"], "model": info["model"], "stock_model": info["stock_model"],
+        "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
+        "top1": acc[1], "top5": acc[5], "params": params, "macs": macs,
+        "training_form": info.get("training_form"), "fused_check": info.get("fused_check"),
+        "onnx_check": info.get("onnx_check"), **timing, "latency_runs": latency_runs,
+        "torch_threads": torch.get_num_threads(), "teachers": info["teachers"], "teacher_agreement": scores,
+        **({"teacher_notes": notes} if notes else {}), "recipe_summary": recipe_summary(info),
+    }

@@ -1,0 +1,166 @@
+"""Turn a trained re-parameterized student into its deployable form, and prove it computes the same.
+
+The training-form checkpoint is folded (pipeline.models.to_stock: every RepConvBN -> one conv) into
+the STOCK architecture (GhostNetV3 -> timm GhostNetV2, MobileNetV2 -> timm mobilenetv2), compared
+with the training form on real validation images, and written as safetensors that load strictly into
+the stock model, plus an ONNX file checked against torch with onnxruntime. Nothing is written when a
+check fails.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from pipeline.data.loaders import eval_loader
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, atomic_write_json
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINTS = ("ema", "model", "best")
+FUSED = "fused.safetensors"
+ONNX = "model.onnx"
+INFO = "fuse.json"
+
+
+def read_student(student_dir) -> dict:
+    path = Path(student_dir) / "student.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {student_dir} is not a finished student; run `pipeline student --out "
+                        f"{student_dir}` first")
+    return json.loads(path.read_text())
+
+
+def load_trained_student(student_dir, checkpoint: str = "ema"):
+    """(training-form model in eval mode, student.json, checkpoint file used).
+
+    `checkpoint`: ema (the default; model.safetensors when the run kept no EMA), model, or best (the
+    one student.json names, i.e. the better of the two on the validation split).
+    """
+    import timm
+
+    import pipeline.models  # noqa: F401  (registers the rep students in timm)
+
+    if checkpoint not in CHECKPOINTS:
+        raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    student_dir = Path(student_dir)
+    info = read_student(student_dir)
+    name = info.get("weights", "model.safetensors") if checkpoint == "best" else f"{checkpoint}.safetensors"
+    path = student_dir / name
+    if checkpoint == "ema" and not path.is_file() and (student_dir / "model.safetensors").is_file():
+        _logger.warning("%s has no EMA weights (EMA off in its recipe); fusing model.safetensors", student_dir)
+        path = student_dir / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} not found; re-run `pipeline student --out {student_dir}`")
+    model = timm.create_model(info["model"], num_classes=info["num_classes"], **(info.get("model_kwargs") or {}))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit {info['model']} {info.get('model_kwargs')} "
+                        f"({str(err).splitlines()[0]}); was student.json edited?") from None
+    return model.eval(), info, path
+
+
+def validation_images(shard_dir, info: dict, count: int) -> torch.Tensor:
+    """The first `count` validation images, preprocessed exactly as the student sees them at eval."""
+    loader = eval_loader(shard_dir, "val", size=info["input_size"], crop_pct=info.get("crop_pct", 1.0),
+                         mean=info["mean"], std=info["std"], interpolation=info.get("interpolation", "bicubic"),
+                         batch_size=count)
+    return next(iter(loader))["image"][:count]
+
+
+def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    """max |diff| of the logits and top-1 agreement (%) between two models on the same inputs."""
+    top2 = reference.topk(min(2, reference.shape[1]), dim=1).values
+    margin = (top2[:, 0] - top2[:, -1]) if top2.shape[1] > 1 else torch.full_like(top2[:, 0], float("inf"))
+    diff = (reference - candidate).abs().max().item()
+    disagree = reference.argmax(1) != candidate.argmax(1)
+    return {"max_abs_diff": diff, "argmax_agreement": 100.0 * (1 - disagree.float().mean().item()),
+            # a flip is only acceptable where the reference's top two logits are within the error
+            "clear_flips": int((disagree & (margin > 2 * diff)).sum().item()), "samples": len(reference)}
+
+
+def check_close(what: str, result: dict, atol: float) -> None:
+    if result["max_abs_diff"] > atol or result["clear_flips"]:
+        raise UserError(f"{what}: max |diff| {result['max_abs_diff']:.3g} (allowed {atol:g}), top-1 agreement "
+                        f"{result['argmax_agreement']:.2f}% on {result['samples']} validation images; the fused "
+                        f"model does not compute what the trained one does, nothing written (a bug: please report "
+                        f"it with the student.json)")
+
+
+def export_onnx(model, size: int, path) -> None:
+    """ONNX (torch.export based, dynamic batch) written atomically."""
+    model.eval()
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        program.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", check_images: int = 64,
+                 atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
+    """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content."""
+    from pipeline.evaluate import onnx_runner
+    from pipeline.models import count_params_macs, stock_model_name, to_stock
+
+    student_dir, out_dir = Path(student_dir), Path(out_dir)
+    model, info, weights = load_trained_student(student_dir, checkpoint)
+    images = validation_images(shard_dir, info, check_images)
+    size = int(info["input_size"])
+    stock = to_stock(model)
+    with torch.inference_mode():
+        reference, fused_logits = model(images), stock(images)
+    fused_check = compare_outputs(reference, fused_logits)
+    check_close(f"student {student_dir}: fused vs training form", fused_check, atol)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "student": name or student_dir.name, "student_dir": str(student_dir), "checkpoint": weights.name,
+        "model": info["model"], "model_kwargs": info.get("model_kwargs") or {},
+        "stock_model": stock_model_name(info["model"]), "num_classes": info["num_classes"], "input_size": size,
+        "mean": info["mean"], "std": info["std"], "crop_pct": info.get("crop_pct", 1.0),
+        "interpolation": info.get("interpolation", "bicubic"), "teachers": info.get("teachers") or [],
+        "recipe": info.get("recipe") or {}, "fused_check": fused_check,
+    }
+    train_params, train_macs = count_params_macs(model, size)
+    result["training_form"] = {"params": train_params, "macs": train_macs}
+    if onnx:
+        export_onnx(stock, size, out_dir / ONNX)
+        with torch.inference_mode():
+            onnx_check = compare_outputs(fused_logits, onnx_runner(out_dir / ONNX)(images))
+        try:
+            check_close(f"student {student_dir}: ONNX vs torch", onnx_check, atol)
+        except UserError:
+            (out_dir / ONNX).unlink(missing_ok=True)
+            raise
+        result["onnx_check"] = onnx_check
+    atomic_write_bytes(out_dir / FUSED, save({k: v.contiguous() for k, v in stock.state_dict().items()},
+                                             metadata={"stock_model": result["stock_model"]}))
+    atomic_write_json(out_dir / INFO, result)
+    return result
+
+
+def load_fused(fused_dir):
+    """(stock model in eval mode, fuse.json): what a deployment does, with our helper for the stock arch."""
+    from pipeline.models import create_stock_model
+
+    fused_dir = Path(fused_dir)
+    path = fused_dir / INFO
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `pipeline fuse --out {fused_dir}` first")
+    info = json.loads(path.read_text())
+    model = create_stock_model(info["stock_model"], num_classes=info["num_classes"])
+    model.load_state_dict(load_file(str(fused_dir / FUSED)), strict=True)
+    return model.eval(), info

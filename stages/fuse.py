@@ -1,0 +1,32 @@
+"""`pipeline fuse`: a trained student -> checked stock-architecture safetensors + ONNX."""
+
+from pathlib import Path
+
+import click
+
+from pipeline.fuse import CHECKPOINTS, fuse_student
+
+
+@click.command("fuse")
+@click.option("--student-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory of `pipeline student` (student.json, ema.safetensors, model.safetensors).")
+@click.option("--shards", "shard_dir", default="data/shards", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Shard directory; the check runs on the first images of its val split.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory: fused.safetensors (stock architecture), model.onnx, fuse.json.")
+@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="ema", show_default=True,
+              help="Weights to fuse: the EMA, the raw model, or the better of the two on val (student.json).")
+@click.option("--check-images", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Validation images on which fused and training form (and ONNX) must agree.")
+@click.option("--atol", default=1e-3, show_default=True, type=float,
+              help="Largest allowed |logit difference|; beyond it (or on a clear top-1 flip) the stage fails.")
+@click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and check model.onnx.")
+@click.option("--name", default=None, help="Student name in fuse.json and the report [default: the student dir name].")
+def command(student_dir, shard_dir, out_dir, **options):
+    """Fold STUDENT_DIR's re-parameterized branches into the stock inference model, check it, save it."""
+    info = fuse_student(student_dir, shard_dir, out_dir, **options)
+    check = info["fused_check"]
+    onnx = f", ONNX max |diff| {info['onnx_check']['max_abs_diff']:.2e}" if "onnx_check" in info else ""
+    click.echo(f"{info['student']}: {info['model']} -> {info['stock_model']}; fused max |diff| "
+               f"{check['max_abs_diff']:.2e}, top-1 agreement {check['argmax_agreement']:.1f}%{onnx}; wrote {out_dir}")
