@@ -7,6 +7,7 @@ fit the dataset's classes) and from scratch otherwise, trains with AdamW + cosin
 interrupted run resume where it stopped.
 """
 
+import hashlib
 import io
 import logging
 import time
@@ -138,12 +139,14 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
                       interpolation=spec["interpolation"], batch_size=128, workers=workers)
     logits, labels = predict(model, val, quiet=quiet, desc="val")
     acc = topk_accuracy(logits, labels)
-    atomic_write_bytes(out_dir / WEIGHTS, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write_bytes(out_dir / WEIGHTS, weights)
 
     tuned = {k: v for k, v in spec.items() if k != "pretrained"}
     tuned.update(pretrained=False, weights=str(out_dir / WEIGHTS), num_classes=num_classes, input_size=size,
                  description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
-                             f"({epochs} epochs from {origin}; val top-1 {acc[1]:.2f}%)")
+                             f"({epochs} epochs from {origin}; val top-1 {acc[1]:.2f}%; weights sha256 "
+                             f"{hashlib.sha256(weights).hexdigest()[:16]})")
     atomic_write_bytes(out_dir / SPEC, yaml.safe_dump(tuned, sort_keys=False).encode())
     metrics = {"teacher": spec["name"], "dataset": manifest["dataset"], "epochs": epochs, "init": origin,
                "train_loss": loss_avg, "val_top1": acc[1], "val_top5": acc[5],
