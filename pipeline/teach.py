@@ -111,9 +111,11 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     model, digest = load_teacher(spec)
     dev = resolve_device(device)
     rank, world, own_group = _dist(dev)
-    if spec.get("weights"):  # the path is not an input of the numbers; the digest is
+    if spec.get("weights"):
         spec = {**spec, "weights": Path(spec["weights"]).name}
-    key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=spec,
+    # where the weights came from is not an input of the numbers (the digest of the weights is)
+    key_spec = {k: v for k, v in spec.items() if k not in ("weights", "pretrained", "description")}
+    key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=key_spec,
                     weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp)
     path = Path(store_root) / f"{spec['name']}-{key}.zarr"
     provenance = dict(key=key, dataset=manifest["dataset"], dataset_fingerprint=manifest["fingerprint"],

@@ -91,7 +91,7 @@ def test_resume_after_sigkill_is_identical(setup):
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(list(root.glob("*.zarr/done/c/*"))) >= 2:  # mid-run: some shards written, others not
+        if list(root.glob("*.zarr/done/c/*")):  # mid-run: a shard is written, the others are not
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
