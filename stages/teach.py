@@ -38,7 +38,7 @@ class PlanParam(click.ParamType):
 @click.option("--plan", "plan", type=PlanParam(), default=None,
               help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
                    "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
-@click.option("--views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
+@click.option("--views", "--num-views", "num_views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
@@ -57,7 +57,7 @@ class PlanParam(click.ParamType):
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def command(teacher, shards, split, plan, views, k, batch_size, device, amp, channels_last, workers, store_root,
+def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
             out, weights, values, shard_rows, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
 
@@ -67,7 +67,7 @@ def command(teacher, shards, split, plan, views, k, batch_size, device, amp, cha
     from pipeline.data.views import ViewPlan
     from pipeline.teach import teach
 
-    teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=views, k=k,
+    teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=num_views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
           weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last, quiet=quiet,
           log=click.echo)
