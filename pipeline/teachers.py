@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.io import sha256_file
 from pipeline.manifests import load_spec
 
 SOURCES = ("timm", "torchscript", "export")
@@ -119,8 +120,9 @@ def _timm_teacher(spec: dict) -> nn.Module:
             f"access to fill the Hugging Face cache, or set `weights: /path/to/file.safetensors` in its spec"
         ) from None
     if model.num_classes != spec["num_classes"]:
-        raise UserError(f"teacher '{name}': timm model '{spec['model']}' has {model.num_classes} classes but its spec "
-                        f"says num_classes={spec['num_classes']}; fine-tune it (pipeline finetune-teacher) or fix the spec")
+        raise UserError(f"teacher '{name}': timm model '{spec['model']}' has {model.num_classes} classes but its "
+                        f"spec says num_classes={spec['num_classes']}; fine-tune it (pipeline finetune-teacher) "
+                        "or fix the spec")
     return model
 
 
@@ -134,9 +136,9 @@ def _file_teacher(spec: dict) -> tuple[nn.Module, str]:
         else:
             model = torch.export.load(str(path)).module()
     except Exception as err:  # noqa: BLE001 - a bad user file
+        saver = "torch.jit.save" if spec["source"] == "torchscript" else "torch.export.save (a .pt2 file)"
         raise UserError(f"teacher '{name}': cannot load {spec['source']} file {path} ({type(err).__name__}); "
-                        f"save it with {'torch.jit.save' if spec['source'] == 'torchscript' else 'torch.export.save (a .pt2 file)'}") from None
-    from pipeline.io import sha256_file
+                        f"save it with {saver}") from None
 
     return model, sha256_file(path)
 

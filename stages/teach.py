@@ -38,7 +38,8 @@ class PlanParam(click.ParamType):
 @click.option("--plan", "plan", type=PlanParam(), default=None,
               help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
                    "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
-@click.option("--views", "--num-views", "num_views", default=4, type=click.IntRange(min=1), help="Views per sample (V).")
+@click.option("--views", "--num-views", "num_views", default=4, type=click.IntRange(min=1),
+              help="Views per sample (V).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
