@@ -1,0 +1,59 @@
+"""pipeline evaluate: metric helpers on known values, and the stage on a tiny fused student."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.evaluate import agreement, latency_ms, recipe_summary, topk_accuracy
+from pipeline.fuse import fuse_student
+from stages.cli import main
+from tests._chain_helpers import fake_student, tiny_shards
+
+
+def test_topk_accuracy_on_known_logits():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 1])
+    acc = topk_accuracy(logits, labels, ks=(1, 2, 5))  # k=5 is capped at the 3 classes
+    assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3) and acc[5] == 100.0
+
+
+def test_agreement_counts_equal_argmax():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    assert agreement(a, b) == 50.0
+
+
+def test_latency_is_the_median_of_the_timed_runs():
+    calls = []
+    ms = latency_ms(calls.append, "x", runs=100, warmup=3)
+    assert len(calls) == 103 and 0 <= ms < 1
+
+
+@pytest.mark.parametrize("kwargs, teachers, recipe, expected", [
+    ({"num_branches": 3, "scale_branch": True}, ["t"], {"name": "demo", "alpha": 0.5, "tau": 1.0, "epochs": 6,
+                                                        "opt": "lamb"}, "demo: KD a=0.5 tau=1, N=3+1x1, 6 ep lamb"),
+    ({"num_branches": 1, "scale_branch": False}, [], {"name": "demo", "alpha": 0.0, "epochs": 6, "opt": "lamb"},
+     "demo: labels only, no re-param, 6 ep lamb"),
+])
+def test_recipe_summary(kwargs, teachers, recipe, expected):
+    assert recipe_summary({"model_kwargs": kwargs, "teachers": teachers, "recipe": recipe}) == expected
+
+
+def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
+    shards = tiny_shards(tmp_path)
+    student = fake_student(tmp_path / "student", teachers=["ghost-teacher"])
+    fuse_student(student, shards, tmp_path / "fused", onnx=False)
+    out = tmp_path / "eval" / "student.json"
+    result = CliRunner().invoke(main, ["evaluate", "--fused-dir", str(tmp_path / "fused"), "--shards", str(shards),
+                                       "--teach-dir", str(tmp_path / "teach"), "--out", str(out),
+                                       "--latency-runs", "3", "--batch", "2", "--threads", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())
+    assert m["val_samples"] == 12 and 0 <= m["top1"] <= m["top5"] <= 100
+    assert m["params"] < m["training_form"]["params"] and m["macs"] < m["training_form"]["macs"]
+    assert set(m["latency_ms"]) == {"torch"} and m["latency_ms"]["torch"] > 0 and m["throughput"]["torch"] > 0
+    assert m["teacher_agreement"] == {"ghost-teacher": None}
+    assert "pipeline teach" in m["teacher_notes"]["ghost-teacher"]
+    assert m["throughput_batch"] == 2 and m["torch_threads"] == 1 and m["stock_model"] == "ghostnetv2_050"
