@@ -54,13 +54,30 @@ class StageGroup(click.Group):
 
 
 def load_params(path: Path) -> dict:
+    """Sections of params.yaml keyed by command name; option keys may use dashes or underscores."""
     if not path.is_file():
         return {}
     try:
         params = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise click.BadParameter(f"{path} is not valid YAML: {err}") from None
-    return {k.replace("_", "-"): v for k, v in params.items() if isinstance(v, dict)}
+        detail = " ".join(str(err).split())
+        raise UserError(f"{path} is not valid YAML ({detail}); fix the file or pass --params") from None
+    return {
+        section.replace("_", "-"): {key.replace("-", "_"): value for key, value in options.items()}
+        for section, options in params.items()
+        if isinstance(options, dict)
+    }
+
+
+def check_section(path: Path, name: str, command: click.Command, section: dict) -> None:
+    """A misspelt key in params.yaml would silently be ignored by click: refuse it instead."""
+    known = {param.name for param in command.params}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UserError(
+            f"{path}: section '{name}' has unknown option(s) {', '.join(unknown)}; "
+            f"`pipeline {name} --help` lists the valid ones"
+        )
 
 
 @click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,3 +88,7 @@ def load_params(path: Path) -> dict:
 def main(ctx, params_path):
     """Offline teacher-logit distillation: shard -> teach -> student -> fuse -> evaluate -> report."""
     ctx.default_map = load_params(params_path)
+    name = ctx.invoked_subcommand
+    command = ctx.command.get_command(ctx, name) if name in ctx.default_map else None
+    if command is not None and not isinstance(command, click.Group):
+        check_section(params_path, name, command, ctx.default_map[name])
