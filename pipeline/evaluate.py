@@ -108,22 +108,44 @@ def recipe_summary(info: dict) -> str:
     return f"{recipe.get('name', '?')}: " + ", ".join(parts)
 
 
-def teacher_agreement(logits, shard_dir, teachers, teach_dir, batch_size: int, quiet: bool):
-    """Top-1 agreement (%) with each teacher on val; a teacher that cannot be loaded is skipped with a note."""
+def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
+    """The spec of the teacher that made the store `{teach_dir}/{name}.json`, and its weights digest.
+
+    A fine-tuned teacher's spec is `{teacher_dir}/{name}/teacher.yaml` (its weights live there); any other
+    is rebuilt from the store's provenance.
+    """
+    from pathlib import Path
+
+    from pipeline.errors import UserError
+    from pipeline.manifests import load_spec
+    from pipeline.store import open_pointer
+
+    if teach_dir is None:
+        raise UserError("no --teach-dir given")
+    provenance = open_pointer(Path(teach_dir) / f"{name}.json").provenance
+    tuned = Path(teacher_dir) / name / "teacher.yaml" if teacher_dir else None
+    spec = load_spec("teachers", str(tuned)) if tuned and tuned.is_file() else provenance["teacher"]
+    return spec, provenance["weights_digest"]
+
+
+def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch_size: int, quiet: bool):
+    """Top-1 agreement (%) with each teacher on val; a teacher that cannot be loaded, or is not the one
+    whose logits the student learned from, is skipped with a note."""
     from pipeline.data.loaders import eval_loader
     from pipeline.errors import UserError
-    from pipeline.store import open_pointer
     from pipeline.teachers import load_teacher
 
     scores, notes = {}, {}
     for name in teachers:
+        scores[name] = None
         try:
-            if teach_dir is None:
-                raise UserError("no --teach-dir given")
-            spec = open_pointer(f"{teach_dir}/{name}.json").provenance["teacher"]
-            teacher, _ = load_teacher(spec)
+            spec, digest = _teacher_spec(name, teach_dir, teacher_dir)
+            teacher, loaded = load_teacher(spec)
         except UserError as err:
-            scores[name], notes[name] = None, f"skipped: {err}"
+            notes[name] = f"skipped: {err}"
+            continue
+        if loaded != digest:
+            notes[name] = f"skipped: the weights of teacher '{name}' differ from those that made its store"
             continue
         val = eval_loader(shard_dir, "val", size=spec["input_size"], crop_pct=spec["crop_pct"], mean=spec["mean"],
                           std=spec["std"], interpolation=spec["interpolation"], batch_size=batch_size)
@@ -132,7 +154,7 @@ def teacher_agreement(logits, shard_dir, teachers, teach_dir, batch_size: int, q
     return scores, notes
 
 
-def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, latency_runs: int = 100, batch: int = 32,
+def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, latency_runs: int = 100, batch: int = 32,
                    batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> dict:
     """Every figure of one deployed student, as the DVC metrics dict `pipeline evaluate` writes.
 
@@ -161,7 +183,8 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, latency_runs: int = 
     logits, labels = predict(model, val, quiet=quiet, desc=info["student"])
     acc = topk_accuracy(logits, labels)
     params, macs = count_params_macs(model, size)
-    scores, notes = teacher_agreement(logits, shard_dir, info["teachers"], teach_dir, batch_size, quiet)
+    scores, notes = teacher_agreement(logits, shard_dir, info["teachers"], teach_dir, teacher_dir,
+                                     batch_size, quiet)
     runners = {"torch": torch_runner(model)}
     onnx_path = Path(fused_dir) / ONNX
     if onnx_path.is_file():

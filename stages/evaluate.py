@@ -16,6 +16,9 @@ from pipeline.io import atomic_write_json
 @click.option("--teach-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of the teacher pointer files (pipeline teach --out), for top-1 agreement with each "
                    "teacher; a teacher that cannot be loaded (e.g. offline) is skipped with a note.")
+@click.option("--teacher-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output root of `pipeline finetune-teacher` ({dir}/{teacher}/teacher.yaml): where fine-tuned "
+                   "teachers' weights are found; other teachers are rebuilt from their store's provenance.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Metrics JSON to write (DVC metrics; `pipeline report` reads it).")
 @click.option("--latency-runs", default=100, show_default=True, type=click.IntRange(min=1),
@@ -28,9 +31,9 @@ from pipeline.io import atomic_write_json
               help="CPU threads of torch and onnxruntime for every measurement (1 = steady single-thread "
                    "latency) [default: the libraries' defaults, all cores].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(fused_dir, shard_dir, teach_dir, out_path, **options):
+def command(fused_dir, shard_dir, out_path, **options):
     """Score FUSED_DIR on the val split; write top-1/top-5, agreement, params, MACs, latency to OUT."""
-    metrics = evaluate_fused(fused_dir, shard_dir, teach_dir=teach_dir, **options)
+    metrics = evaluate_fused(fused_dir, shard_dir, **options)
     atomic_write_json(out_path, metrics)
     lat = metrics["latency_ms"]
     click.echo(f"{metrics['student']}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%, "

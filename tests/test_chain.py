@@ -1,0 +1,93 @@
+"""The whole chain under DVC on a tiny config: shard -> finetune-teacher -> teach -> student -> fuse ->
+evaluate -> report, then the caching promises: a second repro runs nothing, a new student runs no
+teacher stage, a changed student option re-runs only that student's side."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.models import create_stock_model
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "launch": {"teach": "pipeline", "student": "pipeline"},
+    "shard": {"source": "synthetic", "num_classes": 4, "per_class": 12, "image_size": 64, "val_fraction": 0.25},
+    "finetune_teacher": {"epochs": 1, "batch_size": 16, "hflip": 0.0, "auto_augment": "none", "quiet": True},
+    "finetune": {"demo-resnet10t": {"teacher": "demo-resnet10t"}},
+    "teachers": {"demo-resnet10t": {"spec": "outputs/teachers/demo-resnet10t/teacher.yaml"}},
+    "teach": {"num_views": 2, "k": 3, "batch_size": 32, "quiet": True,
+              "plan": {"seed": 0, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": None,
+                       "re_prob": 0.0}},
+    "student": {"recipe": "demo", "quiet": True},
+    "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t", "epochs": 1,
+                          "batch-size": 16}},
+    "fuse": {"check_images": 8},
+    "evaluate": {"latency_runs": 5, "batch": 4, "threads": 1, "quiet": True},
+    "report": {},
+}
+
+
+def _dvc(cwd: Path, *args) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_dvc_chain_end_to_end(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    params = json.loads(json.dumps(TINY))
+    _write_params(root, params)
+
+    first = _ran(_dvc(root, "repro"))
+    assert first == {"shard", "finetune-teacher@demo-resnet10t", "teach@demo-resnet10t", "student@gnv3",
+                     "fuse@gnv3", "evaluate@gnv3", "report"}
+
+    metrics = json.loads((root / "outputs/eval/gnv3.json").read_text())
+    assert metrics["val_samples"] == 12 and 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert set(metrics["latency_ms"]) == {"torch", "onnx"}
+    assert metrics["teacher_agreement"]["demo-resnet10t"] is not None
+    assert metrics["fused_check"]["max_abs_diff"] < 1e-3 and metrics["onnx_check"]["max_abs_diff"] < 1e-3
+    fuse_info = json.loads((root / "outputs/fused/gnv3/fuse.json").read_text())
+    stock = create_stock_model(fuse_info["stock_model"], num_classes=4)
+    stock.load_state_dict(load_file(str(root / "outputs/fused/gnv3/fused.safetensors")), strict=True)
+    assert stock.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+    assert "| gnv3 |" in (root / "outputs/report/report.md").read_text()
+    assert (root / "outputs/report/report.png").is_file()
+
+    assert _ran(_dvc(root, "repro")) == set(), "a second repro must run nothing"
+
+    params["students"]["plain"] = {"student": "ghostnetv3-050", "alpha": 0.0, "num-branches": 1,
+                                   "scale-branch": False, "epochs": 1, "batch-size": 16}
+    _write_params(root, params)
+    assert _ran(_dvc(root, "repro")) == {"student@plain", "fuse@plain", "evaluate@plain", "report"}
+    plain = json.loads((root / "outputs/eval/plain.json").read_text())
+    assert plain["teachers"] == [] and "labels only, no re-param" in plain["recipe_summary"]
+
+    params["students"]["gnv3"]["lr"] = 1e-3
+    _write_params(root, params)
+    assert _ran(_dvc(root, "repro")) == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
