@@ -25,8 +25,8 @@ COLUMNS = (
 )
 
 
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+def _fmt(value, spec, scale=1.0):
+    return "-" if value is None else format(value / scale, spec)
 
 
 def _teachers(metrics):
@@ -73,6 +73,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([header, rule, *lines]) + "\n"
 
 
+def fusion_table(rows: list[dict]) -> str:
+    """Training form -> deployed form: what re-parameterization costs in training and saves at deploy."""
+    lines = ["| Student | Training params (M) | Deploy params (M) | Training MACs (M) | Deploy MACs (M) | "
+             "Fused max abs diff | ONNX max abs diff |", "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        train = m.get("training_form") or {}
+        fused, onnx = m.get("fused_check") or {}, m.get("onnx_check") or {}
+        lines.append(f"| {m['student']} | {_fmt(train.get('params'), '.2f', 1e6)} | "
+                     f"{m['params'] / 1e6:.2f} | {_fmt(train.get('macs'), '.1f', 1e6)} | "
+                     f"{m['macs'] / 1e6:.1f} | {_fmt(fused.get('max_abs_diff'), '.1e')} | "
+                     f"{_fmt(onnx.get('max_abs_diff'), '.1e')} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(rows: list[dict], figure_name: str) -> str:
     first = rows[0]
     size = first.get("input_size", "?")
@@ -82,7 +96,8 @@ def render_markdown(rows: list[dict], figure_name: str) -> str:
         f"Validation split of {dataset}, {size}x{size} px, deployed (fused) models. Latency is the median of "
         f"{first.get('latency_runs', '?')} single-image runs on this machine's CPU; MACs counted at the input size.\n\n"
         + markdown_table(rows)
-        + f"\n![accuracy vs latency]({figure_name})\n"
+        + f"\n![accuracy vs latency]({figure_name})\n\n## Training form vs deployed form\n\n"
+        + fusion_table(rows)
     )
 
 

@@ -15,7 +15,8 @@ def _metrics(student, top1, latency, **extra):
             "latency_ms": {"torch": latency * 10, "onnx": latency}, "top1": top1, "top5": 99.5,
             "teachers": ["demo-resnet10t"], "teacher_agreement": {"demo-resnet10t": 97.25},
             "recipe_summary": "demo: KD a=0.5 tau=1, N=3+1x1, 6 ep lamb", "input_size": 64, "dataset": "digits",
-            "latency_runs": 100, **extra}
+            "latency_runs": 100, "training_form": {"params": 2_100_000, "macs": 10_400_000},
+            "fused_check": {"max_abs_diff": 3.7e-7}, **extra}
 
 
 def test_report_table_and_figure(tmp_path):
@@ -30,6 +31,7 @@ def test_report_table_and_figure(tmp_path):
     assert rows[0].startswith("| Student | Deploy model | Params (M) | MACs (M)")
     assert rows[1].startswith("| plain |") and rows[2].startswith("| fast |")  # sorted by latency
     assert "| 1.50 | 4.9 |" in rows[2] and "demo-resnet10t (97.2)" in rows[2] and "| none |" in rows[1]
+    assert "| fast | 2.10 | 1.50 | 10.4 | 4.9 | 3.7e-07 | - |" in md
     assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
