@@ -4,10 +4,16 @@ size, and CPU speed (eager torch and onnxruntime), measured the same way for eve
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from pipeline.data.loaders import eval_loader
+from pipeline.data.shards import read_manifest
+from pipeline.errors import UserError
+from pipeline.manifests import load_spec
 
 
 @torch.inference_mode()
@@ -114,10 +120,6 @@ def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
     A fine-tuned teacher's spec is `{teacher_dir}/{name}/teacher.yaml` (its weights live there); any other
     is rebuilt from the store's provenance.
     """
-    from pathlib import Path
-
-    from pipeline.errors import UserError
-    from pipeline.manifests import load_spec
     from pipeline.store import open_pointer
 
     if teach_dir is None:
@@ -131,8 +133,6 @@ def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
 def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch_size: int, quiet: bool):
     """Top-1 agreement (%) with each teacher on val; a teacher that cannot be loaded, or is not the one
     whose logits the student learned from, is skipped with a note."""
-    from pipeline.data.loaders import eval_loader
-    from pipeline.errors import UserError
     from pipeline.teachers import load_teacher
 
     scores, notes = {}, {}
@@ -161,10 +161,6 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     `threads` fixes the CPU threads of torch and onnxruntime for the speed figures (1 gives steady
     numbers on a shared machine); None keeps the libraries' defaults (all cores).
     """
-    from pathlib import Path
-
-    from pipeline.data.loaders import eval_loader
-    from pipeline.data.shards import read_manifest
     from pipeline.fuse import ONNX, load_fused
     from pipeline.models import count_params_macs
 
@@ -173,8 +169,6 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     model, info = load_fused(fused_dir)
     manifest = read_manifest(shard_dir)
     if manifest["num_classes"] != info["num_classes"]:
-        from pipeline.errors import UserError
-
         raise UserError(f"{fused_dir} predicts {info['num_classes']} classes but {shard_dir} has "
                         f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
     size = int(info["input_size"])

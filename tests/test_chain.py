@@ -38,9 +38,17 @@ TINY = {
 }
 
 
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+           GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+           GIT_COMMITTER_EMAIL="test@example.com")
+
+
+def _git(cwd: Path, *args) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True, capture_output=True)
+
+
 def _dvc(cwd: Path, *args) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr
 
@@ -57,9 +65,10 @@ def _write_params(root: Path, params: dict) -> None:
 def test_dvc_chain_end_to_end(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _git(root, "init", "-q")
     params = json.loads(json.dumps(TINY))
     _write_params(root, params)
 
@@ -88,6 +97,10 @@ def test_dvc_chain_end_to_end(tmp_path):
     plain = json.loads((root / "outputs/eval/plain.json").read_text())
     assert plain["teachers"] == [] and "labels only, no re-param" in plain["recipe_summary"]
 
-    params["students"]["gnv3"]["lr"] = 1e-3
-    _write_params(root, params)
-    assert _ran(_dvc(root, "repro")) == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
+    # an ablation as a DVC experiment: one student option changed, only that student's side runs
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "baseline")
+    ran = _ran(_dvc(root, "exp", "run", "-S", "students.gnv3.lr=0.001"))
+    assert ran == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
+    table = _dvc(root, "exp", "show", "--no-pager", "--csv")
+    assert "0.001" in table and "top1" in table
