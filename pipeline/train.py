@@ -268,8 +268,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         torch.manual_seed(_seed(recipe.seed, epoch, rank))
         np.random.seed(_seed("mixup", recipe.seed, epoch, rank))
         loader = student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
-                                local_batch, recipe.seed, epoch, rank, world, workers, interpolation,
-                                drop_last=True)
+                                local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True)
         model.train()
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
