@@ -3,7 +3,9 @@
 Prints one JSON object: {"batch1_ms": {"train_form", "fused", "stock"}, "batch32_ms": {...}, ...}, each
 the median over --runs forwards at 224x224. The three models run interleaved (one forward each, in turn),
 so load from other processes hits all three alike. Expected: fused == stock within noise, training form
-clearly slower.
+clearly slower. The defaults (50 runs, batch 1 and 32) take about 3-4 minutes on a quiet 2-core CPU, mostly
+the training form at batch 32; `--runs 10` gives a rough answer in a minute. On a loaded machine use
+`--threads 1` (OpenMP threads that wait for busy cores inflate every figure).
 """
 
 import argparse
