@@ -6,7 +6,7 @@ data loading included (student_loader replaying RandAugment + RandomErasing view
 teacher's forward on the same batch in every step (timm resnet101 and deit_base_patch16_224, random
 weights: the timing does not depend on them). Plus each teacher's bare forward on the same batch.
 
-    python benchmarks/bench_student.py [--batch 8] [--steps 4] [--threads 2] [--device cpu|cuda]
+    python benchmarks/bench_student.py [--batch 8] [--steps 4] [--threads 1] [--device cpu|cuda]
 
 Prints one JSON object. On CUDA the student and teachers run under bf16 autocast, channels_last.
 """
@@ -102,6 +102,21 @@ class Stepper:
         return time.perf_counter() - start
 
 
+def loss_ms(mode, targets, batch, num_classes, device, reps=50) -> float:
+    """ms of what KD adds outside the networks: store lookup + target + loss forward/backward."""
+    logits = torch.randn(len(batch["label"]), num_classes, device=device, requires_grad=True)
+    y = batch["label"].to(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        target = targets(batch["index"], batch["view"], device) if mode == "offline_kd" else None
+        kd_loss(logits, y, target, 0.5 if target else 0.0, 1.0, 0.1)["loss"].backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 @torch.no_grad()
 def forward_ms(model, x, device, reps):
     times = []
@@ -120,7 +135,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warmup step), round-robin over modes")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (more than the idle cores makes OpenMP spin: 10-40x slower)")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -156,12 +172,17 @@ def main():
             for mode, teacher in modes.items():
                 samples[mode].append(step(mode, teacher))
         step_ms = {mode: 1000 * statistics.median(v) for mode, v in samples.items()}
-        x = next(iter(loader()))["image"].to(device)
-        fwd = {name: forward_ms(t, x, device, args.steps) for name, t in teachers.items()}
+        batch = next(iter(loader()))
+        fwd = {name: forward_ms(t, batch["image"].to(device), device, args.steps) for name, t in teachers.items()}
+        loss = {mode: loss_ms(mode, targets, batch, args.classes, device) for mode in ("ce", "offline_kd")}
     result = {
         "step_ms": {k: round(v, 1) for k, v in step_ms.items()},
         "teacher_fwd_ms": {k: round(v, 1) for k, v in fwd.items()},
         "offline_over_ce": round(step_ms["offline_kd"] / step_ms["ce"], 3),
+        # The same ratio from its parts: what offline KD adds (lookup + target + loss) is measured alone,
+        # 50 times, so it is steady under CPU load, unlike whole steps.
+        "loss_ms": {k: round(v, 3) for k, v in loss.items()},
+        "offline_over_ce_from_parts": round((step_ms["ce"] + loss["offline_kd"] - loss["ce"]) / step_ms["ce"], 4),
         "online_over_offline": {k: round(step_ms[f"online_kd_{k}"] / step_ms["offline_kd"], 3) for k in TEACHERS},
         "config": {"student": "rep_ghostnetv3_100 (N=3 + 1x1 DW, training form)", "size": 224, "batch": args.batch,
                    "timed_steps": args.steps, "threads": args.threads, "device": str(device),

@@ -222,6 +222,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
 
     torch.manual_seed(recipe.seed)
     model, model_kwargs = build_student(student, recipe, num_classes)
+    if world > 1 and recipe.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = device.type == "cuda"
     model.to(device)
     if channels_last:
@@ -256,9 +258,6 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
 
     core = model
     if world > 1:
-        if recipe.sync_bn and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            core = model
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     val = eval_loader(shard_dir, "val", size, student.get("crop_pct", 1.0), student["mean"], student["std"],
