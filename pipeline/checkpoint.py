@@ -8,7 +8,7 @@ inside dicts, lists and even param_groups) is flattened into named tensors + JSO
 import json
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from pipeline.errors import UserError
@@ -57,6 +57,6 @@ def load_checkpoint(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             tree = json.loads(f.metadata()["tree"])
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise UserError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
     return {name: _unflatten(state, tensors) for name, state in tree.items()}
