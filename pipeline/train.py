@@ -54,6 +54,7 @@ PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_
 # Recipe fields that describe the views: with a store they must agree with its plan (or be None).
 PLAN_FIELDS = ("auto_augment", "re_prob", "re_mode", "hflip", "scale")
 MIN_GHOSTNET_SIZE = 64
+LOG_EVERY = 20  # steps between progress-bar updates and NaN checks (each one waits for the device)
 
 
 def student_size(student: dict, recipe: Recipe) -> int:
@@ -128,6 +129,12 @@ class Targets:
     def __call__(self, index, view, device):
         stored = [tuple(t.to(device) for t in s.lookup(index, view)) for s in self.stores]
         return ensemble_target(stored, self.num_classes, self.tau, self.weights)
+
+
+def _check_finite(loss, epoch, step) -> None:
+    if not torch.isfinite(loss):
+        raise UserError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower the learning rate "
+                        f"(--lr) or check the teacher store")
 
 
 def _seed(*parts) -> int:
@@ -269,7 +276,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         loader = student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
                                 local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True)
         model.train()
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd")}
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    disable=quiet or rank != 0, leave=False)
         for batch in bar:
@@ -286,9 +293,6 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             with _autocast(device):
                 logits = model(x)
             losses = kd_loss(logits, labels, target, recipe.alpha, recipe.tau, recipe.label_smoothing)
-            if not torch.isfinite(losses["loss"]):
-                raise UserError(f"loss became {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
-                                f"lower the learning rate (--lr) or check the teacher store")
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if recipe.grad_clip:
@@ -298,10 +302,12 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             if ema:
                 ema.update(core, step=step)
             for k in sums:
-                sums[k] += losses[k].item()
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                sums[k] += losses[k].detach()
+            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:  # syncs the device: not every step
+                _check_finite(losses["loss"], epoch, step)
+                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               **_reduce_mean({k: v / steps_per_epoch for k, v in sums.items()}, world, device)}
+               **_reduce_mean({k: float(v) / steps_per_epoch for k, v in sums.items()}, world, device)}
         if rank == 0:
             row["top1"], row["top5"] = evaluate(core, val, device, channels_last)
             if ema:
@@ -327,6 +333,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
         if ema:
             atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
+        else:
+            (out / "ema.safetensors").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
         last = history[-1]
         use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
         atomic_write_json(out / "student.json", {

@@ -57,22 +57,13 @@ def _recipe_overrides(values: dict, set_items) -> dict:
     return overrides
 
 
-class _Command(click.Command):
-    """Accept params.yaml keys spelled like the options (num-branches) as well as num_branches."""
-
-    def parse_args(self, ctx, args):
-        if ctx.default_map:
-            ctx.default_map = {k.replace("-", "_"): v for k, v in ctx.default_map.items()}
-        return super().parse_args(ctx, args)
-
-
 def _command(func):
     for name in reversed(RECIPE_OPTIONS):
         func = _recipe_option(name)(func)
     return func
 
 
-@click.command("student", cls=_Command)
+@click.command("student")
 @click.option("--student", required=True, help="Student spec: manifests/students/NAME.yaml or a YAML path.")
 @click.option("--teachers", default="", show_default=True,
               help="Comma-separated teacher names; their stores are found via TEACH_DIR/NAME.json. "
