@@ -314,14 +314,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                 row["ema_top1"], row["ema_top5"] = evaluate(ema.module, val, device, channels_last)
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
-            state = {"epoch": epoch + 1, "step": step, "world_size": world, "history": history, "run": run_id}
-            parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-            if ema:
-                parts["ema"] = ema.module.state_dict()
-            save_checkpoint(out / CHECKPOINT, parts)
-            atomic_write_json(out / "state.json", {k: v for k, v in state.items() if k != "history"})
-            atomic_write_json(out / "metrics.json", _metrics(history))
-            _write_plots(out / "plots.csv", history)
+            _save_epoch(out, core, optimizer, ema, {"epoch": epoch + 1, "step": step, "world_size": world,
+                                                    "history": history, "run": run_id})
             if not quiet:
                 tqdm.write(_summary(row))
         else:
@@ -330,22 +324,37 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             dist.barrier()
 
     if rank == 0:
-        atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
-        if ema:
-            atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
-        else:
-            (out / "ema.safetensors").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
-        last = history[-1]
-        use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
-        atomic_write_json(out / "student.json", {
+        _save_final(out, core, ema, history, {
             "model": student["model"], "model_kwargs": model_kwargs, "num_classes": num_classes,
             "input_size": size, "mean": list(student["mean"]), "std": list(student["std"]),
             "crop_pct": student.get("crop_pct", 1.0), "interpolation": interpolation,
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
-            "weights": "ema.safetensors" if use_ema else "model.safetensors",
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
         })
     return history[-1] if history else {}
+
+
+def _save_epoch(out: Path, core, optimizer, ema, state: dict) -> None:
+    """The resume point (one atomic file) and the per-epoch outputs: state.json, metrics.json, plots.csv."""
+    parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    if ema:
+        parts["ema"] = ema.module.state_dict()
+    save_checkpoint(out / CHECKPOINT, parts)
+    atomic_write_json(out / "state.json", {k: v for k, v in state.items() if k != "history"})
+    atomic_write_json(out / "metrics.json", _metrics(state["history"]))
+    _write_plots(out / "plots.csv", state["history"])
+
+
+def _save_final(out: Path, core, ema, history, info: dict) -> None:
+    """model.safetensors, ema.safetensors and student.json, whose "weights" names the better of the two."""
+    atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
+    if ema:
+        atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
+    else:
+        (out / "ema.safetensors").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
+    last = history[-1]
+    use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
+    atomic_write_json(out / "student.json", {**info, "weights": "ema.safetensors" if use_ema else "model.safetensors"})
 
 
 def _metrics(history) -> dict:
