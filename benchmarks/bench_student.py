@@ -1,6 +1,6 @@
 """Student step cost on CPU: plain CE vs KD from the store vs online KD with the teacher in the loop.
 
-GhostNetV3 1.0x in training form (N=3 + 1x1 DW) at 224 px, the paper's step (LAMB, EMA, cosine lr),
+GhostNetV3 1.0x in training form (N=3 + 1x1 DW) at 224 px, the paper's step (LAMB + weight EMA),
 data loading included (student_loader replaying RandAugment + RandomErasing views from JPEG shards).
 (a) CE only; (b) KD from a teacher store (lookup + top-k/rest-bucket loss); (c) online KD: the
 teacher's forward on the same batch in every step (timm resnet101 and deit_base_patch16_224, random
@@ -9,6 +9,9 @@ weights: the timing does not depend on them). Plus each teacher's bare forward o
     python benchmarks/bench_student.py [--batch 8] [--steps 4] [--threads 1] [--device cpu|cuda]
 
 Prints one JSON object. On CUDA the student and teachers run under bf16 autocast, channels_last.
+About 4-5 minutes on 2 busy CPU cores with the defaults. Whole-step times swing with the machine's
+load, so modes run round-robin and report medians, and the KD overhead is also timed on its own
+(`offline_over_ce_from_parts`).
 """
 
 import argparse
