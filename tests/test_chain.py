@@ -30,7 +30,7 @@ TINY = {
               "plan": {"seed": 0, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": None,
                        "re_prob": 0.0}},
     "student": {"recipe": "demo", "quiet": True},
-    "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t", "epochs": 1,
+    "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t", "alpha": 0.5, "epochs": 1,
                           "batch-size": 16}},
     "fuse": {"check_images": 8},
     "evaluate": {"latency_runs": 5, "batch": 4, "threads": 1, "quiet": True},
@@ -100,7 +100,7 @@ def test_dvc_chain_end_to_end(tmp_path):
     # an ablation as a DVC experiment: one student option changed, only that student's side runs
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "baseline")
-    ran = _ran(_dvc(root, "exp", "run", "-S", "students.gnv3.lr=0.001"))
+    ran = _ran(_dvc(root, "exp", "run", "-S", "students.gnv3.alpha=0.9"))
     assert ran == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
     table = _dvc(root, "exp", "show", "--no-pager", "--csv")
-    assert "0.001" in table and "top1" in table
+    assert "0.9" in table and "top1" in table
