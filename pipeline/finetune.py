@@ -112,6 +112,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
                               "origin": origin})
     resume = out_dir / RESUME
     start = _load_resume(resume, model, optimizer, config_key)
+    scheduler.step_update(start * steps_per_epoch)  # the learning rate where the schedule stands
     if start:
         _logger.warning("resuming teacher '%s' fine-tuning after epoch %d", spec["name"], start)
 
