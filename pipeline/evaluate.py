@@ -29,11 +29,16 @@ def predict(model, loader, quiet: bool = False, desc: str = "eval"):
     return torch.cat(logits)[order], torch.cat(labels)[order]
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
-    """Percent of samples whose label is among the k highest logits (k capped at the class count)."""
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the k highest logits (k capped at the class count)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return {k: 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Percent of samples whose label is among the k highest logits (k capped at the class count)."""
+    return {k: 100.0 * n / max(len(labels), 1) for k, n in topk_hits(logits, labels, ks).items()}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

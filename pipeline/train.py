@@ -46,6 +46,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import ensemble_target, kd_loss
 from pipeline.errors import UserError
+from pipeline.evaluate import topk_hits
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.recipes import Recipe
 
@@ -173,11 +174,10 @@ def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
             x = x.to(memory_format=torch.channels_last)
         with _autocast(device):
             logits = model(x)
-        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        hits = top == batch["label"][:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(1).sum().item()
-        total += len(hits)
+        hits = topk_hits(logits.float().cpu(), batch["label"])
+        correct1 += hits[1]
+        correct5 += hits[5]
+        total += len(batch["label"])
     model.train(was_training)
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
