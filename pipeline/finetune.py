@@ -8,7 +8,6 @@ interrupted run resume where it stopped.
 """
 
 import hashlib
-import io
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.data.loaders import eval_loader, student_loader
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
@@ -30,7 +30,7 @@ _logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 SPEC = "teacher.yaml"
-RESUME = "resume.pt"
+RESUME = "resume.safetensors"
 
 
 def build_model(spec: dict, num_classes: int, pretrained: bool):
@@ -57,10 +57,8 @@ def build_model(spec: dict, num_classes: int, pretrained: bool):
 
 
 def _save_resume(path: Path, model, optimizer, epoch: int, config_key: str) -> None:
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "config": config_key}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "progress": {"epoch": epoch, "config": config_key}})
 
 
 def _load_resume(path: Path, model, optimizer, config_key: str) -> int:
@@ -68,14 +66,14 @@ def _load_resume(path: Path, model, optimizer, config_key: str) -> int:
     if not path.is_file():
         return 0
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a torn or foreign checkpoint is simply not resumed
+        state = load_checkpoint(path)
+    except UserError:  # a torn or foreign checkpoint is simply not resumed
         return 0
-    if state.get("config") != config_key:
+    if state.get("progress", {}).get("config") != config_key:
         return 0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"])
+    return int(state["progress"]["epoch"])
 
 
 def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_size: int = 64, lr: float = 2e-3,

@@ -13,7 +13,7 @@ from pipeline.finetune import finetune_teacher
               help="Shard directory written by `pipeline shard` (train split trains, val split scores).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output directory: weights.safetensors, teacher.yaml (give it to `pipeline teach --teacher`), "
-                   "metrics.json; an interrupted run resumes from its resume.pt.")
+                   "metrics.json; an interrupted run resumes from its resume.safetensors.")
 @click.option("--epochs", default=10, show_default=True, help="Passes over the train split.")
 @click.option("--batch-size", default=64, show_default=True, help="Images per optimizer step.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay, linear warmup).")
