@@ -114,3 +114,22 @@ def test_eval_loader_is_timms_eval_transform(shard_dir):
                                  interpolation="bicubic")
     torch.testing.assert_close(batches[1]["image"][1], transform(reader.image(5)))
     assert batches[0]["label"].tolist() == reader.labels[:4].tolist()
+
+
+def test_fast_renderer_student_replays_the_teachers_pixels(tmp_path):
+    """Same renderer both sides (it is part of the plan): the student's view of (i, v) is the teacher's."""
+    out = tmp_path / "shards"
+    synthetic_shards(out, num_classes=3, per_class=8, shard_size=5, fmt="jpg", size=160)
+    plan = ViewPlan(size=64, re_prob=0.5, renderer="fast", scale=(0.5, 1.0))  # crops >= 2x: reduced decode
+    teacher = {}
+    for batch in teacher_loader(out, "train", plan, 2, range(18), 64, 6):
+        for i, v, img in zip(batch["index"].tolist(), batch["view"].tolist(), batch["image"]):
+            teacher[i, v] = img
+    mean, std = torch.tensor(MEAN).view(3, 1, 1) * 255, torch.tensor(STD).view(3, 1, 1) * 255
+    seen = 0
+    for epoch in range(2):
+        for batch in student_loader(out, "train", plan, 2, 64, MEAN, STD, 5, seed=3, epoch=epoch):
+            for i, v, img in zip(batch["index"].tolist(), batch["view"].tolist(), batch["image"]):
+                torch.testing.assert_close(img, (teacher[i, v].float() - mean) / std, rtol=0, atol=0)
+                seen += 1
+    assert seen == 36

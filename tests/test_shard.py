@@ -201,3 +201,34 @@ def test_dataset_spec_sets_defaults_and_checks_classes(tmp_path):
     assert result.exit_code == 2 and "expects 4 classes" in result.output
     result = _shard(["--dataset", "nosuch", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "digits" in result.output  # lists the known specs
+
+
+def test_shard_writes_a_verified_index_and_the_reader_opens_from_it(tmp_path, monkeypatch):
+    """Opening a split reads one index per shard (O(shards)), not every tar header (O(samples))."""
+    from pipeline.data import shards as shards_module
+
+    m = synthetic_shards(tmp_path / "s", num_classes=3, per_class=8, shard_size=5, fmt="jpg")
+    scanned = ShardReader(tmp_path / "s", "train")  # reference: what the tar headers say
+    for split in m["splits"].values():
+        for s in split["shards"]:
+            index = tmp_path / "s" / s["index"]
+            assert index.is_file() and sha256_file(index) == s["index_sha256"]
+
+    def no_scan(path):
+        raise AssertionError(f"tar {path} scanned although its index is in the manifest")
+
+    monkeypatch.setattr(shards_module, "index_tar", no_scan)
+    reader = ShardReader(tmp_path / "s", "train")
+    assert reader.keys == scanned.keys and np.array_equal(reader.labels, scanned.labels)
+    assert all(reader.image_bytes(i) == scanned.image_bytes(i) for i in range(len(reader)))
+
+
+def test_a_changed_or_missing_index_is_a_user_error(tmp_path):
+    m = synthetic_shards(tmp_path / "s", shard_size=5)
+    index = tmp_path / "s" / m["splits"]["train"]["shards"][0]["index"]
+    index.write_bytes(index.read_bytes().replace(b'"labels":[0', b'"labels":[1'))
+    with pytest.raises(UserError, match="does not match its sha256"):
+        ShardReader(tmp_path / "s", "train")
+    index.unlink()
+    with pytest.raises(UserError, match="missing"):
+        ShardReader(tmp_path / "s", "train")

@@ -89,7 +89,7 @@ def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: i
     last, image = -1, None
     for j, (i, v) in enumerate(rows):
         if i != last:
-            last, image = i, reader.image(int(i))
+            last, image = i, reader.source(int(i))
         params[j] = view_params(plan, reader.key(int(i)), int(v))
         images[j] = render(image, params[j], plan, size)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(params)

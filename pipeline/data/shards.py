@@ -2,12 +2,15 @@
 
 A split's samples are numbered 0..N-1 in manifest order (shard order, then order inside a shard);
 that index is the row of every teacher store, so the reader gives random access by index through an
-in-memory index of tar member offsets instead of streaming.
+in-memory index of tar member offsets instead of streaming. `shard` writes that index next to each
+shard (`{shard}.idx.json`, its sha256 in the manifest), so opening a split reads one small file per
+shard (O(shards)) instead of every tar header (O(samples)); shards without one are scanned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -24,11 +27,12 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, sha256_file, stable_hash
+from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stable_hash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
 SHARD_MTIME = 0  # fixed tar member times: the same input gives byte-identical shards
+INDEX_SUFFIX, INDEX_FORMAT = ".idx.json", 1  # per-shard index: key, image offset/size, label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,21 +67,102 @@ def index_tar(path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return list(samples.items())
 
 
+def scan_shard(path) -> dict:
+    """One shard's image locations and labels in tar order: {keys, offsets, sizes, labels}."""
+    entries = {"keys": [], "offsets": [], "sizes": [], "labels": []}
+    with open(path, "rb") as f:
+        for key, members in index_tar(path):
+            image_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+            if image_ext is None or "cls" not in members:
+                raise UserError(f"sample '{key}' in {path} lacks an image or a cls entry")
+            f.seek(members["cls"][0])
+            entries["keys"].append(key)
+            entries["offsets"].append(members[image_ext][0])
+            entries["sizes"].append(members[image_ext][1])
+            entries["labels"].append(int(f.read(members["cls"][1])))
+    return entries
+
+
+def write_shard_index(tar_path) -> dict:
+    """Write `{shard}.idx.json` next to a shard (what `scan_shard` finds), so opening a split reads
+    one small file per shard instead of every tar header; returns its manifest fields."""
+    tar_path = Path(tar_path)
+    index = tar_path.with_name(tar_path.name.removesuffix(".tar") + INDEX_SUFFIX)
+    data = (json.dumps({"format": INDEX_FORMAT, **scan_shard(tar_path)}, separators=(",", ":")) + "\n").encode()
+    atomic_write_bytes(index, data)
+    os.chmod(index, 0o644)
+    return {"index": index.name, "index_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_shard_index(shard_dir, shard: dict) -> dict:
+    """The index a manifest shard entry names, verified by its sha256 and count."""
+    path = Path(shard_dir) / shard["index"]
+    fix = "re-run `pipeline shard` to rewrite it"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise UserError(f"shard index {path} listed in the manifest is missing; {fix}") from None
+    if hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
+        raise UserError(f"shard index {path} does not match its sha256 in the manifest (changed or corrupt); {fix}")
+    entries = json.loads(data)
+    if entries.get("format") != INDEX_FORMAT or len(entries["keys"]) != shard["count"]:
+        raise UserError(f"shard index {path} (format {entries.get('format')}) does not describe "
+                        f"{shard['name']}; {fix}")
+    return entries
+
+
 def read_range(path, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
 
 
-def decode_image(data: bytes, origin: str) -> Image.Image:
-    """Fully decoded RGB image; a corrupt or truncated file raises UserError naming `origin`."""
+def decode_image(data: bytes, origin: str, reduce: int = 1) -> Image.Image:
+    """Fully decoded RGB image (a JPEG at 1/`reduce` scale when reduce is 2, 4 or 8); a corrupt or
+    truncated file raises UserError naming `origin`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if reduce > 1:
+                img.draft("RGB", (img.width // reduce, img.height // reduce))
             img.load()
             return img if img.mode == "RGB" else img.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise UserError(f"corrupt or unreadable image {origin}: {err}; fix or remove it, "
                         "or pass --on-bad-image skip") from None
+
+
+class Source:
+    """An image's original bytes, decoded on demand at full or reduced (JPEG DCT-scaled) size, each
+    size once: a renderer that only needs a 1/4-size decode of a large crop asks for that."""
+
+    def __init__(self, data: bytes, origin: str):
+        self.data, self.origin, self._decoded = data, origin, {}
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                self.size = img.size  # from the header: no pixels decoded
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+            decode_image(data, origin)  # raises the one-line error naming the image
+
+    def decoded(self, reduce: int = 1) -> Image.Image:
+        if reduce not in self._decoded:
+            self._decoded[reduce] = decode_image(self.data, self.origin, reduce)
+        return self._decoded[reduce]
+
+    def pixels(self, reduce: int = 1) -> np.ndarray:
+        """uint8 RGB [H, W, 3] decoded by OpenCV (libjpeg-turbo, ~1.5x faster than PIL's decode here),
+        a JPEG at 1/`reduce` scale (2, 4, 8) in the DCT; EXIF orientation ignored, as PIL does."""
+        import cv2
+
+        if ("cv", reduce) not in self._decoded:
+            flags = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                     8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+            out = cv2.imdecode(np.frombuffer(self.data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+            if out is None:
+                out = np.asarray(self.decoded(reduce))  # PIL names the problem, or reads what OpenCV cannot
+            elif reduce > 1:
+                out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)  # the reduced modes decode to BGR only
+            self._decoded["cv", reduce] = out
+        return self._decoded["cv", reduce]
 
 
 def read_manifest(shard_dir) -> dict:
@@ -156,7 +241,7 @@ def _write_split(tmp: Path, split: str, samples: list[Sample], maxcount: int, on
     for path in sorted(tmp.glob(f"{split}-*.tar")):
         count = len(index_tar(path))
         if count:
-            shards.append({"name": path.name, "count": count, "sha256": sha256_file(path)})
+            shards.append({"name": path.name, "count": count, "sha256": sha256_file(path), **write_shard_index(path)})
         else:
             path.unlink()  # ShardWriter opens its next tar before it knows whether a sample follows
     return {"count": len(keys), "fingerprint": stable_hash({"keys": keys, "labels": labels}),
@@ -191,15 +276,10 @@ class ShardReader:
             if not path.is_file():
                 raise UserError(f"shard {path} listed in the manifest is missing; re-run `pipeline shard`")
             self.paths.append(path)
-            with open(path, "rb") as f:
-                for key, members in index_tar(path):
-                    image_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
-                    if image_ext is None or "cls" not in members:
-                        raise UserError(f"sample '{key}' in {path} lacks an image or a cls entry")
-                    keys.append(key)
-                    loc.append((len(self.paths) - 1, *members[image_ext]))
-                    f.seek(members["cls"][0])
-                    labels.append(int(f.read(members["cls"][1])))
+            entries = read_shard_index(self.shard_dir, shard) if "index" in shard else scan_shard(path)
+            keys += entries["keys"]
+            labels += entries["labels"]
+            loc += [(len(self.paths) - 1, o, n) for o, n in zip(entries["offsets"], entries["sizes"])]
         if len(keys) != manifest["splits"][split]["count"]:
             raise UserError(f"{self.shard_dir}: split {split} holds {len(keys)} samples but the manifest "
                             f"says {manifest['splits'][split]['count']}; re-run `pipeline shard`")
@@ -221,4 +301,11 @@ class ShardReader:
         return read_range(self.paths[shard], int(offset), int(size))
 
     def image(self, i: int) -> Image.Image:
-        return decode_image(self.image_bytes(i), f"{self.paths[self._loc[i][0]]}:{self.keys[i]}")
+        return decode_image(self.image_bytes(i), self._origin(i))
+
+    def source(self, i: int) -> Source:
+        """Sample i's bytes, decoded by the renderer at the size it needs (see views.render)."""
+        return Source(self.image_bytes(i), self._origin(i))
+
+    def _origin(self, i: int) -> str:
+        return f"{self.paths[self._loc[i][0]]}:{self.keys[i]}"
