@@ -101,22 +101,27 @@ def speed(runners: dict, size: int, runs: int = 100, batch: int = 32) -> dict:
 
 
 def recipe_summary(info: dict) -> str:
-    """One line saying what the student's recipe did: KD or not, branches, schedule."""
+    """One line saying exactly what the student's recipe had on: KD (alpha, tau, teachers) or labels only,
+    the re-parameterized branches (N, 1x1, identity) or the plain stock network, and the schedule."""
     recipe, kwargs = info.get("recipe") or {}, info.get("model_kwargs") or {}
     teachers = info.get("teachers") or []
     alpha = recipe.get("alpha", 0)
-    kd = f"KD a={alpha:g} tau={recipe.get('tau', 1):g}" if alpha and teachers else "labels only"
-    branches = kwargs.get("num_branches")
-    if branches is None:
-        rep = "stock"
-    elif branches == 1 and not kwargs.get("scale_branch", True):
-        rep = "no re-param"
-    else:
-        rep = f"N={branches}" + ("+1x1" if kwargs.get("scale_branch", True) else "")
-    parts = [kd, rep]
+    kd = (f"KD a={alpha:g} tau={recipe.get('tau', 1):g} from {'+'.join(teachers)}" if alpha and teachers
+          else "labels only")
+    parts = [kd, _branches(kwargs)]
     if recipe.get("epochs"):
         parts.append(f"{recipe['epochs']} ep {recipe.get('opt', '')}".strip())
     return f"{recipe.get('name', '?')}: " + ", ".join(parts)
+
+
+def _branches(kwargs: dict) -> str:
+    """'re-param N=3 + 1x1 + identity', 'plain (stock network)' (N=1, no 1x1, no identity), or 'stock model'."""
+    if "num_branches" not in kwargs:
+        return "stock model"
+    # a record without a branch key predates the option: that branch was always built
+    on = [f"N={kwargs['num_branches']}"] + [name for key, name in (("scale_branch", "1x1"), ("identity_branch", "identity"))
+                                             if kwargs.get(key, True)]
+    return "plain (stock network)" if on == ["N=1"] else "re-param " + " + ".join(on)
 
 
 def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:

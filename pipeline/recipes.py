@@ -33,10 +33,11 @@ class Recipe:
     lr: float = knob(5e-3, "Peak learning rate (after warmup).")
     weight_decay: float = knob(0.05, "Weight decay; never applied to norms and biases (1-d params).")
     momentum: float = knob(0.9, "Momentum (sgd/rmsprop-style optimizers).")
-    grad_clip: Optional[float] = knob(None, "Clip the gradient norm to this value; null = no clipping.")
+    grad_clip: Optional[float] = knob(None, "Clip the global gradient norm to this value; null = no clipping "
+                                            "(also none inside the optimizer: timm's Lamb would clip at 1.0).")
     sched: str = knob("cosine", "LR schedule, stepped every update: cosine (to min_lr) or step.")
     min_lr: float = knob(0.0, "Final learning rate of the cosine schedule.")
-    warmup_epochs: float = knob(0, "Epochs of linear warmup from warmup_lr.")
+    warmup_epochs: float = knob(0, "Epochs of linear warmup from warmup_lr up to lr (reached at its end).")
     warmup_lr: float = knob(1e-6, "Learning rate at the start of the warmup.")
     decay_epochs: float = knob(30, "step schedule: epochs between decays.")
     decay_rate: float = knob(0.1, "step schedule: factor per decay.")
@@ -47,6 +48,9 @@ class Recipe:
     label_smoothing: float = knob(0.1, "Label smoothing of the CE term.")
     num_branches: Optional[int] = knob(None, "rep_* students: parallel kxk branches N (1..5); null = manifest's.")
     scale_branch: Optional[bool] = knob(None, "rep_* students: add the 1x1 depthwise branch; null = manifest's.")
+    identity_branch: Optional[bool] = knob(None, "rep_* students: add the BN identity branch where shapes allow; "
+                                                 "null = manifest's (default on). N=1 with no 1x1 and no identity "
+                                                 "is the stock network.")
     auto_augment: Optional[str] = knob(None, "RandAugment spec of the views, e.g. rand-m9-mstd0.5; with a "
                                              "store it must match the store's plan; null = the store's.")
     re_prob: Optional[float] = knob(None, "RandomErasing probability of the views (as auto_augment).")
@@ -132,6 +136,7 @@ def _validate(where, r: Recipe) -> None:
     check(0 <= r.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {r.label_smoothing}")
     check(r.sched in SCHEDULES, f"sched must be one of {', '.join(SCHEDULES)}, got '{r.sched}'")
     check(r.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {r.warmup_epochs}")
+    check(r.grad_clip is None or r.grad_clip > 0, f"grad_clip must be > 0 or null, got {r.grad_clip}")
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
     check(r.num_branches is None or 1 <= r.num_branches <= 5, f"num_branches must be in 1..5, got {r.num_branches}")
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")

@@ -19,6 +19,7 @@ channels_last.
 import contextlib
 import csv
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import save
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_class
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -48,6 +49,7 @@ from pipeline.distill import ensemble_target, kd_loss
 from pipeline.errors import UserError
 from pipeline.evaluate import topk_hits
 from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.models.rep import rep_settings
 from pipeline.recipes import Recipe
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -71,22 +73,54 @@ def student_size(student: dict, recipe: Recipe) -> int:
     return size
 
 
+REP_FIELDS = ("num_branches", "scale_branch", "identity_branch")  # recipe fields that are rep_* model kwargs
+
+
 def build_student(student: dict, recipe: Recipe, num_classes: int):
-    """timm.create_model from the student manifest, with the recipe's re-parameterization knobs."""
+    """timm.create_model from the student manifest, with the recipe's re-parameterization knobs.
+
+    Returns (model, kwargs); kwargs also hold the branch settings the model was built with (rep_settings),
+    so student.json and the report name what was on, defaults included.
+    """
     kwargs = dict(student.get("model_kwargs") or {})
-    if recipe.num_branches is not None:
-        kwargs["num_branches"] = recipe.num_branches
-    if recipe.scale_branch is not None:
-        kwargs["scale_branch"] = recipe.scale_branch
+    kwargs.update({k: getattr(recipe, k) for k in REP_FIELDS if getattr(recipe, k) is not None})
     try:
-        return timm.create_model(student["model"], num_classes=num_classes, **kwargs), kwargs
+        model = timm.create_model(student["model"], num_classes=num_classes, **kwargs)
     except TypeError as err:
         raise UserError(
             f"student model {student['model']} rejects {sorted(kwargs)} ({err}); for a non-rep model set "
-            f"num_branches and scale_branch to null in the recipe"
+            f"{', '.join(REP_FIELDS)} to null in the recipe"
         ) from None
     except RuntimeError as err:
         raise UserError(f"cannot create student model {student['model']}: {err}") from None
+    return model, {**kwargs, **rep_settings(model)}
+
+
+def create_optimizer(model, recipe: Recipe):
+    """timm's optimizer for the recipe, with no clipping of its own: recipe.grad_clip is the only one that holds.
+
+    (timm's Lamb family clips the global gradient norm at 1.0 by default; the paper mentions no clipping.)
+    """
+    extra = {}
+    if "max_grad_norm" in inspect.signature(get_optimizer_class(recipe.opt, bind_defaults=False)).parameters:
+        extra["max_grad_norm"] = None
+    return create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                               momentum=recipe.momentum, **extra)
+
+
+def create_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
+    """timm's per-update schedule: linear warmup that ends AT recipe.lr, then the decay over the remaining updates.
+
+    Counted in updates (timm's warmup_prefix starts the decay at the peak; without it the cosine starts during
+    warmup and the peak is never reached). A run no longer than its warmup is all warmup.
+    """
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=max(1, recipe.epochs * steps_per_epoch - warmup),
+        decay_epochs=recipe.decay_epochs * steps_per_epoch, decay_rate=recipe.decay_rate, min_lr=recipe.min_lr,
+        warmup_lr=recipe.warmup_lr, warmup_epochs=warmup, warmup_prefix=True, step_on_epochs=False,
+        updates_per_epoch=1)
+    return scheduler
 
 
 def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_classes: int, size: int,
@@ -235,12 +269,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                    momentum=recipe.momentum)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, decay_epochs=recipe.decay_epochs,
-        decay_rate=recipe.decay_rate, min_lr=recipe.min_lr, warmup_lr=recipe.warmup_lr,
-        warmup_epochs=recipe.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    optimizer = create_optimizer(model, recipe)
+    scheduler = create_scheduler(optimizer, recipe, steps_per_epoch)
     ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup) if recipe.ema_decay else None
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
@@ -295,7 +325,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             losses = kd_loss(logits, labels, target, recipe.alpha, recipe.tau, recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            if recipe.grad_clip:
+            if recipe.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             step += 1

@@ -31,11 +31,20 @@ def test_latency_is_the_median_of_the_timed_runs():
     assert len(calls) == 103 and 0 <= ms < 1
 
 
+DEMO = {"name": "demo", "alpha": 0.5, "tau": 1.0, "epochs": 6, "opt": "lamb"}
+
+
 @pytest.mark.parametrize("kwargs, teachers, recipe, expected", [
-    ({"num_branches": 3, "scale_branch": True}, ["t"], {"name": "demo", "alpha": 0.5, "tau": 1.0, "epochs": 6,
-                                                        "opt": "lamb"}, "demo: KD a=0.5 tau=1, N=3+1x1, 6 ep lamb"),
-    ({"num_branches": 1, "scale_branch": False}, [], {"name": "demo", "alpha": 0.0, "epochs": 6, "opt": "lamb"},
-     "demo: labels only, no re-param, 6 ep lamb"),
+    ({"num_branches": 3, "scale_branch": True, "identity_branch": True}, ["t1", "t2"], DEMO,
+     "demo: KD a=0.5 tau=1 from t1+t2, re-param N=3 + 1x1 + identity, 6 ep lamb"),
+    ({"num_branches": 1, "scale_branch": False, "identity_branch": False}, [], {**DEMO, "alpha": 0.0},
+     "demo: labels only, plain (stock network), 6 ep lamb"),
+    # N=1 without the 1x1 still had the identity BN in many blocks: not the stock network
+    ({"num_branches": 1, "scale_branch": False, "identity_branch": True}, [], {**DEMO, "alpha": 0.0},
+     "demo: labels only, re-param N=1 + identity, 6 ep lamb"),
+    ({"num_branches": 1, "scale_branch": False}, ["t"], {**DEMO, "tau": 4.0},  # recorded before identity_branch
+     "demo: KD a=0.5 tau=4 from t, re-param N=1 + identity, 6 ep lamb"),
+    ({}, ["t"], {**DEMO, "alpha": 0.9}, "demo: KD a=0.9 tau=1 from t, stock model, 6 ep lamb"),
 ])
 def test_recipe_summary(kwargs, teachers, recipe, expected):
     assert recipe_summary({"model_kwargs": kwargs, "teachers": teachers, "recipe": recipe}) == expected

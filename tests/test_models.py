@@ -14,22 +14,31 @@ from pipeline.models import (
     to_stock,
 )
 from pipeline.models.ghostnet import GHOSTNET_CFGS
-from pipeline.models.rep import RepConvBN
+from pipeline.models.rep import RepConvBN, rep_settings
 
 MODELS = ["rep_ghostnetv3_050", "rep_ghostnetv3_100", "rep_ghostnetv3_130", "rep_ghostnetv3_160",
           "rep_mobilenetv2_100", "rep_mobilenetv2_140", "rep_shufflenetv2_100", "rep_shufflenetv2_200"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a folding mistake shows in the outputs."""
+    """Non-trivial BN statistics and affine terms, so a folding mistake shows in the outputs.
+
+    A quarter of the channels get a variance near eps (0.1 to 2 eps), where forgetting eps in a fold changes
+    the channel's scale by 1.2x to 3.3x; their weight is scaled by sqrt(var + eps) to keep activations O(1).
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
+                var = torch.rand(n, generator=gen) * 1.5 + 0.5
+                weight = torch.rand(n, generator=gen) + 0.5
+                tiny = torch.rand(n, generator=gen) < 0.25
+                var[tiny] = m.eps * (0.1 + 1.9 * torch.rand(int(tiny.sum()), generator=gen))
+                weight[tiny] *= torch.sqrt(var[tiny] + m.eps)
                 m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.running_var.copy_(var)
+                m.weight.copy_(weight)
                 m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
     return model.eval()
 
@@ -111,10 +120,36 @@ def test_fused_equals_training_form_and_stock(name, num_branches, scale_branch):
         assert_same_logits(ref, stock(x))
 
 
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plain_training_form_is_the_stock_network(name):
+    """N=1, no 1x1, no identity: exactly the stock model's parameters, and the same function as its fused form."""
+    model = timm.create_model(name, num_classes=10, num_branches=1, scale_branch=False, identity_branch=False)
+    assert n_params(model) == n_params(create_stock_model(name, 10))
+    assert rep_settings(model) == {"num_branches": 1, "scale_branch": False, "identity_branch": False}
+    randomize_bn(model, seed=7)
+    x = images()
+    with torch.no_grad():
+        assert_same_logits(model(x), to_stock(model)(x))
+
+
+def test_rep_settings_say_what_was_built():
+    model = timm.create_model("rep_mobilenetv2_100", num_branches=2, identity_branch=False)
+    assert rep_settings(model) == {"num_branches": 2, "scale_branch": True, "identity_branch": False}
+    assert rep_settings(timm.create_model("rep_shufflenetv2_100"))["identity_branch"] is True
+    assert rep_settings(create_stock_model("rep_ghostnetv3_050", 10)) == {}
+    with pytest.raises(ValueError, match="before reparameterize"):
+        rep_settings(reparameterize(model))
+
+
 def test_branch_options_change_the_training_form():
     def count(**kw):
         return sum(p.numel() for p in timm.create_model("rep_ghostnetv3_050", **kw).parameters())
-    assert count(num_branches=1, scale_branch=False) < count(num_branches=1) < count(num_branches=3)
+    assert (count(num_branches=1, scale_branch=False, identity_branch=False) < count(num_branches=1, scale_branch=False)
+            < count(num_branches=1) < count(num_branches=3))
     with pytest.raises(ValueError, match="num_branches"):
         timm.create_model("rep_ghostnetv3_050", num_branches=0)
 

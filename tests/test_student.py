@@ -128,11 +128,11 @@ def test_cli_plain_ce_ensemble_and_errors(data, tmp_path):
     args = ["student", "--student", str(student), "--teachers", "t1,t2", "--teacher-weights", "2,1",
             "--recipe", "demo", "--shards", str(root / "shards"), "--teach-dir", str(root / "teach"),
             "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "16", "--num-branches", "2",
-            "--no-scale-branch", "--set", "ema_decay=null", "--quiet"]
+            "--no-scale-branch", "--no-identity-branch", "--set", "ema_decay=null", "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "out" / "student.json").read_text())
-    assert info["model_kwargs"] == {"num_branches": 2, "scale_branch": False}
+    assert info["model_kwargs"] == {"num_branches": 2, "scale_branch": False, "identity_branch": False}
     assert info["teachers"] == ["t1", "t2"] and info["teacher_weights"] == [2.0, 1.0]
     assert info["weights"] == "model.safetensors" and not (tmp_path / "out" / "ema.safetensors").exists()
 

@@ -8,6 +8,7 @@ from timm.optim import create_optimizer_v2
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.recipes import load_recipe, parse_overrides
+from pipeline.train import create_optimizer, create_scheduler
 
 
 def test_paper_recipe_holds_the_papers_values():
@@ -35,6 +36,8 @@ def test_overrides_as_strings_or_dict():
     (["alpha=null"], "'alpha' cannot be null"),
     (["alpha"], "not key=value"),
     (["num_branches=7"], "num_branches must be in 1..5"),
+    (["grad_clip=0"], "grad_clip must be > 0 or null"),
+    (["identity_branch=1"], "'identity_branch' must be bool"),
 ])
 def test_bad_overrides_are_refused_by_name(bad, message):
     with pytest.raises(UserError, match=message):
@@ -62,3 +65,43 @@ def test_checkpoint_round_trips_lamb_state(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="unreadable"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def _lamb_after_two_steps(optimizer_for):
+    """Weights after two Lamb steps whose gradients differ 1000x in norm (so a norm clip changes the result)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = optimizer_for(model)
+    x = torch.randn(16, 8)
+    for scale in (1000.0, 1.0):
+        opt.zero_grad()
+        (scale * model(x).square().mean()).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_grad_clip_null_means_no_clipping_in_lamb_either():
+    """timm's Lamb clips the global grad norm at 1.0 unless told otherwise; the recipe's null must hold."""
+    recipe = load_recipe("ghostnetv3-paper")
+    assert recipe.grad_clip is None
+    timm_lamb = dict(opt="lamb", lr=recipe.lr, weight_decay=recipe.weight_decay)
+    ours = _lamb_after_two_steps(lambda m: create_optimizer(m, recipe))
+    unclipped = _lamb_after_two_steps(lambda m: create_optimizer_v2(m, **timm_lamb, max_grad_norm=None))
+    clipped = _lamb_after_two_steps(lambda m: create_optimizer_v2(m, **timm_lamb))
+    assert not torch.allclose(clipped, unclipped)  # the test can tell the two apart
+    torch.testing.assert_close(ours, unclipped, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step"])
+def test_warmup_ends_at_the_peak_lr(sched):
+    recipe = load_recipe("demo", {"sched": sched, "epochs": 6, "warmup_epochs": 2, "decay_epochs": 2})
+    steps, warmup = 7, 14
+    opt = create_optimizer(torch.nn.Linear(2, 2), recipe)
+    scheduler = create_scheduler(opt, recipe, steps)
+    lrs = []
+    for update in range(recipe.epochs * steps):
+        scheduler.step_update(update)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == recipe.warmup_lr and all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
+    assert lrs[warmup] == max(lrs) == recipe.lr
+    assert lrs[-1] < 0.2 * recipe.lr  # and it still decays within the run

@@ -1,7 +1,8 @@
 """Re-parameterizable students and their fusion into stock inference architectures.
 
 Importing this package registers in timm: rep_ghostnetv3_050/_100/_130/_160, rep_mobilenetv2_100/_140,
-rep_shufflenetv2_100/_200 (kwargs: num_branches 1..5, scale_branch, num_classes). After
+rep_shufflenetv2_100/_200 (kwargs: num_branches 1..5, scale_branch, identity_branch, num_classes; with
+num_branches=1, scale_branch=False, identity_branch=False the training form IS the stock network). After
 `reparameterize(model)` every RepConvBN is one conv with bias; `to_stock(model)` loads those weights
 (strict) into the stock timm / torchvision model, so deployment needs no code of ours.
 """

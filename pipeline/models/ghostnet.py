@@ -46,7 +46,7 @@ class RepGhostNetV3(GhostNet):
     """GhostNetV3 training form; `pipeline.models.reparameterize` turns it into GhostNetV2's deploy form."""
 
     def __init__(self, cfgs=GHOSTNET_CFGS, width: float = 1.0, num_branches: int = 3, scale_branch: bool = True,
-                 **kwargs):
+                 identity_branch: bool = True, **kwargs):
         super().__init__(cfgs, width=width, version="v2", **kwargs)
         rep = dict(num_branches=num_branches, scale_branch=scale_branch)
         for block in self.modules():
@@ -54,7 +54,7 @@ class RepGhostNetV3(GhostNet):
                 continue
             for ghost in (block.ghost1, block.ghost2):
                 replace_conv_bn(ghost.primary_conv, "0", "1", identity=False, **rep)
-                replace_conv_bn(ghost.cheap_operation, "0", "1", identity=True, **rep)
+                replace_conv_bn(ghost.cheap_operation, "0", "1", identity=identity_branch, **rep)
             if block.conv_dw is not None:
                 replace_conv_bn(block, "conv_dw", "bn_dw", identity=False, **rep)
 

@@ -21,12 +21,14 @@ _CONV_BN_PAIRS = {
 STOCK = {"rep_mobilenetv2_100": "mobilenetv2_100", "rep_mobilenetv2_140": "mobilenetv2_140"}
 
 
-def _rep_mobilenetv2(stock: str, num_branches: int = 3, scale_branch: bool = True, **kwargs):
+def _rep_mobilenetv2(stock: str, num_branches: int = 3, scale_branch: bool = True, identity_branch: bool = True,
+                     **kwargs):
     """Build the stock timm model and swap its block convs for RepConvBN blocks."""
     model = timm.create_model(stock, **kwargs)
     for block in model.blocks.modules():
         for conv_name, bn_name in _CONV_BN_PAIRS.get(type(block), ()):
-            replace_conv_bn(block, conv_name, bn_name, num_branches=num_branches, scale_branch=scale_branch)
+            replace_conv_bn(block, conv_name, bn_name, num_branches=num_branches, scale_branch=scale_branch,
+                            identity=identity_branch)
     return model
 
 

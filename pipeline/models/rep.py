@@ -143,6 +143,19 @@ def replace_conv_bn(parent: nn.Module, conv_name: str, bn_name: str, **kwargs) -
     return rep
 
 
+def rep_settings(model: nn.Module) -> dict:
+    """{num_branches, scale_branch, identity_branch} as built into an unfused model's RepConvBN blocks ({} for
+    a model without any): recorded with a run so that its label says what was on, not what was asked."""
+    blocks = [m for m in model.modules() if isinstance(m, RepConvBN)]
+    if not blocks:
+        return {}
+    if any(b.fused is not None for b in blocks):
+        raise ValueError("rep_settings reads the training form: call it before reparameterize(model)")
+    return {"num_branches": max(len(b.convs) for b in blocks),
+            "scale_branch": any(b.scale is not None for b in blocks),
+            "identity_branch": any(b.identity is not None for b in blocks)}
+
+
 def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a fused model renamed onto the stock architecture.
 

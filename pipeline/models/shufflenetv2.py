@@ -29,7 +29,7 @@ class RepShuffleNetV2(ShuffleNetV2):
     """ShuffleNetV2 training form, plus the few timm model attributes the training code relies on."""
 
     def __init__(self, width: str = "100", num_classes: int = 1000, in_chans: int = 3, num_branches: int = 3,
-                 scale_branch: bool = True):
+                 scale_branch: bool = True, identity_branch: bool = True):
         if in_chans != 3:
             raise ValueError(f"rep_shufflenetv2 takes 3 input channels, got in_chans={in_chans}")
         super().__init__(*_ARCH[width], num_classes=num_classes)
@@ -43,7 +43,7 @@ class RepShuffleNetV2(ShuffleNetV2):
                     continue
                 for conv_name, bn_name in pairs:
                     replace_conv_bn(branch, conv_name, bn_name, num_branches=num_branches,
-                                    scale_branch=scale_branch)
+                                    scale_branch=scale_branch, identity=identity_branch)
 
     def get_classifier(self) -> nn.Module:
         return self.fc
