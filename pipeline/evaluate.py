@@ -119,8 +119,8 @@ def _branches(kwargs: dict) -> str:
     if "num_branches" not in kwargs:
         return "stock model"
     # a record without a branch key predates the option: that branch was always built
-    on = [f"N={kwargs['num_branches']}"] + [name for key, name in (("scale_branch", "1x1"), ("identity_branch", "identity"))
-                                             if kwargs.get(key, True)]
+    branches = (("scale_branch", "1x1"), ("identity_branch", "identity"))
+    on = [f"N={kwargs['num_branches']}"] + [name for key, name in branches if kwargs.get(key, True)]
     return "plain (stock network)" if on == ["N=1"] else "re-param " + " + ".join(on)
 
 

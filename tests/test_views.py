@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import random
 import subprocess
 import sys
 
@@ -11,7 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.data.views import GRID, MAG_SCALE, ViewPlan, _op_args, _rand_augment, crop_box, render, view_params
+from pipeline.data.views import (
+    FLIP_SLOT,
+    GRID,
+    LAYERS_SLOT,
+    MAG_SCALE,
+    ViewPlan,
+    _op_args,
+    _rand_augment,
+    crop_box,
+    render,
+    view_params,
+)
 from pipeline.errors import UserError
 
 PLAN = ViewPlan(size=64)
@@ -34,7 +46,7 @@ def _digest(arrays) -> str:
 
 def test_params_are_pure_uint16_and_sized():
     p = view_params(PLAN, "a/b", 3)
-    assert p.dtype == np.uint16 and p.shape == (PLAN.params_dim,) == (15,)
+    assert p.dtype == np.uint16 and p.shape == (PLAN.params_dim,) == (13,)
     np.testing.assert_array_equal(p, view_params(PLAN, "a/b", 3))
     assert not np.array_equal(p, view_params(PLAN, "a/b", 4))
     assert not np.array_equal(p, view_params(dataclasses.replace(PLAN, seed=1), "a/b", 3))
@@ -43,7 +55,7 @@ def test_params_are_pure_uint16_and_sized():
 def test_plan_dict_roundtrip_and_stable_hash():
     plan = ViewPlan.from_dict(PLAN.to_dict())
     assert plan == PLAN and plan.hash() == PLAN.hash()
-    assert ViewPlan().hash() == "e6ab15920ef29fa4"  # changing it orphans every teacher store
+    assert ViewPlan().hash() == "15ed67ddf6c99707"  # changing it orphans every store (layout 2: timm's crop law)
     assert dataclasses.replace(PLAN, re_prob=0.3).hash() != PLAN.hash()
     with pytest.raises(UserError, match="unknown view plan fields"):
         ViewPlan.from_dict({"sed": 1})
@@ -120,10 +132,11 @@ def test_op_arguments_are_timms():
 def test_view_statistics_follow_the_plan():
     plan = ViewPlan(size=64)
     params = np.stack([view_params(plan, f"s{i}", 0) for i in range(2000)])
-    assert 0.45 < params[:, 4].mean() < 0.55  # flip p=0.5
-    assert 0.9 < params[:, 5].mean() < 1.1  # 2 layers, each applied with p=0.5
+    assert 0.45 < params[:, FLIP_SLOT].mean() < 0.55  # flip p=0.5
+    assert 0.9 < params[:, LAYERS_SLOT].mean() < 1.1  # 2 layers, each applied with p=0.5
     assert 0.22 < (params[:, -1] > 0).mean() < 0.28  # erase p=0.25
-    mags = params[:, 7][params[:, 7] > 0] / MAG_SCALE
+    mag = LAYERS_SLOT + 2
+    mags = params[:, mag][params[:, mag] > 0] / MAG_SCALE
     assert 8.8 < mags.mean() < 9.2 and mags.max() <= 10
 
 
@@ -142,7 +155,7 @@ def _jpeg(size=(500, 375), seed=0):
 def test_renderer_is_part_of_the_plan_hash():
     fast = dataclasses.replace(PLAN, renderer="fast")
     assert fast.hash() != PLAN.hash() and ViewPlan.from_dict(fast.to_dict()) == fast
-    assert ViewPlan().hash() == "e6ab15920ef29fa4"  # the reference keeps the hash plans had before
+    assert ViewPlan().hash() == "15ed67ddf6c99707"  # the reference adds nothing to the hash (layout 2 did)
     with pytest.raises(UserError, match="renderer 'pillow'"):
         ViewPlan(renderer="pillow")
 
@@ -177,3 +190,45 @@ def test_fast_lookup_table_ops_equal_timms():
     for fn, arg_sets in cases.items():
         for args in arg_sets:
             np.testing.assert_array_equal(_LUT_OPS[fn](*args)[np.asarray(image)], np.asarray(fn(image, *args)))
+
+
+def _area_and_log_ratio(boxes, size) -> np.ndarray:
+    """Per crop: area as a fraction of the image, and log(width / height)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    return np.stack([w * h / (size[0] * size[1]), np.log(w / h)], 1)
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0)])
+@pytest.mark.parametrize("size", [(400, 400), (400, 300), (300, 400), (600, 200)])
+def test_crop_law_is_timms_random_resized_crop(size, scale):
+    """Area and aspect ratio of our crops vs timm's RandomResizedCrop.get_params: a two-sample KS test."""
+    from scipy.stats import ks_2samp
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    n = 3000
+    plan = ViewPlan(size=64, scale=scale, auto_augment=None, re_prob=0.0)
+    ours = _area_and_log_ratio([crop_box(view_params(plan, f"s{i}", 0), plan, size) for i in range(n)], size)
+    random.seed(0)  # timm draws from Python's global RNG
+    image = Image.new("RGB", size)
+    theirs = []
+    for _ in range(n):
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(image, plan.scale, plan.ratio)
+        theirs.append((left, top, left + w, top + h))
+    theirs = _area_and_log_ratio(theirs, size)
+    for column, name in enumerate(("area", "log aspect ratio")):
+        result = ks_2samp(ours[:, column], theirs[:, column])
+        assert result.pvalue > 1e-3, f"{name}: KS {result.statistic:.3f}, p {result.pvalue:.2g}"
+
+
+def test_crop_falls_back_to_timms_centre_crop():
+    """No draw fits a 3:1 image at area 1 and ratio 1: the centre square, as timm's fallback gives."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    plan = ViewPlan(size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), auto_augment=None, re_prob=0.0)
+    top, left, h, w = RandomResizedCropAndInterpolation.get_params(Image.new("RGB", (600, 200)), plan.scale, plan.ratio)
+    assert crop_box(view_params(plan, "x", 0), plan, (600, 200)) == (left, top, left + w, top + h) == (200, 0, 400, 200)
+    for v in range(20):  # a crop that fits is never clamped: its aspect stays in the ratio range
+        box = crop_box(view_params(ViewPlan(size=64), "y", v), ViewPlan(size=64), (600, 200))
+        aspect = (box[2] - box[0]) / (box[3] - box[1])
+        assert 3 / 4 - 0.02 < aspect < 4 / 3 + 0.02 and box[3] <= 200

@@ -3,13 +3,14 @@
 Teacher and student must see the same pixels (function matching), and the teacher store keeps the
 parameters of every view, so a view is described by a small uint16 vector and `render` turns
 (image, vector) into pixels. The random choices are ours (a numpy Generator seeded by a hash of
-(seed, key, view), never a global RNG); what they mean is timm's: RandomResizedCrop scale/ratio,
-timm's RandAugment spec parsing, op set, magnitude mapping and op functions, RandomErasing's box law.
+(seed, key, view), never a global RNG); what they mean is timm's: RandomResizedCrop's law (up to 10
+draws of area and log-ratio, the first that fits the image, else the centre crop clamped to the ratio
+range), timm's RandAugment spec parsing, op set, magnitude mapping and op functions, RandomErasing's box law.
 
-Layout of the vector (P = 6 + 2 * layers + 4 * erase boxes + 1), every slot on a uint16 grid:
-    [0:4]   crop: area in the scale range, log-ratio in the ratio range, x and y position (0..GRID)
-    [4]     horizontal flip (0/1)
-    [5]     number of RandAugment layers applied (those not skipped by the op's probability)
+Layout of the vector (P = 4 + 2 * layers + 4 * erase boxes + 1), every slot on a uint16 grid:
+    [0:2]   crop seed (32 bits, low word first): the crop's draws, replayed by `crop_box` for an image size
+    [2]     horizontal flip (0/1)
+    [3]     number of RandAugment layers applied (those not skipped by the op's probability)
     then per layer: op code (1 + 2 * op index + negated) or 0 if skipped; magnitude * 10
     then per erase box: x0, y0, w, h as fractions of the output (0..GRID), all 0 if unused
     [-1]    noise seed of the erased pixels (0 when nothing is erased)
@@ -32,13 +33,16 @@ from timm.data.transforms import str_to_pil_interp
 from pipeline.errors import UserError
 from pipeline.io import stable_hash
 
-GRID = 1023  # fractions (crop, position, erase boxes) are stored as q / GRID: 10 bits, < 0.5 px at 500 px
+GRID = 1023  # erase-box fractions are stored as q / GRID: 10 bits, < 0.5 px at 500 px
 MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degrees of rotation a step
-PARAMS_LAYOUT = 1  # part of the plan hash: a new layout never reads stores written with an old one
+# Part of the plan hash: a new layout or crop law never reads stores written with an old one.
+# 2: timm's RandomResizedCrop tries + centre fallback from a stored crop seed (1 clamped the box to the image).
+PARAMS_LAYOUT = 2
 ERASE_AREA = (0.02, 1 / 3)  # timm RandomErasing defaults (fraction of the image)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 ERASE_FILL = (124, 116, 104)  # ImageNet mean in uint8, timm's fill for geometric ops and const erase
-CROP_SLOTS, FLIP_SLOT, LAYERS_SLOT = 4, 4, 5
+CROP_SLOTS, FLIP_SLOT, LAYERS_SLOT = 2, 2, 3
+CROP_TRIES = 10  # timm RandomResizedCrop's attempts before its centre-crop fallback
 # Renderers a plan can name, with their versions (in the plan hash: new pixels never mix into an old store).
 # reference: PIL all the way (resize of the crop box, timm's op functions). fast: a JPEG decoded at
 # reduced size when the crop is >= 2x the output, crop + flip + affine ops (Rotate, Shear, Translate)
@@ -114,7 +118,7 @@ class ViewPlan:
 
     @property
     def params_dim(self) -> int:
-        return 6 + 2 * self.num_layers + 4 * self.re_count + 1
+        return CROP_SLOTS + 2 + 2 * self.num_layers + 4 * self.re_count + 1
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,7 +157,7 @@ def view_params(plan: ViewPlan, key: str, view: int) -> np.ndarray:
     """The uint16 parameter vector of view `view` of sample `key` (pure: no global state)."""
     rng = _rng(plan, key, int(view))
     p = np.zeros(plan.params_dim, dtype=np.uint16)
-    p[:CROP_SLOTS] = [_q(x) for x in rng.random(4)]
+    p[:CROP_SLOTS] = rng.integers(0, 1 << 16, CROP_SLOTS)
     p[FLIP_SLOT] = rng.random() < plan.hflip
     ra = _rand_augment(plan.auto_augment, plan.size, plan.interpolation)
     if ra.num_layers:
@@ -199,16 +203,30 @@ def _erase_box(rng) -> list[int]:
     return [0, 0, 0, 0]
 
 
-def crop_box(params, plan: ViewPlan, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Source-pixel box (left, top, right, bottom) of the crop; independent of the output size."""
+def crop_box(params, plan: ViewPlan, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Source-pixel box (left, top, right, bottom) of the crop; independent of the output size.
+
+    timm RandomResizedCrop's law with our draws (from the view's stored crop seed, so the box is a pure
+    function of the stored params and the image size): up to 10 tries of (area, log-ratio) uniform in the
+    plan's ranges, sides rounded to pixels, the first that fits at a uniform pixel position; else the centre
+    crop of the image clamped to the ratio range.
+    """
     width, height = image_size
-    s, r, u, v = (int(x) / GRID for x in params[:CROP_SLOTS])
-    area = (plan.scale[0] + s * (plan.scale[1] - plan.scale[0])) * width * height
-    log_lo, log_hi = math.log(plan.ratio[0]), math.log(plan.ratio[1])
-    aspect = math.exp(log_lo + r * (log_hi - log_lo))
-    w = min(math.sqrt(area * aspect), width)
-    h = min(math.sqrt(area / aspect), height)
-    left, top = u * (width - w), v * (height - h)
+    rng = np.random.default_rng(int(params[0]) | int(params[1]) << 16)
+    log_ratio = (math.log(plan.ratio[0]), math.log(plan.ratio[1]))
+    for _ in range(CROP_TRIES):
+        area = rng.uniform(*plan.scale) * width * height
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    w, h = width, height
+    if width / height < plan.ratio[0]:
+        h = round(width / plan.ratio[0])
+    elif width / height > plan.ratio[1]:
+        w = round(height * plan.ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
 
 
