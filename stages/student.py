@@ -1,7 +1,8 @@
 """`pipeline student`: train a student against stored teacher logits (pipeline.train).
 
 Every recipe field is also a flat option (--alpha, --epochs, --num-branches, --scale-branch/
---no-scale-branch, ...) so that an ablation is one option or one params.yaml key; --set key=value
+--no-scale-branch, --identity-branch/--no-identity-branch, ...) so that an ablation is one option or one
+params.yaml key (--num-branches 1 --no-scale-branch --no-identity-branch: the stock network); --set key=value
 reaches the same fields (and can set one to null). Run under torchrun for several processes.
 """
 
