@@ -28,6 +28,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import numcodecs
 import numpy as np
 import torch
@@ -92,14 +93,42 @@ def rows_per_chunk(shard_rows: int, num_views: int) -> int:
 
 
 def bytes_on_disk(path) -> int:
+    if is_url(path):
+        fs, root = fsspec.core.url_to_fs(str(path))
+        return int(fs.du(root))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def store_location(path):
+    """A store's place: a local Path, or an fsspec URL kept as a string (s3://bucket/prefix/x.zarr,
+    gs://..., file://...; credentials and endpoint come from the environment, as s3fs/gcsfs read them)."""
+    return str(path).rstrip("/") if is_url(path) else Path(path)
+
+
+def store_path(root, name: str):
+    """{root}/{name} for a local root or an fsspec URL root."""
+    return f"{store_location(root)}/{name}" if is_url(root) else Path(root) / name
+
+
+def zarr_store(path, read_only: bool = False):
+    """What zarr opens for a store location: the local path, or an FsspecStore on the URL. Every zarr
+    shard is one object written whole (a PUT on S3), so ranks writing different shards never collide."""
+    if not is_url(path):
+        return path
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(str(path), read_only=read_only)
 
 
 class LogitStore:
     """A store group, read side. `lookup` serves the student's batches from memory."""
 
     def __init__(self, group: zarr.Group, path):
-        self.group, self.path = group, Path(path)
+        self.group, self.path = group, store_location(path)
         self.provenance = dict(group.attrs["provenance"])
         with numcodecs_quiet():
             self.arrays = {name: group[name] for name in (*ARRAYS, "done")}
@@ -160,9 +189,9 @@ class LogitStore:
 
 def open_store(path, require_complete: bool = True) -> LogitStore:
     """Open a store read-only; UserError if it is missing, not a store, or (by default) unfinished."""
-    path = Path(path)
+    path = store_location(path)
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
         store = LogitStore(group, path)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise UserError(f"{path} is not a teacher logit store; run `pipeline teach` to make one") from None
@@ -181,8 +210,8 @@ def open_pointer(pointer) -> LogitStore:
     if not pointer.is_file():
         raise UserError(f"no teacher pointer file {pointer}; run `pipeline teach --out {pointer.parent}` first")
     info = json.loads(pointer.read_text())
-    path = Path(info["store"])
-    if not path.is_absolute():
+    path = store_location(info["store"])
+    if not is_url(path) and not path.is_absolute():
         path = (pointer.parent / path).resolve()
     store = open_store(path)
     if store.key != info["key"]:
@@ -193,7 +222,7 @@ def open_pointer(pointer) -> LogitStore:
 
 def write_pointer(pointer, store: LogitStore) -> dict:
     p = store.provenance
-    store_path = os.path.relpath(store.path.resolve(), Path(pointer).parent.resolve())
+    store_path = store.path if is_url(store.path) else os.path.relpath(store.path.resolve(), Path(pointer).parent.resolve())
     info = {"store": store_path, "key": store.key, "teacher": p["teacher"]["name"], "k": store.k,
             "num_views": store.num_views, "num_classes": store.num_classes, "split": p["split"],
             "dataset_fingerprint": p["dataset_fingerprint"], "plan": store.plan, "plan_hash": p["plan_hash"]}
@@ -226,9 +255,9 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
     The provenance is written last, so a group without it is a creation that was cut off: it is
     recreated. A group whose key differs from `provenance["key"]` is refused, never mixed into.
     """
-    path = Path(path)
-    if (path / "zarr.json").is_file():
-        group = zarr.open_group(path, mode="r+")
+    path = store_location(path)
+    if _exists(path):
+        group = zarr.open_group(zarr_store(path), mode="r+")
         old = group.attrs.get("provenance")
         if old is not None:
             if old.get("key") != provenance["key"]:
@@ -240,8 +269,15 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
                        num_classes=num_classes, shard_rows=shard_rows, values=values)
 
 
+def _exists(path) -> bool:
+    if is_url(path):
+        fs, root = fsspec.core.url_to_fs(f"{path}/zarr.json")
+        return fs.exists(root)
+    return (path / "zarr.json").is_file()
+
+
 def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values):
-    group = zarr.open_group(path, mode="w")
+    group = zarr.open_group(zarr_store(path), mode="w")
     idx = index_dtype(num_classes)
     keep = value_keepbits(values)
     chunk = rows_per_chunk(shard_rows, num_views)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import DEFAULT_VALUES, create_or_open, encode_topk, store_key, write_pointer, bytes_on_disk
+from pipeline.store import DEFAULT_VALUES, create_or_open, encode_topk, store_key, store_path, write_pointer, bytes_on_disk
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,7 +117,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     key_spec = {k: v for k, v in spec.items() if k not in ("weights", "pretrained", "description")}
     key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=key_spec,
                     weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp)
-    path = Path(store_root) / f"{spec['name']}-{key}.zarr"
+    path = store_path(store_root, f"{spec['name']}-{key}.zarr")
     provenance = dict(key=key, dataset=manifest["dataset"], dataset_fingerprint=manifest["fingerprint"],
                       split=split, split_fingerprint=manifest["splits"][split]["fingerprint"],
                       plan=plan.to_dict(), plan_hash=plan.hash(), teacher=spec, weights_digest=digest, k=k,

@@ -46,8 +46,9 @@ class PlanParam(click.ParamType):
 @click.option("--amp", default="none", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast dtype.")
 @click.option("--channels-last/--no-channels-last", default=False, help="channels_last memory format (GPU CNNs).")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader processes rendering views.")
-@click.option("--store-root", default="stores", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory holding the stores; each lives at {root}/{teacher}-{key}.zarr.")
+@click.option("--store-root", default="stores",
+              help="Directory or fsspec URL (s3://bucket/prefix, gs://..., a shared path) holding the stores; "
+                   "each lives at {root}/{teacher}-{key}.zarr.")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the pointer file {out}/{teacher}.json that names the store (what DVC tracks).")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),

@@ -121,7 +121,7 @@ class _StudentBatch:
         images, _ = _render_views(reader, rows, self.plan, self.size)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        return {**_index_view(rows), "image": (images.float() - mean) / std,
+        return {**_index_view(rows), "image": images.float().sub_(mean).div_(std),  # in place: no temporaries
                 "label": torch.from_numpy(reader.labels[rows[:, 0]])}
 
 

@@ -1,0 +1,256 @@
+"""How the CPU side grows with N on an ImageNet-like set, and what ImageNet would cost on a 16-core node.
+
+For each N (default 2k, 8k, 32k images): generate an ImageNet-like train split (JPEG q 90, sizes
+drawn around 500x375, 1000 classes; deterministic: a pool of distinct images repeated under new keys
+and labels, so bytes, decode cost and shard sizes are ImageNet's), shard it (1000 images a shard),
+then in fresh subprocesses (peak RSS = the process's ru_maxrss):
+  open     ShardReader from the per-shard indexes, and the tar-header scan it replaces;
+  teach    teacher loader (every view of a sample decoded once) + a tiny teacher (one 16x16-stride
+           conv + linear to 1000 classes, so rendering dominates) + top-k, over `--sample` images spread
+           across the whole split; the bare forward alone; the store's bytes/view for those views;
+  student  the student loader at 224 px (render + normalisation, no model), reference renderer
+           (today's) and fast renderer, over `--sample` images of an epoch's global shuffle.
+Throughput is per CPU second of the process (per core) with 1 thread; a stage's time at N is its
+open time + N x views / throughput, and growth is t(largest)/t(second largest). Prints one JSON object.
+
+    python benchmarks/bench_scale.py [--sizes 2000,8000,32000] [--sample 512] [--views 2] [--threads 1]
+"""
+
+import argparse
+import io
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+IMAGENET = {"images": 1_281_167, "views": 50, "cores": 16}
+# Assumptions the estimate rests on (not measured here: no GPU is lent to this project)
+TEACHER_GPU_VIEWS_PER_S = 3000  # BEiTv2-B / ViT-B/16 inference at 224 px, bf16, one H100-class GPU
+STUDENT_GPU_IMAGES_PER_S = 5000  # GhostNetV3 1.0x training at 224 px, one modern GPU
+POOL = 1024  # distinct images in the generated set
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pool(count: int, seed: int = 0) -> list[bytes]:
+    """Distinct JPEGs (q 90) around 500x375 (a fifth portrait), smooth colour fields plus fine texture."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        w = int(np.clip(rng.normal(500, 60), 300, 700))
+        h = int(w * rng.uniform(0.66, 0.8))
+        if rng.random() < 0.2:
+            w, h = h, w
+        base = Image.fromarray((rng.random((h // 25 + 2, w // 25 + 2, 3)) * 255).astype(np.uint8))
+        pixels = np.asarray(base.resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        pixels += rng.normal(0, 12, (h, w, 1)) + rng.normal(0, 6, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def stage_shard(out: Path, n: int) -> dict:
+    from pipeline.data.shards import Sample, write_shards
+
+    pool = _pool(POOL)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 1000, n)
+    samples = [Sample(f"n{labels[i]:04d}/img{i:07d}", int(labels[i]), "jpg", f"generated:{i}",
+                      (lambda b=pool[i % POOL]: b)) for i in range(n)]
+    start = time.perf_counter()
+    write_shards({"train": samples}, out, "imagenet-like", [f"c{c:04d}" for c in range(1000)], "generated",
+                 maxcount=1000, quiet=True)
+    return {"shard_s": time.perf_counter() - start, "bytes": sum(p.stat().st_size for p in out.glob("*.tar"))}
+
+
+def stage_open(out: Path, n: int) -> dict:
+    from pipeline.data.shards import ShardReader, read_manifest, scan_shard
+
+    start = time.perf_counter()
+    reader = ShardReader(out, "train")
+    open_s = time.perf_counter() - start
+    assert len(reader) == n
+    start = time.perf_counter()
+    for shard in read_manifest(out)["splits"]["train"]["shards"]:
+        scan_shard(out / shard["name"])
+    return {"open_s": open_s, "scan_s": time.perf_counter() - start}
+
+
+def _tiny_teacher():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 16, stride=16), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1000)).eval()
+
+
+def stage_teach(out: Path, n: int, sample: int, views: int, renderer: str) -> dict:
+    import torch
+
+    from pipeline.data.loaders import teacher_loader
+    from pipeline.data.views import ViewPlan
+    from pipeline.store import bytes_on_disk, create_or_open, encode_topk
+    from pipeline.teach import Forward
+
+    plan = ViewPlan(renderer=renderer)
+    forward = Forward(_tiny_teacher(), {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+                      torch.device("cpu"))
+    indices = np.linspace(0, n - 1, sample + 64 // views).astype(np.int64)
+    outputs = []
+    for b, batch in enumerate(teacher_loader(out, "train", plan, views, indices, 224, batch_size=64)):
+        if b == 1:  # the first batch (warm-up: one-off imports) is not timed
+            start = time.process_time()
+        outputs.append((batch, encode_topk(forward(batch["image"]), 10, "f16-keep5")))
+    cpu = time.process_time() - start
+    outputs = outputs[1:]
+    images = torch.zeros(64, 3, 224, 224, dtype=torch.uint8)
+    start = time.process_time()
+    for _ in range(max(1, sample * views // 64)):
+        forward(images)
+    forward_cpu = time.process_time() - start
+    store = _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outputs, sample, views, plan)
+    return {"views_per_s_core": sample * views / cpu,
+            "forward_views_per_s_core": max(1, sample * views // 64) * 64 / forward_cpu,
+            "store_bytes_per_view": store}
+
+
+def _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outputs, sample, views, plan) -> float:
+    """Write the sampled views' top-10 into a real store (the teach stage's layout) and weigh it."""
+    path = out.parent / f"store-{out.name}.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    writer = create_or_open(path, {"key": "bench", "plan": plan.to_dict()}, num_samples=sample, num_views=views, k=10,
+                            params_dim=plan.params_dim, num_classes=1000, shard_rows=sample, values="f16-keep5")
+    cols = {name: np.concatenate([o[1][j] for o in outputs]) for j, name in enumerate(("values", "indices", "lse"))}
+    params = np.concatenate([o[0]["params"].numpy() for o in outputs]).astype(np.uint16)
+    labels = np.concatenate([o[0]["label"].numpy() for o in outputs])[::views]
+    writer.write_shard(0, cols["values"].reshape(sample, views, 10), cols["indices"].reshape(sample, views, 10),
+                       cols["lse"].reshape(sample, views), params.reshape(sample, views, -1), labels)
+    size = bytes_on_disk(path)
+    shutil.rmtree(path)
+    return size / (sample * views)
+
+
+def stage_student(out: Path, n: int, sample: int, views: int, renderer: str) -> dict:
+    from pipeline.data.loaders import student_loader
+    from pipeline.data.views import ViewPlan
+
+    plan = ViewPlan(renderer=renderer)
+    loader = student_loader(out, "train", plan, views, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                            batch_size=64, seed=0, epoch=0)
+    batches, seen = iter(loader), 0
+    next(batches)  # warm-up: the first batch pays one-off imports
+    start = time.process_time()
+    for batch in batches:
+        seen += len(batch["index"])
+        if seen >= sample:
+            break
+    return {"views_per_s_core": seen / (time.process_time() - start)}
+
+
+STAGES = {"shard": stage_shard, "open": stage_open, "teach": stage_teach, "student": stage_student}
+
+
+def _run(stage: str, out: Path, n: int, args, renderer: str = "fast") -> dict:
+    """One stage in a fresh process: its result plus its peak RSS."""
+    cmd = [sys.executable, __file__, "--stage", stage, "--dir", str(out), "--n", str(n), "--sample", str(args.sample),
+           "--views", str(args.views), "--threads", str(args.threads), "--renderer", renderer]
+    return json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+
+
+def _estimate(r: dict) -> dict:
+    """ImageNet-1k (1.28M images x 50 views) on one 16-core node, from the largest N's figures."""
+    n, v, cores = IMAGENET["images"], IMAGENET["views"], IMAGENET["cores"]
+    last = {k: (x[-1] if isinstance(x, list) else x) for k, x in r.items() if k != "peak_rss_mb"}
+    teach_loader_h = n * v / (cores * last["teach_views_per_s_core"]) / 3600
+    student_loader_s = n / (cores * last["student_views_per_s_core"])
+    return {
+        "assumptions": f"{cores} cores, all rendering; shard is one process; teacher GPU {TEACHER_GPU_VIEWS_PER_S} "
+                       f"views/s (BEiTv2-B bf16 at 224, assumed); student GPU {STUDENT_GPU_IMAGES_PER_S} images/s "
+                       "(GhostNetV3 1.0x training, assumed); per-item costs as measured at the largest N",
+        "shard_h": round(n * last["shard_s"] / r["n"][-1] / 3600, 2),
+        "open_s": round(n * last["open_s"] / r["n"][-1], 1),
+        "open_by_tar_scan_s": round(n * last["scan_s"] / r["n"][-1], 1),
+        "teach_loader_h": round(teach_loader_h, 1),
+        "teach_gpu_h": round(n * v / TEACHER_GPU_VIEWS_PER_S / 3600, 1),
+        "teach_h": round(max(teach_loader_h, n * v / TEACHER_GPU_VIEWS_PER_S / 3600), 1),
+        "student_loader_epoch_min": round(student_loader_s / 60, 1),
+        "student_gpu_epoch_min": round(n / STUDENT_GPU_IMAGES_PER_S / 60, 1),
+        "student_loader_images_per_s": round(cores * last["student_views_per_s_core"]),
+        "store_gb": round(n * v * last["store_bytes_per_view"] / 1e9, 2),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2000,8000,32000", help="comma-separated N (images)")
+    parser.add_argument("--sample", type=int, default=512, help="images rendered per teach/student measurement")
+    parser.add_argument("--views", type=int, default=2, help="views per image in the teach measurement")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--renderer", default="fast", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.stage:
+        kwargs = {} if args.stage in ("shard", "open") else dict(sample=args.sample, views=args.views,
+                                                                   renderer=args.renderer)
+        result = STAGES[args.stage](args.dir, args.n, **kwargs)
+        print(json.dumps({**result, "peak_rss_mb": _rss_mb()}))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    keys = ("shard_s", "open_s", "scan_s", "teach_views_per_s_core", "teach_forward_views_per_s_core",
+            "student_views_per_s_core", "baseline_student_views_per_s_core", "store_bytes_per_view")
+    r = {"n": sizes, **{k: [] for k in keys}, "peak_rss_mb": {"shard": [], "teach": [], "student": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            out = Path(tmp) / f"shards-{n}"
+            shard = _run("shard", out, n, args)
+            opened = _run("open", out, n, args)
+            teach = _run("teach", out, n, args)
+            student = _run("student", out, n, args)
+            baseline = _run("student", out, n, args, renderer="reference")
+            shutil.rmtree(out)
+            for k, value in (("shard_s", shard["shard_s"]), ("open_s", opened["open_s"]), ("scan_s", opened["scan_s"]),
+                             ("teach_views_per_s_core", teach["views_per_s_core"]),
+                             ("teach_forward_views_per_s_core", teach["forward_views_per_s_core"]),
+                             ("student_views_per_s_core", student["views_per_s_core"]),
+                             ("baseline_student_views_per_s_core", baseline["views_per_s_core"]),
+                             ("store_bytes_per_view", teach["store_bytes_per_view"])):
+                r[k].append(round(value, 3))
+            for k, res in (("shard", shard), ("teach", teach), ("student", student)):
+                r["peak_rss_mb"][k].append(round(res["peak_rss_mb"], 1))
+            print(f"# n={n} done", file=sys.stderr)
+    a, b = (-1, -2) if len(sizes) > 1 else (-1, -1)
+
+    def teach_t(i):
+        return r["open_s"][i] + sizes[i] * args.views / r["teach_views_per_s_core"][i]
+
+    def epoch_t(i):
+        return r["open_s"][i] + sizes[i] / r["student_views_per_s_core"][i]
+
+    r["growth"] = {"n_ratio": sizes[a] / sizes[b], "shard": round(r["shard_s"][a] / r["shard_s"][b], 3),
+                   "open": round(r["open_s"][a] / r["open_s"][b], 3), "teach": round(teach_t(a) / teach_t(b), 3),
+                   "student_epoch": round(epoch_t(a) / epoch_t(b), 3)}
+    r["rss_flatness"] = {k: round(max(v) / min(v), 3) for k, v in r["peak_rss_mb"].items()}
+    r["speedup_student_loader"] = round(r["student_views_per_s_core"][-1] / r["baseline_student_views_per_s_core"][-1], 3)
+    r["imagenet_estimate"] = _estimate(r)
+    r["settings"] = {"sample": args.sample, "views": args.views, "threads": args.threads, "shard_maxcount": 1000,
+                     "pool_distinct_images": POOL}
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
