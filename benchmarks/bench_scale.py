@@ -33,7 +33,7 @@ IMAGENET = {"images": 1_281_167, "views": 50, "cores": 16}
 # Assumptions the estimate rests on (not measured here: no GPU is lent to this project)
 TEACHER_GPU_VIEWS_PER_S = 3000  # BEiTv2-B / ViT-B/16 inference at 224 px, bf16, one H100-class GPU
 STUDENT_GPU_IMAGES_PER_S = 5000  # GhostNetV3 1.0x training at 224 px, one modern GPU
-POOL = 1024  # distinct images in the generated set
+POOL = 512  # distinct images in the generated set
 
 
 def _rss_mb() -> float:
