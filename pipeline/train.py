@@ -40,7 +40,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import pipeline.models  # noqa: F401  (registers the rep_* students in timm)
+from pipeline.models import pretrained_overlay  # (importing pipeline.models registers the rep_* students in timm)
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.data.loaders import eval_loader, student_loader
 from pipeline.data.shards import read_manifest
@@ -51,6 +51,7 @@ from pipeline.evaluate import topk_hits
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.models.rep import rep_settings
 from pipeline.recipes import Recipe
+from pipeline.teachers import state_digest
 
 CHECKPOINT = "checkpoint.safetensors"
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
@@ -76,24 +77,38 @@ def student_size(student: dict, recipe: Recipe) -> int:
 REP_FIELDS = ("num_branches", "scale_branch", "identity_branch")  # recipe fields that are rep_* model kwargs
 
 
-def build_student(student: dict, recipe: Recipe, num_classes: int):
+def build_student(student: dict, recipe: Recipe, num_classes: int, init: str | None = None):
     """timm.create_model from the student manifest, with the recipe's re-parameterization knobs.
 
-    Returns (model, kwargs); kwargs also hold the branch settings the model was built with (rep_settings),
-    so student.json and the report name what was on, defaults included.
+    Returns (model, kwargs, init record); kwargs also hold the branch settings the model was built with
+    (rep_settings), so student.json and the report name what was on, defaults included. `init`
+    (pipeline.models.pretrained_overlay) starts it from pretrained weights through timm's own loading:
+    the training form then computes exactly the stock model.
     """
     kwargs = dict(student.get("model_kwargs") or {})
     kwargs.update({k: getattr(recipe, k) for k in REP_FIELDS if getattr(recipe, k) is not None})
+    record, pretrained = None, {}
+    if init:
+        overlay, record = pretrained_overlay(student["model"], init)
+        pretrained = dict(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
-        model = timm.create_model(student["model"], num_classes=num_classes, **kwargs)
+        model = timm.create_model(student["model"], num_classes=num_classes, **kwargs, **pretrained)
     except TypeError as err:
         raise UserError(
             f"student model {student['model']} rejects {sorted(kwargs)} ({err}); for a non-rep model set "
             f"{', '.join(REP_FIELDS)} to null in the recipe"
         ) from None
+    except ValueError as err:  # the checkpoint filter: weights of another architecture
+        raise UserError(f"--init {init} does not fit student model {student['model']}: {err}") from None
     except RuntimeError as err:
-        raise UserError(f"cannot create student model {student['model']}: {err}") from None
-    return model, {**kwargs, **rep_settings(model)}
+        raise UserError(f"cannot create student model {student['model']}"
+                        f"{f' from --init {init}' if init else ''}: {str(err).strip().splitlines()[0]}") from None
+    except OSError as err:  # hub download failed / offline
+        raise UserError(f"--init {init}: no weights ({type(err).__name__}); run once with network access, or "
+                        "give a local .safetensors file") from None
+    if record is not None:
+        record["init_state_sha256"] = state_digest(model.state_dict())
+    return model, {**kwargs, **rep_settings(model)}, record
 
 
 def create_optimizer(model, recipe: Recipe):
@@ -235,14 +250,21 @@ def _write_plots(path, history) -> None:
 
 
 def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
-          resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256) -> dict:
+          resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256,
+          init: str | None = None, threads: int | None = None, val_every: int = 1,
+          val_samples: int | None = None) -> dict:
     """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
 
     stores: opened LogitStores (pipeline.store.open_store) in the order of `teacher_names`.
+    init: pretrained weights (pipeline.models.pretrained_overlay). threads: torch CPU threads (None: torch's
+    choice). Validation runs every `val_every` epochs on `val_samples` fixed seeded images (None: all);
+    the last epoch is always validated on the whole split.
     Returns the last epoch's metrics. Outputs: checkpoint.safetensors (every epoch), model.safetensors,
     ema.safetensors, student.json, state.json, metrics.json, plots.csv.
     """
     out = Path(out_dir)
+    if threads:
+        torch.set_num_threads(threads)
     rank, world, device = _distributed()
     manifest = read_manifest(shard_dir)
     num_classes = int(manifest["num_classes"])
@@ -262,7 +284,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                         f"({manifest['splits']['train']['count']} samples); lower it (--batch-size)")
 
     torch.manual_seed(recipe.seed)
-    model, model_kwargs = build_student(student, recipe, num_classes)
+    model, model_kwargs, init_record = build_student(student, recipe, num_classes, init)
     if world > 1 and recipe.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = device.type == "cuda"
@@ -280,7 +302,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     # What a resumed run must share with the interrupted one (JSON round-trip: tuples compare as lists).
     run_id = json.loads(json.dumps({"recipe": recipe.to_dict(), "teachers": list(teacher_names),
                                     "teacher_weights": teacher_weights, "student": student,
-                                    "shards": manifest["fingerprint"]}))
+                                    "shards": manifest["fingerprint"], "init": init_record}))
     start_epoch, step, history = 0, 0, []
     if resume and (out / CHECKPOINT).is_file():
         ckpt = load_checkpoint(out / CHECKPOINT)
@@ -297,8 +319,10 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    val = eval_loader(shard_dir, "val", size, student.get("crop_pct", 1.0), student["mean"], student["std"],
-                      interpolation, eval_batch_size, workers) if rank == 0 else None
+    val_args = (shard_dir, "val", size, student.get("crop_pct", 1.0), student["mean"], student["std"],
+                interpolation, eval_batch_size, workers)
+    val = eval_loader(*val_args) if rank == 0 else None
+    val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         torch.manual_seed(_seed(recipe.seed, epoch, rank))
@@ -338,10 +362,15 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                 bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                **_reduce_mean({k: float(v) / steps_per_epoch for k, v in sums.items()}, world, device)}
-        if rank == 0:
-            row["top1"], row["top5"] = evaluate(core, val, device, channels_last)
+        last = epoch + 1 == recipe.epochs
+        if rank == 0 and (last or (epoch + 1) % val_every == 0):
+            loader = val if last else val_subset
+            row["top1"], row["top5"] = evaluate(core, loader, device, channels_last)
             if ema:
-                row["ema_top1"], row["ema_top5"] = evaluate(ema.module, val, device, channels_last)
+                row["ema_top1"], row["ema_top5"] = evaluate(ema.module, loader, device, channels_last)
+            full = manifest["splits"]["val"]["count"]
+            row["val_images"] = full if loader is val else min(val_samples, full)
+        if rank == 0:
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
             _save_epoch(out, core, optimizer, ema, {"epoch": epoch + 1, "step": step, "world_size": world,
@@ -360,6 +389,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             "crop_pct": student.get("crop_pct", 1.0), "interpolation": interpolation,
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
+            "init": init_record, "threads": torch.get_num_threads(),
         })
     return history[-1] if history else {}
 
@@ -390,7 +420,7 @@ def _save_final(out: Path, core, ema, history, info: dict) -> None:
 def _metrics(history) -> dict:
     """DVC metrics: the last epoch's values, plus the best validation top-1 seen."""
     last = history[-1]
-    best = max(max(r["top1"], r.get("ema_top1", -math.inf)) for r in history)
+    best = max((max(r["top1"], r.get("ema_top1", -math.inf)) for r in history if "top1" in r), default=None)
     return {"epoch": last["epoch"], "train": {k: last[k] for k in ("loss", "ce", "kd", "lr")},
             "val": {k: last[k] for k in ("top1", "top5", "ema_top1", "ema_top5") if k in last},
             "best_top1": best}
@@ -398,5 +428,6 @@ def _metrics(history) -> dict:
 
 def _summary(row) -> str:
     ema = f" ema {row['ema_top1']:.2f}" if "ema_top1" in row else ""
+    val = f" val top1 {row['top1']:.2f}{ema} on {row['val_images']}" if "top1" in row else ""
     return (f"epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f} kd {row['kd']:.4f}) "
-            f"lr {row['lr']:.2e} val top1 {row['top1']:.2f}{ema} ({row['seconds']:.1f}s)")
+            f"lr {row['lr']:.2e}{val} ({row['seconds']:.1f}s)")

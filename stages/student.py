@@ -85,12 +85,24 @@ def _command(func):
               help="DataLoader worker processes per rank (0 = decode in the training process).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Batch size of the per-epoch validation.")
+@click.option("--init", default=None,
+              help="Start from pretrained weights: a .safetensors file of the stock architecture (e.g. timm "
+                   "mobilenetv2_100, torchvision shufflenet_v2_x1_0, timm ghostnetv2_100 / ghostnetv3_100) or of "
+                   "a rep student, or a timm pretrained tag (mobilenetv2_100.ra_in1k). The training form starts "
+                   "as exactly that model; a new classifier when the class count differs. [default: random init]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (recorded in student.json) [default: torch's choice; on a shared machine "
+                   "1-2 are often faster].")
+@click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Validate every N epochs; the last epoch is always validated on the whole val split.")
+@click.option("--val-samples", type=click.IntRange(min=1), default=None,
+              help="Per-epoch validation on this many images (a fixed seeded subset) [default: all].")
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
               help="Any recipe field, value in YAML (e.g. --set ema_decay=null). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @_command
 def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, resume, workers,
-            eval_batch_size, set_items, quiet, **recipe_values):
+            eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
     """Train STUDENT with RECIPE against the stored logits of TEACHERS (the student stage)."""
     from pipeline.store import open_pointer
     from pipeline.train import train
@@ -104,4 +116,5 @@ def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, ou
             raise UserError("--teachers needs --teach-dir (the `pipeline teach --out` directory)")
         stores = [open_pointer(teach_dir / f"{name}.json") for name in names]
     train(spec, recipe, shard_dir, out, stores, names, _weights(teacher_weights), resume=resume,
-          workers=workers, quiet=quiet, eval_batch_size=eval_batch_size)
+          workers=workers, quiet=quiet, eval_batch_size=eval_batch_size, init=init, threads=threads,
+          val_every=val_every, val_samples=val_samples)

@@ -165,3 +165,48 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), (key, a, b)
     wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_val_every_and_val_samples(data, tmp_path):
+    """Skipped epochs have no val figures; others use the fixed subset; the last epoch the whole split."""
+    root, _ = data
+    recipe = load_recipe("demo", {**QUICK, "epochs": 3, "alpha": 0.0})
+    train(STUDENT, recipe, root / "shards", tmp_path, quiet=True, val_every=2, val_samples=5, threads=1)
+    history = rows(tmp_path)
+    assert [r["top1"] != "" for r in history] == [False, True, True]
+    state = load_checkpoint(tmp_path / "checkpoint.safetensors")["state"]["history"]
+    assert [r.get("val_images") for r in state] == [None, 5, 16]  # 4 classes x 16 x 20% val
+    info = json.loads((tmp_path / "student.json").read_text())
+    assert info["threads"] == 1 and info["init"] is None
+
+
+def test_init_from_stock_weights_records_the_source(data, tmp_path):
+    """--init FILE: the source and its sha256 go into student.json; a wrong architecture is one line, exit 2."""
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.io import sha256_file
+
+    root, _ = data
+    stock = timm.create_model("test_efficientnet", num_classes=7)
+    path = tmp_path / "stock.safetensors"
+    save_file(stock.state_dict(), str(path))
+    recipe = load_recipe("demo", {**QUICK, "epochs": 1, "alpha": 0.0})
+    model, _, record = train_mod.build_student(STUDENT, recipe, 4, init=str(path))
+    assert record["source"] == str(path) and record["sha256"] == sha256_file(path)
+    own = {k: v for k, v in stock.state_dict().items() if not k.startswith("classifier.")}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in own.items())
+    assert model.get_classifier().out_features == 4
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=4).state_dict(), str(wrong))
+    res = CliRunner().invoke(cli, ["student", "--student", "manifests/students/mobilenetv2-100.yaml",
+                                   "--shards", str(root / "shards"), "--out", str(tmp_path / "o"),
+                                   "--recipe", "demo", "--alpha", "0", "--init", str(wrong)])
+    assert res.exit_code == 2, res.output
+    assert "does not fit" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    pickle = tmp_path / "weights.pth"
+    torch.save(stock.state_dict(), pickle)
+    res = CliRunner().invoke(cli, ["student", "--student", "manifests/students/mobilenetv2-100.yaml",
+                                   "--shards", str(root / "shards"), "--out", str(tmp_path / "o"),
+                                   "--recipe", "demo", "--alpha", "0", "--init", str(pickle)])
+    assert res.exit_code == 2 and "not a .safetensors file" in res.output, res.output

@@ -180,10 +180,15 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
 
 
 def eval_loader(shard_dir, split, size: int, crop_pct: float, mean, std, interpolation: str,
-                batch_size: int, workers: int = 0) -> DataLoader:
-    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), normalised."""
+                batch_size: int, workers: int = 0, subset: tuple[int, int] | None = None) -> DataLoader:
+    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), normalised.
+
+    subset (count, seed): only that many images, a fixed seeded choice (in split order), for cheap
+    per-epoch validation."""
     reader = _reader(shard_dir, split)
     transform = create_transform(input_size=size, is_training=False, interpolation=interpolation,
                                  mean=tuple(mean), std=tuple(std), crop_pct=crop_pct)
     indices = np.arange(len(reader), dtype=np.int64)
+    if subset is not None and subset[0] < len(reader):
+        indices = np.sort(np.random.default_rng(subset[1]).choice(indices, size=subset[0], replace=False))
     return _loader(reader, _chunks(indices, batch_size), _EvalBatch(transform), workers)

@@ -8,6 +8,7 @@ num_branches=1, scale_branch=False, identity_branch=False the training form IS t
 """
 
 import copy
+from pathlib import Path
 
 import timm
 import torch
@@ -15,12 +16,14 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.errors import UserError
+from pipeline.io import sha256_file
 from pipeline.models import mobilenetv2, shufflenetv2
 from pipeline.models.ghostnet import WIDTHS, convert_timm_ghostnetv3, stock_ghostnetv2
 from pipeline.models.rep import RepConvBN, stock_state_dict
 
 __all__ = ["reparameterize", "stock_model_name", "create_stock_model", "to_stock", "count_params_macs",
-           "convert_timm_ghostnetv3"]
+           "convert_timm_ghostnetv3", "pretrained_overlay"]
 
 # rep student -> stock architecture name (timm, except torchvision's shufflenet_v2_*; timm registers no
 # ghostnetv2_050, which is built as timm GhostNet(version='v2', width=0.5))
@@ -29,6 +32,38 @@ STOCK_NAMES = {
     **mobilenetv2.STOCK,
     **shufflenetv2.STOCK,
 }
+
+
+def pretrained_overlay(name: str, init: str) -> tuple[dict, dict]:
+    """timm's `pretrained_cfg_overlay` that makes `timm.create_model(name, pretrained=True)` load `init`, and its record.
+
+    `init` is a .safetensors file of the stock architecture (or of a rep training form), or a timm pretrained
+    tag (`mobilenetv2_100.ra_in1k`, `rep_ghostnetv3_100.in1k`): each model's checkpoint filter maps the
+    weights into the training form. Other files are refused: a pickle is never loaded.
+    """
+    path = Path(init)
+    if path.suffix == ".safetensors" or path.exists():
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise UserError(f"--init {init}: {'not a file' if path.suffix == '.safetensors' else 'not a .safetensors file'}; "
+                            "give a safetensors file of the stock architecture (safetensors.torch.save_file) "
+                            "or a timm pretrained tag such as mobilenetv2_100.ra_in1k")
+        from safetensors import safe_open
+
+        head = f"{timm.models.get_pretrained_cfg(name).classifier}.weight"
+        try:
+            with safe_open(str(path), "pt") as f:
+                classes = f.get_slice(head).get_shape()[0] if head in f.keys() else None
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a user error
+            raise UserError(f"--init {init} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+        overlay = dict(file=str(path), **({"num_classes": classes} if classes else {}))
+        return overlay, {"source": str(path), "sha256": sha256_file(path)}
+    cfg = timm.models.get_pretrained_cfg(init) if "." in init else None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise UserError(f"--init {init}: neither a file nor a timm pretrained tag with weights; "
+                        "see timm.list_pretrained() or give a .safetensors file")
+    keys = ("hf_hub_id", "hf_hub_filename", "url", "num_classes")
+    overlay = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
+    return overlay, {"source": init, "sha256": None, **{k: overlay[k] for k in ("hf_hub_id", "url") if k in overlay}}
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

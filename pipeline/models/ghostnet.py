@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.ghostnet import GhostBottleneck, GhostNet
 
-from pipeline.models.rep import replace_conv_bn
+from pipeline.models.rep import rep_state_dict, replace_conv_bn
 
 # Smallest input side: 5 stride-2 stages leave 1 pixel at 32 px, which DFC attention's 2x2 average pool
 # cannot take. (The project still renders small datasets at >= 64 px: 33 px leaves a 2x2 last stage.)
@@ -91,6 +91,13 @@ def convert_timm_ghostnetv3(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepGhostNetV3) -> dict[str, torch.Tensor]:
+    """timm `ghostnetv2_*` (stock), timm `ghostnetv3_*` or rep_ghostnetv3 weights -> this training form."""
+    if any("_rpr_" in key for key in state_dict):
+        state_dict = convert_timm_ghostnetv3(state_dict)
+    return rep_state_dict(state_dict, model)
+
+
 def _cfg(**kwargs):
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
@@ -98,14 +105,19 @@ def _cfg(**kwargs):
                 **kwargs)
 
 
-default_cfgs = generate_default_cfgs({f"rep_ghostnetv3_{w}": _cfg() for w in WIDTHS})
+# Pretrained tags: timm's own GhostNetV3 / GhostNetV2 ImageNet weights, mapped by checkpoint_filter_fn.
+default_cfgs = generate_default_cfgs({
+    "rep_ghostnetv3_050": _cfg(),
+    "rep_ghostnetv3_100.in1k": _cfg(hf_hub_id="timm/ghostnetv3_100.in1k"),
+    "rep_ghostnetv3_100.ghostnetv2_in1k": _cfg(hf_hub_id="timm/ghostnetv2_100.in1k"),
+    "rep_ghostnetv3_130.ghostnetv2_in1k": _cfg(hf_hub_id="timm/ghostnetv2_130.in1k"),
+    "rep_ghostnetv3_160.ghostnetv2_in1k": _cfg(hf_hub_id="timm/ghostnetv2_160.in1k"),
+})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepGhostNetV3:
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights of its own; load timm's ghostnetv3_100 weights "
-                         "with pipeline.models.convert_timm_ghostnetv3")
     return build_model_with_cfg(RepGhostNetV3, variant, pretrained, width=WIDTHS[variant[-3:]],
+                                pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 

@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
-from pipeline.models.rep import replace_conv_bn
+from pipeline.models.rep import rep_state_dict, replace_conv_bn
 
 # (conv, bn) attribute pairs of each timm block type, in forward order
 _CONV_BN_PAIRS = {
@@ -32,18 +32,22 @@ def _rep_mobilenetv2(stock: str, num_branches: int = 3, scale_branch: bool = Tru
     return model
 
 
+def _cfg(**kwargs):
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="conv_stem", classifier="classifier", **kwargs)
+
+
+# Pretrained tags: timm's stock MobileNetV2 ImageNet weights, mapped into the training form by rep_state_dict.
 default_cfgs = generate_default_cfgs({
-    name: dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               first_conv="conv_stem", classifier="classifier")
-    for name in STOCK
+    "rep_mobilenetv2_100.ra_in1k": _cfg(hf_hub_id="timm/mobilenetv2_100.ra_in1k"),
+    "rep_mobilenetv2_140.ra_in1k": _cfg(hf_hub_id="timm/mobilenetv2_140.ra_in1k"),
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs):
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights; create it with pretrained=False")
-    return build_model_with_cfg(_rep_mobilenetv2, variant, pretrained, stock=STOCK[variant], **kwargs)
+    return build_model_with_cfg(_rep_mobilenetv2, variant, pretrained, stock=STOCK[variant],
+                                pretrained_filter_fn=rep_state_dict, **kwargs)
 
 
 @register_model

@@ -178,3 +178,91 @@ def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{bn}.running_var"] = torch.full_like(bias, 1.0 - rep.eps)
         state[f"{bn}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     return state
+
+
+def _branch_bn_names(rep: RepConvBN) -> list[str]:
+    """State-dict prefixes (inside `rep`) of the BatchNorms of every branch but the first."""
+    names = [f"convs.{i}.bn" for i in range(1, len(rep.convs))]
+    names += ["scale.bn"] if rep.scale is not None else []
+    return names + (["identity"] if rep.identity is not None else [])
+
+
+@torch.no_grad()
+def _fold_foreign(rep: RepConvBN, block: dict[str, torch.Tensor], path: str):
+    """(kernel, BN tensors) of another training form's branches at `path`, folded into one conv."""
+    branches = {int(k.split(".")[1]) for k in block if k.startswith("convs.")}
+    other = RepConvBN(rep.in_chs, rep.out_chs, rep.kernel_size, rep.stride, rep.padding, rep.groups,
+                      num_branches=len(branches), scale_branch=any(k.startswith("scale.") for k in block),
+                      identity=any(k.startswith("identity.") for k in block), eps=rep.eps)
+    try:
+        other.load_state_dict(block)
+    except RuntimeError as err:
+        raise ValueError(f"the re-parameterized weights at {path} do not fit this model "
+                         f"({str(err).strip().splitlines()[-1].strip()})") from None
+    kernel, bias = other.fused_kernel_bias()
+    return kernel, {"weight": torch.ones_like(bias), "bias": bias, "running_mean": torch.zeros_like(bias),
+                    "running_var": torch.full_like(bias, 1.0 - rep.eps)}
+
+
+@torch.no_grad()
+def rep_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Stock-architecture weights (or another training form's) -> a full state dict of the training-form `model`.
+
+    The inverse of `stock_state_dict`, for a timm `pretrained_filter_fn`: each stock conv + BN goes into
+    the first branch of its RepConvBN, and every other branch's BatchNorm gets weight 0 and bias 0, so in
+    eval mode (and at the first training step) the extra branches add exactly zero: the training form
+    computes the stock function, and training then grows the extra capacity. A block already in training
+    form with the same branches is copied as is; with other branches (N, scale, identity) it is first
+    folded into one conv, which is exact in eval mode. A classifier of another class count keeps the
+    model's own initialisation (timm's convention). Anything else that does not fit raises ValueError.
+    """
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    out = {}
+    for path, rep in model.named_modules():
+        if not isinstance(rep, RepConvBN):
+            continue
+        prefix = f"{path}."
+        mine = {k for k in own if k.startswith(prefix)}
+        theirs = {k for k in state if k.startswith(prefix)}
+        if theirs == mine:
+            out.update((k, state.pop(k)) for k in theirs)
+            continue
+        if f"{prefix}convs.0.conv.weight" in state:
+            kernel, bn = _fold_foreign(rep, {k[len(prefix):]: state.pop(k) for k in theirs}, path)
+        elif f"{prefix}weight" in state:
+            parent = path.rpartition(".")[0]
+            stock_bn = f"{parent}.{rep.stock_bn}" if parent else rep.stock_bn
+            kernel = state.pop(f"{prefix}weight")
+            missing = [n for n in ("weight", "bias", "running_mean", "running_var") if f"{stock_bn}.{n}" not in state]
+            if missing:
+                raise ValueError(f"the weights have the conv {path} but not its BatchNorm {stock_bn}")
+            bn = {n: state.pop(f"{stock_bn}.{n}") for n in ("weight", "bias", "running_mean", "running_var")}
+            state.pop(f"{stock_bn}.num_batches_tracked", None)
+        else:
+            raise ValueError(f"the weights have no tensor for the conv {path} (neither {prefix}weight nor "
+                             f"{prefix}convs.0.conv.weight)")
+        block = {k: own[k].clone() for k in mine}
+        block[f"{prefix}convs.0.conv.weight"] = kernel
+        block.update({f"{prefix}convs.0.bn.{n}": v for n, v in bn.items()})
+        for name in _branch_bn_names(rep):
+            block[f"{prefix}{name}.weight"].zero_()
+            block[f"{prefix}{name}.bias"].zero_()
+        out.update(block)
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    for key, want in own.items():
+        if key in out:
+            continue
+        have = state.pop(key, None)
+        if have is None:
+            raise ValueError(f"the weights have no tensor {key}")
+        if have.shape != want.shape:
+            if classifier and key.startswith(f"{classifier}."):
+                have = want  # another class count: a fresh classifier, as timm does
+            else:
+                raise ValueError(f"{key} has shape {tuple(have.shape)} in the weights but {tuple(want.shape)} "
+                                 "in the model (another width or variant?)")
+        out[key] = have
+    if state:
+        raise ValueError(f"the weights hold {len(state)} tensor(s) this model lacks, e.g. {sorted(state)[0]}")
+    return out

@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2
 
-from pipeline.models.rep import replace_conv_bn
+from pipeline.models.rep import rep_state_dict, replace_conv_bn
 
 # stages_repeats, stages_out_channels of torchvision's width variants
 _ARCH = {"100": ([4, 8, 4], [24, 116, 232, 464, 1024]), "200": ([4, 8, 4], [24, 244, 488, 976, 2048])}
@@ -53,18 +53,22 @@ class RepShuffleNetV2(ShuffleNetV2):
         self.fc = nn.Linear(self.fc.in_features, num_classes)
 
 
+def _cfg(**kwargs):
+    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="conv1.0", classifier="fc", **kwargs)
+
+
+# Pretrained tags: torchvision's ImageNet weights (stock), mapped into the training form by rep_state_dict.
 default_cfgs = generate_default_cfgs({
-    name: dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               first_conv="conv1.0", classifier="fc")
-    for name in STOCK
+    "rep_shufflenetv2_100.tv_in1k": _cfg(url=tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1.url),
+    "rep_shufflenetv2_200.tv_in1k": _cfg(url=tvm.ShuffleNet_V2_X2_0_Weights.IMAGENET1K_V1.url),
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RepShuffleNetV2:
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights; create it with pretrained=False")
-    return build_model_with_cfg(RepShuffleNetV2, variant, pretrained, width=variant[-3:], **kwargs)
+    return build_model_with_cfg(RepShuffleNetV2, variant, pretrained, width=variant[-3:],
+                                pretrained_filter_fn=rep_state_dict, **kwargs)
 
 
 @register_model
