@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 
 from pipeline.data.loaders import eval_loader
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.io import atomic_write_bytes, atomic_write_json, umask_mode
 
 _logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def export_onnx(model, size: int, path) -> None:
     os.close(fd)
     try:
         program.save(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -7,12 +7,20 @@ import tempfile
 from pathlib import Path
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode open() / mkdir() give a new file / folder under the user's umask (mkstemp/mkdtemp give 0600/0700)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stable_hash
+from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stable_hash, umask_mode
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
@@ -209,8 +209,7 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
              "splits": {k: [v["fingerprint"], [s["sha256"] for s in v["shards"]]]
                         for k, v in manifest["splits"].items()}})
         atomic_write_json(tmp / MANIFEST, manifest)
-        os.chmod(tmp / MANIFEST, 0o644)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, umask_mode(directory=True))
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
