@@ -55,7 +55,7 @@ def resolve_spec(name_or_spec) -> dict:
             raise UserError(f"teacher '{name}': a {source} teacher must state its preprocessing; add {missing} "
                             "to its spec")
         spec.setdefault("interpolation", "bicubic")
-        spec.setdefault("crop_pct", 0.875)
+        spec.setdefault("crop_pct", 1.0)  # a user's own model: no centre crop unless its spec states one
     if isinstance(spec["input_size"], (list, tuple)):  # timm style (3, H, W)
         spec["input_size"] = int(spec["input_size"][-1])
     spec["mean"], spec["std"] = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]

@@ -69,7 +69,7 @@ def student_size(student: dict, recipe: Recipe) -> int:
         raise UserError(
             f"student {student['model']} needs images of at least {MIN_GHOSTNET_SIZE} px (it downsamples 32x and "
             f"its DFC attention pools by 2), got {size}; set img_size >= {MIN_GHOSTNET_SIZE} (--img-size) and "
-            f"shard small datasets at >= {MIN_GHOSTNET_SIZE} px"
+            f"render small datasets larger once (`pipeline shard --image-size {MIN_GHOSTNET_SIZE}`)"
         )
     return size
 
@@ -270,6 +270,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     num_classes = int(manifest["num_classes"])
     size = student_size(student, recipe)
     interpolation = student.get("interpolation", "bicubic")
+    crop_pct = student.get("crop_pct", manifest.get("crop_pct", 1.0))  # the dataset's, unless the spec states one
     stores = list(stores) if recipe.alpha > 0 else []
     plan, num_views = resolve_views(recipe, stores, manifest["fingerprint"], num_classes,
                                     size, interpolation)
@@ -319,7 +320,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    val_args = (shard_dir, "val", size, student.get("crop_pct", 1.0), student["mean"], student["std"],
+    val_args = (shard_dir, "val", size, crop_pct, student["mean"], student["std"],
                 interpolation, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
@@ -386,7 +387,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         _save_final(out, core, ema, history, {
             "model": student["model"], "model_kwargs": model_kwargs, "num_classes": num_classes,
             "input_size": size, "mean": list(student["mean"]), "std": list(student["std"]),
-            "crop_pct": student.get("crop_pct", 1.0), "interpolation": interpolation,
+            "crop_pct": crop_pct, "interpolation": interpolation,
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
             "init": init_record, "threads": torch.get_num_threads(),

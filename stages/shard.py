@@ -7,19 +7,20 @@ from pipeline.data import shards, sources
 from pipeline.errors import UserError
 from pipeline.manifests import load_spec
 
-SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size")
+SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
+RENDERED_SIZE = 64  # digits / synthetic images when --image-size is not given
 
 
 def _read_source(source, val_fraction, seed, image_size, num_classes, per_class, image_format):
     kind, _, arg = (source or "").partition(":")
-    if kind == "imagefolder" and arg:
-        return sources.imagefolder(arg, val_fraction, seed)
-    if kind == "webdataset" and arg:
-        return sources.webdataset_shards(arg, val_fraction, seed)
+    if kind in ("imagefolder", "webdataset") and arg:
+        read = sources.imagefolder if kind == "imagefolder" else sources.webdataset_shards
+        name, classes, splits = read(arg, val_fraction, seed)
+        return name, classes, sources.resized(splits, image_size) if image_size else splits
     if kind == "digits" and not arg:
-        return sources.digits(image_size, val_fraction, seed)
+        return sources.digits(image_size or RENDERED_SIZE, val_fraction, seed)
     if kind == "synthetic" and not arg:
-        return sources.synthetic(num_classes, per_class, image_size, image_format, val_fraction, seed)
+        return sources.synthetic(num_classes, per_class, image_size or RENDERED_SIZE, image_format, val_fraction, seed)
     raise UserError(f"unknown --source '{source}'; use imagefolder:DIR, webdataset:PATTERN, digits or synthetic"
                     " (or --dataset NAME from manifests/datasets/)")
 
@@ -42,8 +43,13 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
               help="Maximum number of images per shard (webdataset ShardWriter maxcount).")
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
               help="A corrupt image stops with an error naming it, or is skipped and listed in the manifest.")
-@click.option("--image-size", default=64, type=click.IntRange(min=8),
-              help="Side in pixels of the rendered digits / synthetic images.")
+@click.option("--image-size", default=None, type=click.IntRange(min=8),
+              help="Render every image once with its shorter side at this many pixels (bicubic; JPEGs re-encoded "
+                   "at quality 95), e.g. 64 for 32-px CIFAR images: GhostNet students need >= 64 px. "
+                   f"[default: original images; digits / synthetic: {RENDERED_SIZE}]")
+@click.option("--crop-pct", default=1.0, type=click.FloatRange(0.1, 1.0),
+              help="The dataset's evaluation centre crop, recorded in the manifest for the students' val: 1.0 "
+                   "(whole image) for small or object-centred images, 0.875 for ImageNet-like photos.")
 @click.option("--num-classes", default=4, type=click.IntRange(min=1), help="Synthetic source: number of classes.")
 @click.option("--per-class", default=32, type=click.IntRange(min=1), help="Synthetic source: images per class.")
 @click.option("--image-format", type=click.Choice(["jpg", "png"]), default="jpg",
@@ -65,7 +71,8 @@ def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image
         raise UserError(f"dataset {dataset} expects {expected_classes} classes but {options['source']} has "
                         f"{len(classes)}; check the source path or the spec's num_classes")
     manifest = shards.write_shards(splits, out, options["name"] or name, classes, options["source"],
-                                   maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet)
+                                   maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet,
+                                   crop_pct=options["crop_pct"])
     if not quiet:
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         skipped = sum(len(v["skipped"]) for v in manifest["splits"].values())

@@ -214,6 +214,6 @@ def test_student_manifests_build_their_models():
     assert len(names) == len(MODELS)
     assert {load_spec("students", n)["model"] for n in names} == set(MODELS)
     spec = load_spec("students", "ghostnetv3-100")
-    assert {"name", "model", "model_kwargs", "input_size", "mean", "std", "crop_pct", "interpolation"} <= set(spec)
+    assert {"name", "model", "model_kwargs", "input_size", "mean", "std", "interpolation"} <= set(spec)
     model = timm.create_model(spec["model"], num_classes=3, **spec["model_kwargs"])
     assert len(model.blocks[1][0].ghost1.primary_conv[0].convs) == spec["model_kwargs"]["num_branches"]

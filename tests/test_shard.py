@@ -232,3 +232,44 @@ def test_a_changed_or_missing_index_is_a_user_error(tmp_path):
     index.unlink()
     with pytest.raises(UserError, match="missing"):
         ShardReader(tmp_path / "s", "train")
+
+
+def _jpg(colour, size=32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_image_size_renders_every_source_larger_once(tmp_path):
+    """--image-size applies to imagefolder (a tar here) too: a 32-px dataset is stored at 64 px."""
+    src = _folder(tmp_path / "mydata" / "src", {f"train/{c}/{i}.jpg": _jpg(c) for c in ("red", "blue") for i in range(3)})
+    with tarfile.open(tmp_path / "mydata" / "train.tar", "w") as tar:
+        tar.add(src / "train", arcname="train")
+    result = _shard(["--source", f"imagefolder:{tmp_path / 'mydata' / 'train.tar'}", "--out", str(tmp_path / "o"),
+                     "--quiet", "--image-size", "64", "--val-fraction", "0.34"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "o")
+    reader = ShardReader(tmp_path / "o", "train")
+    assert reader.image(0).size == (64, 64) and reader.image_bytes(0)[:2] == b"\xff\xd8"  # still a JPEG
+    assert m["dataset"] == "mydata" and m["crop_pct"] == 1.0  # not "train": the first meaningful name
+    plain = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "p"), "--quiet", "--crop-pct", "0.875"])
+    assert plain.exit_code == 0, plain.output
+    assert ShardReader(tmp_path / "p", "train").image(0).size == (32, 32)  # no --image-size: original bytes
+    assert read_manifest(tmp_path / "p")["crop_pct"] == 0.875
+
+
+def test_display_name_skips_generic_folder_names(tmp_path):
+    assert sources.display_name(tmp_path / "defects" / "data") == "defects"
+    assert sources.display_name(tmp_path / "cifar10" / "train.tar") == "cifar10"
+    assert sources.display_name(tmp_path / "crops") == "crops"
+
+
+def test_split_fingerprints_hash_split_name_and_content(tmp_path):
+    """Same file names in train and val (cls/0000.png) no longer give the same split fingerprint."""
+    same = _folder(tmp_path / "same", {"train/a/0.png": _png("red"), "val/a/0.png": _png("red")})
+    other = _folder(tmp_path / "other", {"train/a/0.png": _png("red"), "val/a/0.png": _png("blue")})
+    for src in (same, other):
+        assert _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / src.name / "o"), "--quiet"]).exit_code == 0
+    a, b = read_manifest(tmp_path / "same" / "o"), read_manifest(tmp_path / "other" / "o")
+    assert a["splits"]["train"]["fingerprint"] != a["splits"]["val"]["fingerprint"]  # split name
+    assert a["splits"]["val"]["fingerprint"] != b["splits"]["val"]["fingerprint"]  # content

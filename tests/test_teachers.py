@@ -74,3 +74,12 @@ def test_bad_specs_are_user_errors(tmp_path):
         resolve_spec({"name": "x", "model": "resnet18", "colour": 1})
     with pytest.raises(UserError, match="not found"):
         load_teacher({"name": "x", "model": "resnet18", "weights": str(tmp_path / "missing.safetensors")})
+
+
+@pytest.mark.parametrize("source", ["torchscript", "export"])
+def test_file_teacher_without_crop_pct_gets_the_whole_image(source):
+    """A user's own model states no crop: 1.0 (a silent 0.875 centre crop cost a 32-px teacher 6 points)."""
+    spec = resolve_spec({"name": "own", "model": "own.pt", "source": source, "input_size": 64,
+                         "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10})
+    assert spec["crop_pct"] == 1.0
+    assert resolve_spec({**spec, "crop_pct": 0.9})["crop_pct"] == 0.9

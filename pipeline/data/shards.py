@@ -90,7 +90,6 @@ def write_shard_index(tar_path) -> dict:
     index = tar_path.with_name(tar_path.name.removesuffix(".tar") + INDEX_SUFFIX)
     data = (json.dumps({"format": INDEX_FORMAT, **scan_shard(tar_path)}, separators=(",", ":")) + "\n").encode()
     atomic_write_bytes(index, data)
-    os.chmod(index, 0o644)
     return {"index": index.name, "index_sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -181,8 +180,11 @@ def read_manifest(shard_dir) -> dict:
 
 def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes: list[str],
                  source: str, maxcount: int = 10000, on_bad_image: str = "error",
-                 quiet: bool = False) -> dict:
-    """Write every split as `{split}-NNNNNN.tar` + manifest.json into `out_dir`, atomically."""
+                 quiet: bool = False, crop_pct: float = 1.0) -> dict:
+    """Write every split as `{split}-NNNNNN.tar` + manifest.json into `out_dir`, atomically.
+
+    crop_pct: the dataset's evaluation centre crop (1.0: whole image, right for small or object-centred
+    images; 0.875: timm's ImageNet convention), recorded for the students' validation."""
     if not any(splits.values()):
         raise UserError(f"source {source} has zero images; check the path and the image extensions "
                         f"({', '.join(IMAGE_EXTS)})")
@@ -198,7 +200,7 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         manifest = {"dataset": dataset, "classes": list(classes), "num_classes": len(classes),
-                    "source": source, "tool_version": __version__, "splits": {}}
+                    "source": source, "crop_pct": float(crop_pct), "tool_version": __version__, "splits": {}}
         total = sum(len(s) for s in splits.values())
         with tqdm(total=total, desc="shard", unit="img", disable=quiet) as bar:
             for split, samples in splits.items():
@@ -217,7 +219,7 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
 
 
 def _write_split(tmp: Path, split: str, samples: list[Sample], maxcount: int, on_bad_image: str, bar) -> dict:
-    keys, labels, skipped = [], [], []
+    keys, labels, digests, skipped = [], [], [], []
     with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=maxcount, maxsize=float("inf"),
                          verbose=0, mtime=SHARD_MTIME, user="", group="") as sink:
         for s in samples:
@@ -233,6 +235,7 @@ def _write_split(tmp: Path, split: str, samples: list[Sample], maxcount: int, on
             sink.write({"__key__": s.key, s.ext: data, "cls": str(s.label)})
             keys.append(s.key)
             labels.append(s.label)
+            digests.append(hashlib.sha256(data).hexdigest())
             bar.update()
     if not keys:
         raise UserError(f"split {split} has no readable image left; check the source")
@@ -243,7 +246,8 @@ def _write_split(tmp: Path, split: str, samples: list[Sample], maxcount: int, on
             shards.append({"name": path.name, "count": count, "sha256": sha256_file(path), **write_shard_index(path)})
         else:
             path.unlink()  # ShardWriter opens its next tar before it knows whether a sample follows
-    return {"count": len(keys), "fingerprint": stable_hash({"keys": keys, "labels": labels}),
+    fingerprint = stable_hash({"split": split, "keys": keys, "labels": labels, "sha256": digests})
+    return {"count": len(keys), "fingerprint": fingerprint,
             "shards": shards, "skipped": skipped}
 
 

@@ -4,6 +4,7 @@ that depends only on the input, so the shards written from it are byte-identical
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -15,10 +16,46 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, index_tar, read_manifest, read_range
+from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, decode_image, index_tar, read_manifest, read_range
 from pipeline.errors import UserError
 
 VAL_NAMES = re.compile(r"^(val|valid|validation|test)[-_.]")  # shard names of a held-out split
+# Folder / file names that say nothing about the dataset: the display name is taken further up the path.
+GENERIC_NAMES = {"data", "dataset", "datasets", "train", "training", "val", "valid", "test", "images", "imgs",
+                 "shards", "imagefolder", "raw", "files", "input", ""}
+
+
+def display_name(path: Path) -> str:
+    """The first meaningful name on `path` going up (~/cifar10/train.tar -> cifar10), else the last one."""
+    path = Path(path).resolve()
+    for part in (path, *path.parents):
+        name = part.name.split(".")[0]
+        if name.lower() not in GENERIC_NAMES:
+            return name
+    return path.name.split(".")[0] or "dataset"
+
+
+def _resized_read(read, size: int, ext: str, origin: str) -> bytes:
+    """The image scaled (bicubic) so its shorter side is `size`, re-encoded in its own format (JPEG at q95)."""
+    data = read()
+    try:
+        img = decode_image(data, origin)
+    except UserError:
+        return data  # the shard writer's check reports (or skips) it
+    scale = size / min(img.size)
+    if scale == 1:
+        return data
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if ext.lower() in ("jpg", "jpeg") else "PNG" if ext.lower() == "png" else ext.upper(),
+             quality=95)
+    return buf.getvalue()
+
+
+def resized(splits: dict[str, list[Sample]], size: int) -> dict[str, list[Sample]]:
+    """Every sample rendered once at `size` px (shorter side): small datasets for models that need >= 64 px."""
+    return {split: [dataclasses.replace(s, read=partial(_resized_read, s.read, size, s.ext, s.origin)) for s in samples]
+            for split, samples in splits.items()}
 
 
 def _rank(seed: int, key: str) -> bytes:
@@ -113,12 +150,12 @@ def imagefolder(source, val_fraction: float, seed: int):
                         "or DIR/train/<class>/<image>")
     train = _class_samples(dirs, files, prefix, classes, str(root))
     if not (prefix and "val" in dirs):
-        return root.stem, classes, stratified_split(train, val_fraction, seed)
+        return display_name(root), classes, stratified_split(train, val_fraction, seed)
     extra = sorted(set(_subfolders(dirs, "val/")) - set(classes))
     if extra:
         raise UserError(f"{root}/val has classes missing from {root}/train: {', '.join(extra)}")
     val = _class_samples(dirs, files, "val/", classes, str(root))
-    return root.stem, classes, {"train": _shuffled(train, seed), "val": _shuffled(val, seed)}
+    return display_name(root), classes, {"train": _shuffled(train, seed), "val": _shuffled(val, seed)}
 
 
 def webdataset_shards(pattern: str, val_fraction: float, seed: int):
@@ -147,7 +184,7 @@ def webdataset_shards(pattern: str, val_fraction: float, seed: int):
         classes = read_manifest(paths[0].parent)["classes"]
     if not splits["val"]:
         splits = stratified_split(splits["train"], val_fraction, seed)
-    return paths[0].parent.name, classes, splits
+    return display_name(paths[0].parent), classes, splits
 
 
 def digits(size: int, val_fraction: float, seed: int):
