@@ -1,10 +1,18 @@
-"""`pipeline finetune-teacher`: fit a teacher spec to the dataset's classes before `pipeline teach`."""
+"""`pipeline finetune-teacher`: fit a teacher spec to the dataset's classes and to the views before `pipeline teach`."""
 
 from pathlib import Path
 
 import click
 
 from pipeline.finetune import finetune_teacher
+from stages.teach import PlanParam
+
+FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num_views:`)
+
+
+def _teach_section() -> dict:
+    """params.yaml's `teach:` section (the root command's default_map), {} if none."""
+    return (click.get_current_context().find_root().default_map or {}).get("teach") or {}
 
 
 @click.command("finetune-teacher")
@@ -21,6 +29,15 @@ from pipeline.finetune import finetune_teacher
 @click.option("--warmup-epochs", default=1.0, show_default=True, help="Epochs of linear learning-rate warmup.")
 @click.option("--label-smoothing", default=0.1, show_default=True, help="Cross-entropy label smoothing.")
 @click.option("--size", type=int, default=None, help="Training/eval resolution in px [default: the spec's input_size].")
+@click.option("--plan", default=FROM_TEACH, show_default=True,
+              help="View plan to train on: 'teach' = params.yaml's `teach: plan:` (the views `pipeline teach` "
+                   "stores, so the teacher is fitted to what it will label; falls back to 'flags' without one), "
+                   "a YAML file of ViewPlan fields, or 'flags' = --scale-min/--hflip/--auto-augment/--re-prob.")
+@click.option("--views", "num_views", type=click.IntRange(min=1), default=None,
+              help="Views per image (V) the epochs cycle through [default: params.yaml's teach num_views with "
+                   "--plan teach, else --epochs].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (recorded in metrics.json) [default: torch's choice].")
 @click.option("--scale-min", default=0.35, show_default=True, help="Smallest RandomResizedCrop area fraction.")
 @click.option("--hflip", default=0.5, show_default=True, help="Horizontal flip probability (0 for digits, text).")
 @click.option("--auto-augment", default="rand-m9-mstd0.5", show_default=True,
@@ -32,9 +49,18 @@ from pipeline.finetune import finetune_teacher
                    "[default: the spec's `pretrained`].")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(teacher, shard_dir, out_dir, auto_augment, **options):
-    """Fine-tune TEACHER on the train shards; write weights + a teacher spec that `pipeline teach` accepts."""
+def command(teacher, shard_dir, out_dir, auto_augment, plan, num_views, **options):
+    """Fine-tune TEACHER on the train shards (timm or TorchScript); write weights + a teacher spec for `pipeline teach`."""
     auto_augment = None if str(auto_augment).lower() in ("none", "", "false") else auto_augment
-    metrics = finetune_teacher(teacher, shard_dir, out_dir, auto_augment=auto_augment, **options)
-    click.echo(f"teacher {metrics['teacher']}: val top-1 {metrics['val_top1']:.2f}% after {metrics['epochs']} "
-               f"epochs from {metrics['init']} ({metrics['seconds']:.0f} s); spec {out_dir / 'teacher.yaml'}")
+    view_plan = None
+    if plan == FROM_TEACH and _teach_section().get("plan"):
+        view_plan = PlanParam().convert(_teach_section()["plan"], None, None)
+        num_views = num_views or _teach_section().get("num_views")
+    elif plan not in (FROM_TEACH, "flags"):
+        view_plan = PlanParam().convert(plan, None, None)
+    metrics = finetune_teacher(teacher, shard_dir, out_dir, auto_augment=auto_augment, plan=view_plan,
+                               num_views=num_views, **options)
+    before, after = metrics["before"], metrics["after"]
+    click.echo(f"teacher {metrics['teacher']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "
+               f"on views {before['views']:.2f}% -> {after['views']:.2f}% after {metrics['epochs']} epochs from "
+               f"{metrics['init']} ({metrics['seconds']:.0f} s); spec {out_dir / 'teacher.yaml'}")

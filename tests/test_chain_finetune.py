@@ -4,6 +4,7 @@ import json
 
 import pytest
 import timm
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -39,11 +40,13 @@ def test_finetuned_spec_is_a_teacher_for_the_shards(tmp_path, shards):
 def test_interrupted_run_resumes_after_the_last_finished_epoch(tmp_path, shards, monkeypatch):
     real, epochs = finetune.student_loader, []
 
-    def loader(*args, epoch, **kwargs):
+    def loader(shard_dir, split, *args, epoch, **kwargs):
+        if split != "train":  # the val-views scores
+            return real(shard_dir, split, *args, epoch=epoch, **kwargs)
         epochs.append(epoch)
         if epoch == 1 and len(epochs) == 2:
             raise KeyboardInterrupt  # killed during the second epoch
-        return real(*args, epoch=epoch, **kwargs)
+        return real(shard_dir, split, *args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(finetune, "student_loader", loader)
     with pytest.raises(KeyboardInterrupt):
@@ -70,10 +73,45 @@ def test_pretrained_weights_fall_back_to_scratch_offline(monkeypatch):
     assert origin == "scratch" and model.num_classes == 5
 
 
-def test_non_timm_teacher_is_refused(tmp_path, shards):
-    spec = tmp_path / "ts.yaml"
-    spec.write_text(yaml.safe_dump({"name": "ts", "model": str(tmp_path / "m.pt"), "source": "torchscript",
+def _script_teacher(tmp_path, num_classes=3):
+    """A user's own TorchScript teacher (a timm resnet10t, random init) + its spec without crop_pct."""
+    model = timm.create_model("resnet10t", num_classes=num_classes).eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "own.pt"))
+    spec = tmp_path / "own.yaml"
+    spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript",
+                                    "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                    "num_classes": num_classes}))
+    return spec
+
+
+def test_torchscript_teacher_is_fitted_to_the_teach_plan(tmp_path, shards):
+    """Default plan: params.yaml's teach.plan; summary: clean and views top-1 before -> after; TorchScript out."""
+    params = tmp_path / "params.yaml"
+    plan = {"seed": 3, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": "rand-m5", "re_prob": 0.25}
+    params.write_text(yaml.safe_dump({"teach": {"num_views": 2, "plan": plan}}))
+    result = CliRunner().invoke(main, ["--params", str(params), "finetune-teacher", "--teacher",
+                                       str(_script_teacher(tmp_path)), "--shards", str(shards), "--out",
+                                       str(tmp_path / "t"), "--epochs", "1", "--batch-size", "8", "--quiet",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "clean val" in result.output and "on views" in result.output and "->" in result.output
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["plan"]["seed"] == 3 and metrics["plan"]["auto_augment"] == "rand-m5"
+    assert metrics["num_views"] == 2 and metrics["threads"] == 1
+    assert set(metrics["before"]) == set(metrics["after"]) == {"clean", "views"}
+    spec = yaml.safe_load((tmp_path / "t" / "teacher.yaml").read_text())
+    assert spec["source"] == "torchscript" and spec["model"] == str(tmp_path / "t" / "teacher.pt")
+    assert spec["crop_pct"] == 1.0
+    tuned, _ = load_teacher(str(tmp_path / "t" / "teacher.yaml"))
+    original, _ = load_teacher(str(tmp_path / "own.yaml"))
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(tuned(x), original(x))  # it trained
+
+
+def test_export_teacher_is_refused(tmp_path, shards):
+    spec = tmp_path / "ex.yaml"
+    spec.write_text(yaml.safe_dump({"name": "ex", "model": str(tmp_path / "m.pt2"), "source": "export",
                                     "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 3}))
     result = CliRunner().invoke(main, ["finetune-teacher", "--teacher", str(spec), "--shards", str(shards),
                                        "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "only timm teachers" in result.output
+    assert result.exit_code == 2 and "torch.jit.save" in result.output, result.output
