@@ -58,6 +58,25 @@ def latency_ms(fn, x, runs: int = 100, warmup: int = 10) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_latency(runners: dict, x, runs: int = 100, warmup: int = 10) -> dict:
+    """Wall times (ms) of every runner on `x`, interleaved: call i of each runner back to back, so a change of
+    load on a shared machine hits all runners alike. {name: (median, p10, p90)}."""
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn(x)
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn(x)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    out = {}
+    for name, values in times.items():
+        deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        out[name] = (statistics.median(values), deciles[0], deciles[-1])
+    return out
+
+
 def throughput(fn, x, runs: int = 10, warmup: int = 2) -> float:
     """Images per second for repeated calls on the batch `x` (median call time)."""
     return x.shape[0] / (latency_ms(fn, x, runs=runs, warmup=warmup) / 1e3)
@@ -90,11 +109,13 @@ def onnx_runner(path, threads: int | None = None):
 
 
 def speed(runners: dict, size: int, runs: int = 100, batch: int = 32) -> dict:
-    """Batch-1 latency (median of `runs`) and batch-`batch` throughput for each named runner."""
+    """Batch-1 latency (median and p10-p90 of `runs` interleaved calls) and batch-`batch` throughput per runner."""
     one = torch.randn(1, 3, size, size)
     many = torch.randn(batch, 3, size, size)
+    latency = interleaved_latency(runners, one, runs=runs)
     return {
-        "latency_ms": {name: latency_ms(fn, one, runs=runs) for name, fn in runners.items()},
+        "latency_ms": {name: t[0] for name, t in latency.items()},
+        "latency_p10_p90_ms": {name: [t[1], t[2]] for name, t in latency.items()},
         "throughput": {name: throughput(fn, many) for name, fn in runners.items()},  # images/s
         "throughput_batch": batch,
     }

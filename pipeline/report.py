@@ -16,8 +16,8 @@ COLUMNS = (
     ("Deploy model", lambda m: m["stock_model"]),
     ("Params (M)", lambda m: f"{m['params'] / 1e6:.2f}"),
     ("MACs (M)", lambda m: f"{m['macs'] / 1e6:.1f}"),
-    ("Latency torch (ms)", lambda m: _fmt(m["latency_ms"].get("torch"), ".2f")),
-    ("Latency ONNX (ms)", lambda m: _fmt(m["latency_ms"].get("onnx"), ".2f")),
+    ("Latency torch (ms)", lambda m: _latency(m, "torch")),
+    ("Latency ONNX (ms)", lambda m: _latency(m, "onnx")),
     ("Top-1 (%)", lambda m: f"{m['top1']:.2f}"),
     ("Top-5 (%)", lambda m: f"{m['top5']:.2f}"),
     ("Teacher (top-1 agreement %)", lambda m: _teachers(m)),
@@ -87,14 +87,24 @@ def fusion_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency(m: dict, engine: str) -> str:
+    """'median (p10-p90)' of one engine's batch-1 latency."""
+    median, spread = m["latency_ms"].get(engine), (m.get("latency_p10_p90_ms") or {}).get(engine)
+    if median is None or not spread:
+        return _fmt(median, ".2f")
+    return f"{median:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
+
+
 def render_markdown(rows: list[dict], figure_name: str) -> str:
     first = rows[0]
     size = first.get("input_size", "?")
     dataset = first.get("dataset", "the validation split")
     return (
         "# Students: accuracy vs cost\n\n"
-        f"Validation split of {dataset}, {size}x{size} px, deployed (fused) models. Latency is the median of "
-        f"{first.get('latency_runs', '?')} single-image runs on this machine's CPU; MACs counted at the input size.\n\n"
+        f"Validation split of {dataset}, {size}x{size} px, deployed (fused) models. Latency is the median (p10-p90) "
+        f"of {first.get('latency_runs', '?')} single-image runs on this machine's CPU, torch and ONNX interleaved "
+        "within one evaluate run; each student was timed in its own run, so on a shared machine compare "
+        "students' latencies with care. MACs counted at the input size.\n\n"
         + markdown_table(rows)
         + f"\n![accuracy vs latency]({figure_name})\n\n## Training form vs deployed form\n\n"
         + fusion_table(rows)

@@ -66,3 +66,15 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
     assert m["teacher_agreement"] == {"ghost-teacher": None}
     assert "pipeline teach" in m["teacher_notes"]["ghost-teacher"]
     assert m["throughput_batch"] == 2 and m["torch_threads"] == 1 and m["stock_model"] == "ghostnetv2_050"
+
+
+def test_latency_is_interleaved_with_median_and_spread():
+    """Call i of every runner runs back to back, so load changes hit all runners alike."""
+    from pipeline.evaluate import interleaved_latency
+
+    calls = []
+    runners = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
+    out = interleaved_latency(runners, None, runs=5, warmup=1)
+    assert calls == ["a", "b"] * 6
+    for median, p10, p90 in out.values():
+        assert 0 <= p10 <= median <= p90

@@ -44,3 +44,14 @@ def test_bad_inputs_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no metrics files"):
         collect_metrics([tmp_path / "empty"])
+
+
+def test_report_gives_latency_spread_and_says_runs_differ(tmp_path):
+    (tmp_path / "eval").mkdir()
+    spread = {"latency_p10_p90_ms": {"torch": [14.0, 16.5], "onnx": [1.4, 1.7]}}
+    (tmp_path / "eval" / "a.json").write_text(json.dumps(_metrics("fast", 90.0, 1.5, **spread)))
+    result = CliRunner().invoke(main, ["report", "--metrics", str(tmp_path / "eval"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| 15.00 (14.00-16.50) | 1.50 (1.40-1.70) |" in md
+    assert "interleaved" in md and "its own run" in md
