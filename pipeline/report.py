@@ -95,6 +95,18 @@ def _latency(m: dict, engine: str) -> str:
     return f"{median:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
+def _runtime_advice(rows: list[dict]) -> str:
+    """Which runtime to deploy with: eager torch at batch 1 is several times slower than onnxruntime on CPU
+    (benchmarks/bench_latency.py: 4.5x at 1 thread; 26x at 2 threads on a loaded 2-core machine, where
+    OpenMP threads wait for busy cores in every small kernel)."""
+    ratios = [m["latency_ms"]["torch"] / m["latency_ms"]["onnx"] for m in rows
+              if m["latency_ms"].get("torch") and m["latency_ms"].get("onnx")]
+    if not ratios:
+        return ""
+    return (f"Deploy with onnxruntime (`model.onnx`): at batch 1 eager torch took {min(ratios):.1f}-{max(ratios):.1f}x "
+            "its time here. With torch, set its threads to the cores you really have (1 on a shared machine).\n\n")
+
+
 def render_markdown(rows: list[dict], figure_name: str) -> str:
     first = rows[0]
     size = first.get("input_size", "?")
@@ -105,6 +117,7 @@ def render_markdown(rows: list[dict], figure_name: str) -> str:
         f"of {first.get('latency_runs', '?')} single-image runs on this machine's CPU, torch and ONNX interleaved "
         "within one evaluate run; each student was timed in its own run, so on a shared machine compare "
         "students' latencies with care. MACs counted at the input size.\n\n"
+        + _runtime_advice(rows)
         + markdown_table(rows)
         + f"\n![accuracy vs latency]({figure_name})\n\n## Training form vs deployed form\n\n"
         + fusion_table(rows)

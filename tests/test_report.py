@@ -55,3 +55,4 @@ def test_report_gives_latency_spread_and_says_runs_differ(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| 15.00 (14.00-16.50) | 1.50 (1.40-1.70) |" in md
     assert "interleaved" in md and "its own run" in md
+    assert "Deploy with onnxruntime" in md and "10.0-10.0x" in md
