@@ -132,6 +132,10 @@ def recipe_summary(info: dict) -> str:
     parts = [kd, _branches(kwargs)]
     if recipe.get("epochs"):
         parts.append(f"{recipe['epochs']} ep {recipe.get('opt', '')}".strip())
+    init = info.get("init")
+    if init:  # pretrained start (student --init): where from, and the file's digest
+        digest = init.get("sha256") or init.get("init_state_sha256") or ""
+        parts.append(f"init {Path(init['source']).name}" + (f" sha256 {digest[:12]}" if digest else ""))
     return f"{recipe.get('name', '?')}: " + ", ".join(parts)
 
 

@@ -136,7 +136,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
         "stock_model": stock_model_name(info["model"]), "num_classes": info["num_classes"], "input_size": size,
         "mean": info["mean"], "std": info["std"], "crop_pct": info.get("crop_pct", 1.0),
         "interpolation": info.get("interpolation", "bicubic"), "teachers": info.get("teachers") or [],
-        "recipe": info.get("recipe") or {}, "fused_check": fused_check,
+        "recipe": info.get("recipe") or {}, "init": info.get("init"), "fused_check": fused_check,
     }
     train_params, train_macs = count_params_macs(model, size)
     result["training_form"] = {"params": train_params, "macs": train_macs}

@@ -78,3 +78,9 @@ def test_latency_is_interleaved_with_median_and_spread():
     assert calls == ["a", "b"] * 6
     for median, p10, p90 in out.values():
         assert 0 <= p10 <= median <= p90
+
+
+def test_recipe_summary_names_the_pretrained_init():
+    info = {"model_kwargs": {"num_branches": 3}, "teachers": [], "recipe": {"name": "r", "alpha": 0},
+            "init": {"source": "/w/mobilenetv2_100.safetensors", "sha256": "ab" * 32}}
+    assert recipe_summary(info).endswith("init mobilenetv2_100.safetensors sha256 abababababab")
