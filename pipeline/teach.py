@@ -150,7 +150,8 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     if rank == 0:
         if pending:
             writer.finish({"seconds": summary["seconds"], "views_per_s": summary["views_per_s"], "world_size": world,
-                           "device": str(dev), "batch_size": batch_size, "workers": workers})
+                           "device": str(dev), "batch_size": batch_size, "workers": workers,
+                           "threads": torch.get_num_threads()})
         if out is not None:
             write_pointer(Path(out) / f"{spec['name']}.json", writer)
         if pending and not quiet:

@@ -58,16 +58,23 @@ class PlanParam(click.ParamType):
 @click.option("--shard-rows", default=256, type=click.IntRange(min=1),
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (recorded in the store's run attributes) [default: torch's choice].")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
-            out, weights, values, shard_rows, quiet):
+            out, weights, values, shard_rows, threads, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
 
     Resumable: rerun the same command after an interruption. A finished store is reported as up to
     date without running the teacher. Under torchrun, ranks share the work.
     """
+    import torch
+
     from pipeline.data.views import ViewPlan
     from pipeline.teach import teach
+
+    if threads:
+        torch.set_num_threads(threads)
 
     teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=num_views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,

@@ -157,3 +157,15 @@ def test_options_and_view_plan_come_from_params_yaml(setup):
     assert result.exit_code == 0, result.output
     store = open_pointer(tmp / "from-params" / "tiny.json")
     assert (store.num_views, store.k, store.plan["seed"], store.plan["auto_augment"]) == (1, 2, 3, "rand-m5")
+
+
+def test_threads_option_is_recorded(setup, tmp_path):
+    _, spec, shards, _ = setup
+    before = torch.get_num_threads()
+    try:
+        result = run_cli(*teach_args(spec, shards, tmp_path / "t", "--threads", "1"))
+        assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(before)
+    store = open_pointer(tmp_path / "t" / "out" / "tiny.json")
+    assert store.group.attrs["run"]["threads"] == 1
