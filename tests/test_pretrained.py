@@ -25,7 +25,9 @@ SMALLEST = ["rep_ghostnetv3_050", "rep_mobilenetv2_100", "rep_shufflenetv2_100"]
 
 @pytest.mark.parametrize("name,rep", [(name, {}) for name in MODELS]
                          + [(name, dict(num_branches=1, scale_branch=False)) for name in SMALLEST]
-                         + [(name, dict(num_branches=5)) for name in SMALLEST])
+                         + [(name, dict(num_branches=5)) for name in SMALLEST]
+                         + [(name, dict(identity_branch=False)) for name in SMALLEST]
+                         + [(name, dict(num_branches=1, scale_branch=False, identity_branch=False)) for name in SMALLEST])
 def test_stock_weights_give_the_stock_function(name, rep, tmp_path):
     stock = randomize_bn(create_stock_model(name, num_classes=1000))
     model = _from_file(name, _save(stock, tmp_path / "stock.safetensors"), num_classes=1000, **rep)
