@@ -1,25 +1,26 @@
 """Distillation loss from stored top-k teacher logits, with one bucket for the rest of the mass.
 
-A store keeps, per (sample, view), the teacher's top-k logits z_1..z_k, their class indices and
-L = logsumexp over ALL classes. That is enough for the exact top-k probabilities p_i = exp(z_i - L)
-and the exact tail mass r = 1 - sum p_i. The loss compares teacher and student on k + 1 buckets
-(the k stored classes + "everything else"), i.e. KL between the two distributions coarsened onto
-those buckets; when k equals the number of classes there is no tail and it is the dense KL.
+A store keeps, per (sample, view), the teacher's top-k logits z_1..z_k, their class indices and,
+for every stored temperature tau, L_tau = logsumexp(z / tau) over ALL classes. That gives the exact
+tempered top-k probabilities p_i = exp(z_i / tau - L_tau) and the exact tempered tail mass
+r = 1 - sum p_i. The loss compares teacher and student on k + 1 buckets (the k stored classes +
+"everything else"): the KL between the two distributions coarsened onto those buckets.
 
-Temperature. At tau != 1 the tempered teacher softmax(z / tau) needs every logit, and the store
-keeps only k of them. The tail is modelled as FLAT: its C - k classes share the logit
-z_rest = L + log(r) - log(C - k), which reproduces the stored tail mass r exactly at tau = 1. So:
-  - tau = 1: exact (the flat-tail model changes nothing at tau = 1),
-  - k = C: exact at every tau (no tail),
-  - k < C, tau != 1: exact when the teacher's tail is flat; otherwise the tail bucket's tempered
-    mass is over-estimated for tau > 1 (Jensen; small when r is small, as it is for k >= 10 on a
-    trained teacher). The paper's recipe uses tau = 1.
+What is exact (up to the store's f16 / BitRound rounding, measured by benchmarks/bench_kd_fidelity.py):
+  - at every stored tau: the coarsened KL above (single teachers and ensembles);
+  - k = C: the dense KL at every tau (no tail).
+What is not: the coarsened KL is not the dense KL. It leaves out how the teacher spreads its tail
+over the C - k other classes; the gap grows with the tempered tail mass (bench_kd_fidelity reports
+it per tau). A tau that is NOT stored has no L_tau; `flat_tail=True` (train's --flat-tail) then
+models the tail as flat, z_rest = L + log(r) - log(C - k): exact at tau = 1 and for a flat tail,
+otherwise it over-estimates the tempered tail for tau > 1 (measured 6-79 % off at tau 2-4).
 
 Ensembles. Several teachers are combined as a weighted mean of their (tempered) probabilities.
 Their top-k index sets differ, so every teacher is scattered into a dense [B, C] vector (its tail
-spread flat over its non-top-k classes); the union of all top-k sets is the "known" classes and
-everything else is the ensemble's rest bucket. With one teacher this is exactly the single-store
-target. Dense [B, C] costs nothing next to the student's own [B, C] logits.
+spread flat over its non-top-k classes: the loss only ever uses the tail summed); the union of all
+top-k sets is the "known" classes and everything else is the ensemble's rest bucket. With one
+teacher this is exactly the single-store target. Dense [B, C] costs nothing next to the student's
+own [B, C] logits.
 """
 
 from dataclasses import dataclass
@@ -44,30 +45,53 @@ class SoftTarget:
         return SoftTarget(lam * self.probs + (1 - lam) * self.probs.flip(0), self.known | self.known.flip(0))
 
 
-def teacher_target(topk_logits, topk_indices, lse, num_classes: int, tau: float = 1.0) -> SoftTarget:
-    """Tempered teacher distribution from one store's top-k logits, scattered onto all classes."""
-    z = topk_logits.float()
+def teacher_target(topk_logits, topk_indices, lse, num_classes: int, tau: float = 1.0, lse_tau=None,
+                   flat_tail: bool = False) -> SoftTarget:
+    """Tempered teacher distribution from one store's top-k logits, scattered onto all classes.
+
+    `lse` is logsumexp(z) over all classes; `lse_tau` is logsumexp(z / tau) (the store keeps it for
+    each of its temperatures). Without `lse_tau` at tau != 1 the tempered tail is unknown: refused,
+    unless `flat_tail` accepts the flat-tail model.
+    """
+    z = topk_logits.double()
     topk_indices = topk_indices.long()
     k = z.shape[1]
     known = torch.zeros(z.shape[0], num_classes, dtype=torch.bool, device=z.device)
     known.scatter_(1, topk_indices, True)
     n_rest = num_classes - k
     if n_rest == 0:
-        probs = torch.zeros_like(known, dtype=torch.float32).scatter_(1, topk_indices, F.softmax(z / tau, dim=1))
+        probs = torch.zeros_like(known, dtype=torch.float32).scatter_(1, topk_indices, F.softmax(z / tau, 1).float())
         return SoftTarget(probs, known)
-    # Tail mass at tau = 1, r = 1 - exp(lse(top-k) - L), via expm1 in float64: r is often tiny and
-    # 1 - sum(p_i) would cancel. f16 storage can push sum p_i a hair above 1, so clamp at 0.
-    z64 = z.double()
-    lse = lse.double()
+    if lse_tau is None and tau == 1:
+        lse_tau = lse
+    if lse_tau is None:
+        if not flat_tail:
+            raise ValueError(f"tau={tau:g} needs logsumexp(z / tau) over all classes (lse_tau) or flat_tail=True")
+        return _flat_tail_target(z, topk_indices, lse.double(), known, n_rest, tau)
+    # Exact: p_i = exp(z_i / tau - L_tau); rest r = 1 - sum p_i via expm1 in float64 (r is often tiny and
+    # 1 - sum would cancel). f16 storage can push sum p_i a hair above 1: then rescale and r = 0.
+    logp = z / tau - lse_tau.double()[:, None]
+    log_sum = torch.logsumexp(logp, 1)
+    rest = -torch.expm1(log_sum.clamp_max(0))
+    p = (logp - log_sum.clamp_min(0)[:, None]).exp()
+    return _scatter(p, rest, topk_indices, known, n_rest)
+
+
+def _flat_tail_target(z64, topk_indices, lse, known, n_rest: int, tau: float) -> SoftTarget:
+    """The flat-tail model of an unstored tau: the C - k tail classes share one logit, fixed by r at tau 1."""
     rest = -torch.expm1(torch.logsumexp(z64, 1) - lse)
     log_rest = torch.where(rest > 0, rest.clamp_min(1e-300).log(), float("-inf"))
     log_n = torch.log(torch.tensor(float(n_rest), dtype=torch.float64))
-    z_rest = lse + log_rest - log_n  # the flat tail logit
+    z_rest = lse + log_rest - log_n
     # Normalise over the k logits and the n_rest copies of the tail logit (log n_rest adds the copies).
-    buckets = torch.cat([z64 / tau, (z_rest / tau + log_n)[:, None]], dim=1)
-    p = torch.softmax(buckets, dim=1).float()
-    probs = (p[:, -1] / n_rest)[:, None].expand(-1, num_classes).clone()
-    probs.scatter_(1, topk_indices, p[:, :-1])
+    p = torch.softmax(torch.cat([z64 / tau, (z_rest / tau + log_n)[:, None]], dim=1), dim=1)
+    return _scatter(p[:, :-1], p[:, -1], topk_indices, known, n_rest)
+
+
+def _scatter(p, rest, topk_indices, known, n_rest: int) -> SoftTarget:
+    """Dense [B, C]: the top-k probabilities on their classes, the rest mass spread over the others."""
+    probs = (rest.float() / n_rest)[:, None].expand(-1, known.shape[1]).clone()
+    probs.scatter_(1, topk_indices, p.float())
     return SoftTarget(probs, known)
 
 
@@ -77,20 +101,24 @@ def dense_target(teacher_logits, tau: float = 1.0) -> SoftTarget:
     return SoftTarget(probs, torch.ones_like(probs, dtype=torch.bool))
 
 
-def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None) -> SoftTarget:
-    """Weighted mean of several teachers' probabilities; `stored` is [(topk_logits, topk_indices, lse)]."""
+def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None, flat_tail: bool = False) -> SoftTarget:
+    """Weighted mean of several teachers' probabilities.
+
+    `stored` is [(topk_logits, topk_indices, lse)] or [(topk_logits, topk_indices, lse, lse_tau)].
+    """
     weights = [1.0] * len(stored) if weights is None else list(weights)
     if len(weights) != len(stored) or sum(weights) <= 0 or min(weights) < 0:
         raise ValueError(f"need one non-negative weight per teacher, got {weights} for {len(stored)} teachers")
-    targets = [teacher_target(*t, num_classes=num_classes, tau=tau) for t in stored]
+    targets = [teacher_target(*t[:3], num_classes=num_classes, tau=tau, lse_tau=t[3] if len(t) > 3 else None,
+                              flat_tail=flat_tail) for t in stored]
     total = sum(weights)
     probs = sum(w / total * t.probs for w, t in zip(weights, targets))
     known = torch.stack([t.known for t in targets]).any(0)
     return SoftTarget(probs, known)
 
 
-def bucket_kl(student_logits, target: SoftTarget, tau: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of KL(teacher || student) on the known classes + one rest bucket."""
+def bucket_kl(student_logits, target: SoftTarget, tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """KL(teacher || student) on the known classes + one rest bucket: the batch mean, or per row ("none")."""
     log_q = F.log_softmax(student_logits.float() / tau, dim=1)
     p = torch.where(target.known, target.probs, 0.0)
     kl = (torch.xlogy(p, p) - p * log_q).sum(1)
@@ -98,10 +126,10 @@ def bucket_kl(student_logits, target: SoftTarget, tau: float = 1.0) -> torch.Ten
     if has_rest.any():
         # Rest bucket: teacher tail mass r vs the student's mass on the same (unknown) classes.
         rows = has_rest.nonzero(as_tuple=True)[0]
-        r = (1 - p[rows].sum(1)).clamp_min(0)
+        r = torch.where(target.known[rows], 0.0, target.probs[rows]).sum(1)  # no 1 - sum cancellation
         log_q_rest = torch.logsumexp(log_q[rows].masked_fill(target.known[rows], float("-inf")), dim=1)
         kl = kl.index_add(0, rows, torch.xlogy(r, r) - r * log_q_rest)
-    return kl.mean()
+    return kl if reduction == "none" else kl.mean()
 
 
 def kd_loss(student_logits, labels, target: SoftTarget | None, alpha: float, tau: float = 1.0,
@@ -123,7 +151,8 @@ def kd_loss(student_logits, labels, target: SoftTarget | None, alpha: float, tau
     return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
 
 
-def topk_kd_loss(student_logits, topk_logits, topk_indices, lse, tau: float = 1.0) -> torch.Tensor:
+def topk_kd_loss(student_logits, topk_logits, topk_indices, lse, tau: float = 1.0, lse_tau=None,
+                 flat_tail: bool = False) -> torch.Tensor:
     """KD term (tau^2 * KL) against one store's top-k entries: the contract's single-teacher form."""
-    target = teacher_target(topk_logits, topk_indices, lse, student_logits.shape[1], tau)
+    target = teacher_target(topk_logits, topk_indices, lse, student_logits.shape[1], tau, lse_tau, flat_tail)
     return tau**2 * bucket_kl(student_logits, target, tau)

@@ -189,6 +189,20 @@ def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch
     return scores, notes
 
 
+def teacher_top1(teachers, teach_dir) -> dict:
+    """Each teacher's top-1 (%) on its stored views and on clean val, as `pipeline teach` measured them."""
+    from pipeline.store import open_pointer
+
+    figures = {}
+    for name in teachers:
+        pointer = Path(teach_dir) / f"{name}.json" if teach_dir else None
+        if pointer is None or not pointer.is_file():
+            continue
+        p = open_pointer(pointer).provenance
+        figures[name] = {"views": p.get("teacher_top1_views"), "clean_val": p.get("teacher_top1_clean_val")}
+    return figures
+
+
 def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, latency_runs: int = 100, batch: int = 32,
                    batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> dict:
     """Every figure of one deployed student, as the DVC metrics dict `pipeline evaluate` writes.
@@ -226,5 +240,6 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
         "training_form": info.get("training_form"), "fused_check": info.get("fused_check"),
         "onnx_check": info.get("onnx_check"), **timing, "latency_runs": latency_runs,
         "torch_threads": torch.get_num_threads(), "teachers": info["teachers"], "teacher_agreement": scores,
+        "teacher_top1": teacher_top1(info["teachers"], teach_dir),
         **({"teacher_notes": notes} if notes else {}), "recipe_summary": recipe_summary(info),
     }

@@ -107,6 +107,20 @@ def _runtime_advice(rows: list[dict]) -> str:
             "its time here. With torch, set its threads to the cores you really have (1 on a shared machine).\n\n")
 
 
+def teacher_table(rows: list[dict]) -> str:
+    """Each teacher once: its top-1 on the stored (augmented) views and on clean val. A large gap means
+    noisy targets (see `pipeline teach`'s warning)."""
+    teachers = {}
+    for m in rows:
+        teachers.update(m.get("teacher_top1") or {})
+    if not teachers:
+        return ""
+    lines = ["| Teacher | Top-1 on stored views (%) | Top-1 on clean val (%) |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(t.get('views'), '.2f')} | {_fmt(t.get('clean_val'), '.2f')} |"
+              for name, t in sorted(teachers.items())]
+    return "\n## Teachers\n\n" + "\n".join(lines) + "\n"
+
+
 def render_markdown(rows: list[dict], figure_name: str) -> str:
     first = rows[0]
     size = first.get("input_size", "?")
@@ -121,6 +135,7 @@ def render_markdown(rows: list[dict], figure_name: str) -> str:
         + markdown_table(rows)
         + f"\n![accuracy vs latency]({figure_name})\n\n## Training form vs deployed form\n\n"
         + fusion_table(rows)
+        + teacher_table(rows)
     )
 
 

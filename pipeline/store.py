@@ -4,6 +4,9 @@ Arrays (row i = sample i of the split, column v = view v):
     values  f16 [N,V,K]   top-k log-probabilities log p = z - lse, sorted by class index
     indices i16/i32 [N,V,K]  their classes, ascending (int16 whenever the classes fit)
     lse     f32 [N,V]     logsumexp over ALL classes: logits z = values + lse; rest mass = 1 - sum(exp(values))
+    lse_tau f16 [N,V,T]   per stored temperature tau (provenance "temperatures", 1 first): the offset
+                          logsumexp(z / tau) - lse / tau over ALL classes (0 at tau = 1; in [0, (1 - 1/tau) log C]),
+                          so tempered top-k probabilities exp(values / tau - offset) and the tempered rest are exact
     params  u16 [N,V,P]   the view parameters (pipeline.data.views), so a view replays from the store alone
     labels  i16/i32 [N]
     done    u8  [S]       one flag per shard of rows, set after that shard's arrays are written
@@ -14,7 +17,10 @@ Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 class
 - sorting each view's top-k by class index makes `indices` increasing, so a Delta filter + zstd
   stores about one byte per index instead of two; values are permuted alongside.
 - the optional `f16-keepN` encoding zeroes all but N mantissa bits of log p (numcodecs BitRound):
-  a relative error of 2^-(N+1) on log p, which costs far less than 1e-3 nats of KL (see bench_teach).
+  a relative error of 2^-(N+1) on log p. The default keep6 keeps the KD loss within 1e-3 (relative)
+  of the exact coarsened KL at every stored tau, also for late students (bench_kd_fidelity); keep5
+  saves ~1.2 B/view but misses that by up to 1.5x.
+- lse_tau: 2 bytes per stored temperature (f16 offsets of at most (1 - 1/tau) log C, ~3e-3 absolute).
 - rows are written one zarr shard at a time (sharding codec: few files, big compressed chunks), and
   a shard is the unit of resume and of work sharing between torchrun ranks: no two processes ever
   touch the same file, and zarr's LocalStore writes every file atomically (temp + rename).
@@ -39,9 +45,10 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, stable_hash
 
 
-FORMAT = 1
-ARRAYS = ("values", "indices", "lse", "params", "labels")
-DEFAULT_VALUES = "f16-keep5"
+FORMAT = 2
+ARRAYS = ("values", "indices", "lse", "lse_tau", "params", "labels")
+DEFAULT_VALUES = "f16-keep6"  # bench_kd_fidelity: keep5 misses the 1e-3 KL target on late students
+DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 
 
 @contextmanager
@@ -66,11 +73,27 @@ def index_dtype(num_classes: int) -> np.dtype:
 
 
 def store_key(*, dataset_fingerprint: str, split: str, plan_hash: str, teacher: dict, weights_digest: str,
-              k: int, num_views: int, values: str, amp: str) -> str:
+              k: int, num_views: int, values: str, amp: str, temperatures=(1.0,)) -> str:
     """Hash of every input that changes the stored numbers; it names the group on disk."""
     return stable_hash(dict(format=FORMAT, dataset_fingerprint=dataset_fingerprint, split=split, plan=plan_hash,
                             teacher=teacher, weights_digest=weights_digest, k=k, num_views=num_views,
-                            values=values, amp=amp))
+                            values=values, amp=amp, temperatures=check_temperatures(temperatures)))
+
+
+def check_temperatures(temperatures) -> list[float]:
+    """The stored temperatures: 1 first (lse is always kept), then the others ascending, no repeats."""
+    taus = sorted({float(t) for t in temperatures} | {1.0})
+    if taus[0] <= 0:
+        raise UserError(f"temperatures must be > 0, got {', '.join(f'{t:g}' for t in taus)} (e.g. --temperatures 1,2,4)")
+    return [1.0] + [t for t in taus if t != 1.0]
+
+
+def encode_lse_tau(logits: torch.Tensor, temperatures) -> np.ndarray:
+    """[B,C] logits -> f16 [B,T] offsets logsumexp(z / tau) - logsumexp(z) / tau, as stored."""
+    z = logits.double()
+    lse = torch.logsumexp(z, 1)
+    offsets = [torch.logsumexp(z / tau, 1) - lse / tau for tau in check_temperatures(temperatures)]
+    return torch.stack(offsets, 1).cpu().numpy().astype(np.float16)
 
 
 def encode_topk(logits: torch.Tensor, k: int, encoding: str = "f16") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,6 +160,7 @@ class LogitStore:
         self.plan = self.provenance["plan"]
         self.key = self.provenance["key"]
         self.shard_rows = self.provenance["shard_rows"]
+        self.temperatures = list(self.provenance.get("temperatures", [1.0]))
         self._targets = None
 
     @property
@@ -169,7 +193,7 @@ class LogitStore:
         if self._targets is None:
             g = self.arrays
             self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:]))
-                             for name in ("values", "indices", "lse", "labels")}
+                             for name in ("values", "indices", "lse", "lse_tau", "labels")}
         return self._targets
 
     def lookup(self, index: torch.Tensor, view: torch.Tensor):
@@ -179,9 +203,28 @@ class LogitStore:
         lse = t["lse"][index, view]
         return t["values"][index, view].float() + lse[:, None], t["indices"][index, view].long(), lse
 
+    def require_tau(self, tau: float) -> None:
+        """UserError naming the stored temperatures unless `tau` is one of them."""
+        if float(tau) not in self.temperatures:
+            raise UserError(f"tau={tau:g} is not stored in teacher store {self.path} (it keeps tau "
+                            f"{', '.join(f'{t:g}' for t in self.temperatures)}); use one of them, re-run "
+                            f"`pipeline teach --temperatures ...` with it, or pass --flat-tail for the flat-tail "
+                            f"approximation")
+
+    def lookup_tau(self, index: torch.Tensor, view: torch.Tensor, tau: float):
+        """lookup() + logsumexp(z / tau) over all classes f64 [B], for a stored tau (UserError otherwise)."""
+        self.require_tau(tau)
+        z, classes, lse = self.lookup(index, view)
+        offset = self.targets()["lse_tau"][index.long().cpu(), view.long().cpu(), self.temperatures.index(float(tau))]
+        return z, classes, lse, lse.double() / tau + offset.double()
+
     def params(self, index: int, view: int) -> np.ndarray:
         """The stored parameter vector of one view (for replaying it without recomputing)."""
         return self.arrays["params"][index, view]
+
+    def all_params(self) -> np.ndarray:
+        """Every stored view's parameters, uint16 [N, V, P] in memory: what the student replays."""
+        return np.ascontiguousarray(self.arrays["params"][:])
 
     def bytes_per_view(self) -> float:
         return bytes_on_disk(self.path) / (self.num_samples * self.num_views)
@@ -233,13 +276,18 @@ def write_pointer(pointer, store: LogitStore) -> dict:
 class StoreWriter(LogitStore):
     """The write side: create the arrays once, then fill shard by shard (any order, any process)."""
 
-    def write_shard(self, shard: int, values, indices, lse, params, labels) -> None:
+    def write_shard(self, shard: int, values, indices, lse, params, labels, lse_tau=None) -> None:
+        """One shard's rows; `lse_tau` (encode_lse_tau) may be left out only when tau = 1 is all that is kept."""
         rows = self.shard_rows_range(shard)
         s = slice(rows.start, rows.stop)
         g = self.arrays
+        if lse_tau is None and len(self.temperatures) > 1:
+            raise ValueError(f"store {self.path} keeps temperatures {self.temperatures}: write_shard needs lse_tau")
         g["values"][s] = values
         g["indices"][s] = indices
         g["lse"][s] = lse
+        if lse_tau is not None:
+            g["lse_tau"][s] = lse_tau
         g["params"][s] = params
         g["labels"][s] = labels
         g["done"][shard] = 1  # last: a killed writer leaves the shard not done, to be written again
@@ -247,9 +295,14 @@ class StoreWriter(LogitStore):
     def finish(self, run: dict) -> None:
         self.group.attrs["run"] = run
 
+    def record_quality(self, quality: dict) -> None:
+        """Add the teacher's measured top-1 (on the stored views, on clean val) to the provenance."""
+        self.provenance = {**self.provenance, **quality}
+        self.group.attrs["provenance"] = self.provenance
+
 
 def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, k: int, params_dim: int,
-                   num_classes: int, shard_rows: int, values: str) -> StoreWriter:
+                   num_classes: int, shard_rows: int, values: str, temperatures=(1.0,)) -> StoreWriter:
     """Open the store at `path` if it was made from the same inputs, else create it.
 
     The provenance is written last, so a group without it is a creation that was cut off: it is
@@ -266,7 +319,8 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
             return StoreWriter(group, path)
     with numcodecs_quiet():
         return _create(path, provenance, num_samples=num_samples, num_views=num_views, k=k, params_dim=params_dim,
-                       num_classes=num_classes, shard_rows=shard_rows, values=values)
+                       num_classes=num_classes, shard_rows=shard_rows, values=values,
+                       temperatures=check_temperatures(temperatures))
 
 
 def _exists(path) -> bool:
@@ -276,7 +330,8 @@ def _exists(path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values):
+def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values,
+            temperatures):
     group = zarr.open_group(zarr_store(path), mode="w")
     idx = index_dtype(num_classes)
     keep = value_keepbits(values)
@@ -295,12 +350,13 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
           [BitRound(keepbits=keep)] if keep is not None else [], blosc(2, bit=keep is not None))
     array("indices", (num_samples, num_views, k), idx, [Delta(dtype=str(idx))], blosc(idx.itemsize))
     array("lse", (num_samples, num_views), np.float32, [], blosc(4))
+    array("lse_tau", (num_samples, num_views, len(temperatures)), np.float16, [], blosc(2))
     array("params", (num_samples, num_views, params_dim), np.uint16, [TransposeCodec(order=(2, 0, 1))], blosc(2))
     array("labels", (num_samples,), idx, [], blosc(idx.itemsize))
     group.create_array("done", shape=(math.ceil(num_samples / shard_rows),), dtype=np.uint8, chunks=(1,),
                        compressors=None, fill_value=0)
     group.attrs["provenance"] = {**provenance, "shard_rows": shard_rows, "num_classes": num_classes,
-                                 "index_dtype": str(idx), "values_encoding": values}
+                                 "index_dtype": str(idx), "values_encoding": values, "temperatures": temperatures}
     return StoreWriter(group, path)
 
 
@@ -317,12 +373,25 @@ def summarize(store: LogitStore) -> dict:
             "complete": bool(done.all()), "shards_done": f"{int(done.sum())}/{len(done)}",
             "bytes_on_disk": bytes_on_disk(store.path), "bytes_per_view": round(store.bytes_per_view(), 2),
             "versions": p.get("versions"), "run": dict(store.group.attrs.get("run") or {})}
+    info["temperatures"] = store.temperatures
+    info["teacher_top1_views"] = p.get("teacher_top1_views")
+    info["teacher_top1_clean_val"] = p.get("teacher_top1_clean_val")
     if len(rows):
-        g = store.arrays
-        values = g["values"].get_orthogonal_selection((rows,)).astype(np.float32)
-        indices = g["indices"].get_orthogonal_selection((rows,))
-        labels = g["labels"].get_orthogonal_selection((rows,))
-        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
+        values = store.arrays["values"].get_orthogonal_selection((rows,)).astype(np.float32)
         info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
-        info["teacher_top1_vs_labels"] = round(float((top1 == labels[:, None]).mean()), 4)
+        info["teacher_top1_vs_labels"] = round(top1_vs_labels(store, rows) / 100, 4)
     return info
+
+
+def top1_vs_labels(store: LogitStore, rows=None) -> float:
+    """Top-1 (%) of the stored targets against the labels, over `rows` (default: all) and every view;
+    read one store shard of rows at a time (a whole ImageNet store would not fit in memory)."""
+    g = store.arrays
+    rows = np.arange(store.num_samples) if rows is None else np.asarray(rows)
+    hits = 0
+    for start in range(0, len(rows), store.shard_rows):
+        part = (rows[start:start + store.shard_rows],)
+        values, indices = g["values"].get_orthogonal_selection(part), g["indices"].get_orthogonal_selection(part)
+        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
+        hits += int((top1 == g["labels"].get_orthogonal_selection(part)[:, None]).sum())
+    return round(100.0 * hits / max(len(rows) * store.num_views, 1), 2)

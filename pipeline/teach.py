@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import DEFAULT_VALUES, create_or_open, encode_topk, store_key, store_path, write_pointer, bytes_on_disk
+from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_temperatures, create_or_open,
+                            encode_lse_tau, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,9 +87,17 @@ class Forward:
             return self.model(x).float()
 
 
+def teacher_spec(teacher, weights=None) -> dict:
+    """The teacher's resolved spec, with `weights` (a file) overriding the spec's own."""
+    spec = resolve_spec(teacher)
+    if weights:
+        spec["weights"], spec["pretrained"] = str(weights), False
+    return spec
+
+
 def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size=64, device="auto", amp="none",
           workers=0, store_root="stores", out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
-          channels_last=False, quiet=False, log=print) -> dict:
+          channels_last=False, temperatures=DEFAULT_TEMPERATURES, quiet=False, log=print) -> dict:
     """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict."""
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.shards import read_manifest
@@ -97,9 +106,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     if split not in manifest["splits"]:
         raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest['splits'])}); pass --split")
     num_samples = manifest["splits"][split]["count"]
-    spec = resolve_spec(teacher)
-    if weights:
-        spec["weights"], spec["pretrained"] = str(weights), False
+    spec = teacher_spec(teacher, weights)
     if spec["source"] == "timm" and not spec.get("weights") and not spec.get("pretrained"):
         raise UserError(f"teacher '{spec['name']}' has no weights (pretrained: false and no `weights:`); "
                         "give --weights FILE.safetensors, set `weights:` in its spec, or `pretrained: true`")
@@ -108,6 +115,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
         raise UserError(f"--k {k} must lie in 1..{manifest['num_classes']} (the number of classes)")
     if num_views < 1 or batch_size < 1:
         raise UserError(f"--views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
+    temperatures = check_temperatures(temperatures)
     model, digest = load_teacher(spec)
     dev = resolve_device(device)
     rank, world, own_group = _dist(dev)
@@ -116,15 +124,16 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     # where the weights came from is not an input of the numbers (the digest of the weights is)
     key_spec = {k: v for k, v in spec.items() if k not in ("weights", "pretrained", "description")}
     key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=key_spec,
-                    weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp)
+                    weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp,
+                    temperatures=temperatures)
     path = store_path(store_root, f"{spec['name']}-{key}.zarr")
     provenance = dict(key=key, dataset=manifest["dataset"], dataset_fingerprint=manifest["fingerprint"],
                       split=split, split_fingerprint=manifest["splits"][split]["fingerprint"],
                       plan=plan.to_dict(), plan_hash=plan.hash(), teacher=spec, weights_digest=digest, k=k,
-                      num_views=num_views, amp=amp, versions=_versions())
+                      num_views=num_views, amp=amp, temperatures=temperatures, versions=_versions())
     layout = dict(num_samples=num_samples, num_views=num_views, k=k, params_dim=plan.params_dim,
                   num_classes=manifest["num_classes"], shard_rows=aligned_shard_rows(shard_rows, num_views, batch_size),
-                  values=values)
+                  values=values, temperatures=temperatures)
     if rank == 0:
         writer = create_or_open(path, provenance, **layout)
     _barrier(world)
@@ -136,11 +145,13 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     mine = pending[rank::world]
     if not pending:
         if rank == 0 and not quiet:
-            log(f"{path}: up to date ({num_samples} samples x {num_views} views, K={k}); no teacher forward run")
+            log(f"{path}: up to date ({num_samples} samples x {num_views} views, K={k}); no teacher forward run; "
+                f"{quality_line(writer.provenance)}")
     else:
         forward = Forward(model, spec, dev, amp, channels_last)
         _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size,
-                    workers, values, quiet or rank != 0, num_classes=manifest["num_classes"])
+                    workers, values, quiet or rank != 0, num_classes=manifest["num_classes"],
+                    temperatures=temperatures)
     _barrier(world)
     seconds = time.perf_counter() - start
     summary = {"store": str(path), "key": key, "views": num_samples * num_views,
@@ -149,15 +160,25 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     summary["views_per_s"] = round(summary["computed_views"] / seconds, 2) if pending and seconds > 0 else None
     if rank == 0:
         if pending:
+            quality = {"teacher_top1_views": top1_vs_labels(writer)}
+            if "val" in manifest["splits"] and split != "val":
+                quality["teacher_top1_clean_val"] = clean_val_top1(forward, spec, shards, batch_size, workers)
+            writer.record_quality(quality)
             writer.finish({"seconds": summary["seconds"], "views_per_s": summary["views_per_s"], "world_size": world,
                            "device": str(dev), "batch_size": batch_size, "workers": workers,
                            "threads": torch.get_num_threads()})
+        quality = {k: writer.provenance.get(k) for k in ("teacher_top1_views", "teacher_top1_clean_val")}
+        summary.update(quality)
         if out is not None:
             write_pointer(Path(out) / f"{spec['name']}.json", writer)
         if pending and not quiet:
             log(f"{path}: {summary['computed_views']} views in {seconds:.1f} s ({summary['views_per_s']} views/s), "
                 f"{summary['bytes_on_disk'] / 1e6:.2f} MB on disk "
-                f"({summary['bytes_on_disk'] / summary['views']:.1f} B/view)")
+                f"({summary['bytes_on_disk'] / summary['views']:.1f} B/view); {quality_line(quality)}")
+        if not quiet:
+            warning = view_cost_warning(quality, plan)
+            if warning:
+                log(warning)
     if own_group:
         import torch.distributed as dist
 
@@ -166,7 +187,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
 
 
 def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size, workers,
-                values, quiet, num_classes):
+                values, quiet, num_classes, temperatures):
     rows = np.concatenate([np.arange(r.start, r.stop) for r in map(writer.shard_rows_range, mine)]) if mine else []
     loader = teacher_loader(shards, split, plan, num_views, rows, size=spec["input_size"], batch_size=batch_size,
                             workers=workers)
@@ -178,6 +199,7 @@ def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine
             raise UserError(f"teacher '{spec['name']}' outputs {logits.shape[1]} classes but the dataset has "
                             f"{num_classes}; fix `num_classes` / the model in its spec")
         logp, idx, lse = encode_topk(logits, k, values)
+        lse_tau = encode_lse_tau(logits, temperatures)
         index, view = batch["index"].numpy(), batch["view"].numpy()
         for shard in np.unique(index // writer.shard_rows):
             sel = index // writer.shard_rows == shard
@@ -187,11 +209,13 @@ def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine
             r = index[sel] - buf["start"]
             v = view[sel]
             buf["values"][r, v], buf["indices"][r, v], buf["lse"][r, v] = logp[sel], idx[sel], lse[sel]
+            buf["lse_tau"][r, v] = lse_tau[sel]
             buf["params"][r, v] = batch["params"].numpy()[sel]
             buf["labels"][r] = batch["label"].numpy()[sel]
             buf["left"] -= int(sel.sum())
             if buf["left"] == 0:
-                writer.write_shard(int(shard), *(buf[n] for n in ("values", "indices", "lse", "params", "labels")))
+                writer.write_shard(int(shard), *(buf[n] for n in ("values", "indices", "lse", "params", "labels")),
+                                   lse_tau=buf["lse_tau"])
                 del buffers[shard]
         bar.update(len(index))
     bar.close()
@@ -202,13 +226,55 @@ def _new_buffer(writer, shard, num_views, k, plan) -> dict:
     n, idx_dtype = len(rows), np.dtype(writer.provenance["index_dtype"])
     return {"start": rows.start, "left": n * num_views, "values": np.zeros((n, num_views, k), np.float16),
             "indices": np.zeros((n, num_views, k), idx_dtype), "lse": np.zeros((n, num_views), np.float32),
+            "lse_tau": np.zeros((n, num_views, len(writer.temperatures)), np.float16),
             "params": np.zeros((n, num_views, plan.params_dim), np.uint16), "labels": np.zeros(n, idx_dtype)}
 
 
+VIEW_COST_WARN = 15.0  # points of top-1 the views may cost the teacher before teach warns
+
+
+def clean_val_top1(forward: Forward, spec, shards, batch_size, workers) -> float:
+    """The teacher's top-1 (%) on clean val images: timm's eval render at its input size and crop_pct
+    (what finetune and evaluate score), with the teach pass's device and autocast."""
+    from pipeline.data.loaders import eval_loader
+    from pipeline.evaluate import topk_hits
+
+    loader = eval_loader(shards, "val", size=spec["input_size"], crop_pct=spec.get("crop_pct", 1.0), mean=spec["mean"],
+                         std=spec["std"], interpolation=spec.get("interpolation", "bicubic"), batch_size=batch_size,
+                         workers=workers)
+    forward.model.eval()
+    hits = total = 0
+    ctx = torch.autocast(forward.device.type, dtype=forward.amp) if forward.amp else nullcontext()
+    with torch.inference_mode(), ctx:
+        for batch in loader:
+            x = batch["image"].to(forward.device).contiguous(memory_format=forward.memory_format)
+            logits = forward.model(x).float().cpu()
+            hits += topk_hits(logits, batch["label"], ks=(1,))[1]
+            total += len(batch["label"])
+    return round(100.0 * hits / max(total, 1), 2)
+
+
+def quality_line(quality: dict) -> str:
+    clean = quality.get("teacher_top1_clean_val")
+    views = quality.get("teacher_top1_views")
+    return (f"teacher top-1 {'-' if views is None else f'{views:.2f}'}% on the stored views, "
+            f"{'-' if clean is None else f'{clean:.2f}'}% on clean val")
+
+
+def view_cost_warning(quality: dict, plan) -> str | None:
+    """One line when the stored views cost the teacher more than VIEW_COST_WARN points of top-1."""
+    clean, views = quality.get("teacher_top1_clean_val"), quality.get("teacher_top1_views")
+    if clean is None or views is None or clean - views <= VIEW_COST_WARN:
+        return None
+    return (f"warning: the stored views cost the teacher {clean - views:.1f} points of top-1 ({clean:.1f}% clean val, "
+            f"{views:.1f}% on views), so its targets are noisy; soften the view plan: scale min {plan.scale[0]:g}, "
+            f"auto_augment {plan.auto_augment or 'none'}, re_prob {plan.re_prob:g}")
+
+
 def _versions() -> dict:
-    import timm
     import zarr
 
     from pipeline import __version__
+    from pipeline.data.loaders import view_environment
 
-    return {"pipeline": __version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}
+    return {"pipeline": __version__, "torch": torch.__version__, "zarr": zarr.__version__, **view_environment()}

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline.models import pretrained_overlay  # (importing pipeline.models registers the rep_* students in timm)
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.data.loaders import eval_loader, student_loader
+from pipeline.data.loaders import eval_loader, replay_mismatch, student_loader, view_environment
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import ensemble_target, kd_loss
@@ -140,8 +140,11 @@ def create_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
 
 def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_classes: int, size: int,
                   interpolation: str) -> tuple[ViewPlan, int]:
-    """The view plan and V the student replays: the stores' (checked against the shards), or the recipe's."""
-    if recipe.alpha == 0 or not stores:
+    """The view plan and V the student replays: the stores' (checked against the shards), or the recipe's.
+
+    `stores` are the stores whose views are replayed: the KD teachers', or a labels-only student's
+    --views-from store."""
+    if not stores:
         if recipe.alpha > 0:
             raise UserError(f"recipe '{recipe.name}' has alpha={recipe.alpha} > 0: it needs teacher stores "
                             f"(--teachers), or set alpha=0 to train on labels only")
@@ -171,14 +174,37 @@ def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_cl
 class Targets:
     """Teacher targets of a batch's (index, view) pairs from one or more stores (weighted ensemble)."""
 
-    def __init__(self, stores: list, num_classes: int, tau: float, weights=None):
+    def __init__(self, stores: list, num_classes: int, tau: float, weights=None, flat_tail: bool = False):
+        """`tau` must be stored in every store (exact coarsened KL); else UserError, unless `flat_tail`
+        accepts the flat-tail approximation (self.exact is then False)."""
         if weights is not None and len(weights) != len(stores):
             raise UserError(f"{len(weights)} teacher weights given for {len(stores)} teachers")
         self.stores, self.num_classes, self.tau, self.weights = stores, num_classes, tau, weights
+        self.exact = all(float(tau) in s.temperatures for s in stores)
+        if not self.exact and not flat_tail:
+            for store in stores:
+                store.require_tau(tau)
 
     def __call__(self, index, view, device):
-        stored = [tuple(t.to(device) for t in s.lookup(index, view)) for s in self.stores]
-        return ensemble_target(stored, self.num_classes, self.tau, self.weights)
+        if self.exact:
+            stored = [s.lookup_tau(index, view, self.tau) for s in self.stores]
+        else:
+            stored = [s.lookup(index, view) for s in self.stores]
+        stored = [tuple(t.to(device) for t in s) for s in stored]
+        return ensemble_target(stored, self.num_classes, self.tau, self.weights, flat_tail=not self.exact)
+
+
+def check_replay(store, shard_dir, plan: ViewPlan, stored_params: np.ndarray) -> None:
+    """Refuse (one line) when this environment derives other view params than those `store` holds."""
+    mismatch = replay_mismatch(shard_dir, "train", plan, stored_params)
+    if mismatch is not None:
+        made, here = store.provenance.get("versions") or {}, view_environment()
+        then = ", ".join(f"{k} {made.get(k, '?')}" for k in here)
+        now = ", ".join(f"{k} {v}" for k, v in here.items())
+        raise UserError(
+            f"view {mismatch[1]} of sample {mismatch[0]} in teacher store {store.path} is not the view this environment "
+            f"derives from its plan (views drawn with {then}; here {now}): a numpy/timm/Pillow version mismatch is "
+            f"the likely cause; install the store's versions or re-run `pipeline teach` here")
 
 
 def _check_finite(loss, epoch, step) -> None:
@@ -252,13 +278,15 @@ def _write_plots(path, history) -> None:
 def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
           resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256,
           init: str | None = None, threads: int | None = None, val_every: int = 1,
-          val_samples: int | None = None) -> dict:
+          val_samples: int | None = None, views_from=None, flat_tail: bool = False) -> dict:
     """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
 
     stores: opened LogitStores (pipeline.store.open_store) in the order of `teacher_names`.
     init: pretrained weights (pipeline.models.pretrained_overlay). threads: torch CPU threads (None: torch's
     choice). Validation runs every `val_every` epochs on `val_samples` fixed seeded images (None: all);
     the last epoch is always validated on the whole split.
+    views_from: for a labels-only student (alpha 0), a store whose views (plan, V, stored params) it replays,
+    so that it sees exactly what the KD students see. flat_tail: accept a tau the stores do not keep.
     Returns the last epoch's metrics. Outputs: checkpoint.safetensors (every epoch), model.safetensors,
     ema.safetensors, student.json, state.json, metrics.json, plots.csv.
     """
@@ -272,9 +300,19 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     interpolation = student.get("interpolation", "bicubic")
     crop_pct = student.get("crop_pct", manifest.get("crop_pct", 1.0))  # the dataset's, unless the spec states one
     stores = list(stores) if recipe.alpha > 0 else []
-    plan, num_views = resolve_views(recipe, stores, manifest["fingerprint"], num_classes,
+    if views_from is not None and recipe.alpha > 0:
+        raise UserError("--views-from is for labels-only students (alpha 0); a KD student replays its teachers' views")
+    view_stores = stores or ([views_from] if views_from is not None else [])
+    plan, num_views = resolve_views(recipe, view_stores, manifest["fingerprint"], num_classes,
                                     size, interpolation)
-    targets = Targets(stores, num_classes, recipe.tau, teacher_weights) if stores else None
+    targets = Targets(stores, num_classes, recipe.tau, teacher_weights, flat_tail) if stores else None
+    stored_params = view_stores[0].all_params() if view_stores else None
+    if stored_params is not None:
+        check_replay(view_stores[0], shard_dir, plan, stored_params)
+    if targets is not None and not targets.exact and rank == 0:
+        tqdm.write(f"warning: tau={recipe.tau:g} is not stored in every teacher store: KD uses the flat-tail "
+                   f"approximation (measured 6-79 % off the coarsened KL at tau 2-4); store it with "
+                   f"`pipeline teach --temperatures`")
 
     if recipe.batch_size % world:
         raise UserError(f"batch_size {recipe.batch_size} (global) is not divisible by {world} processes")
@@ -303,7 +341,9 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     # What a resumed run must share with the interrupted one (JSON round-trip: tuples compare as lists).
     run_id = json.loads(json.dumps({"recipe": recipe.to_dict(), "teachers": list(teacher_names),
                                     "teacher_weights": teacher_weights, "student": student,
-                                    "shards": manifest["fingerprint"], "init": init_record}))
+                                    "shards": manifest["fingerprint"], "init": init_record,
+                                    "flat_tail": flat_tail,
+                                    "views_from": views_from.key if views_from is not None else None}))
     start_epoch, step, history = 0, 0, []
     if resume and (out / CHECKPOINT).is_file():
         ckpt = load_checkpoint(out / CHECKPOINT)
@@ -329,7 +369,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         torch.manual_seed(_seed(recipe.seed, epoch, rank))
         np.random.seed(_seed("mixup", recipe.seed, epoch, rank))
         loader = student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
-                                local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True)
+                                local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True,
+                                stored_params=stored_params)
         model.train()
         sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd")}
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
@@ -391,6 +432,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
             "init": init_record, "threads": torch.get_num_threads(),
+            "views_from": views_from.key if views_from is not None else None,
         })
     return history[-1] if history else {}
 

@@ -8,7 +8,7 @@ import click
 
 @click.group()
 def group():
-    """Inspect teacher logit stores written by `pipeline teach`."""
+    """Inspect and audit teacher logit stores written by `pipeline teach`."""
 
 
 @group.command()
@@ -30,3 +30,42 @@ def inspect(path, as_json):
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         click.echo(f"{key:>24}: {value}")
+
+
+@group.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--shards", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The shard directory the store was made from (its dataset fingerprint is checked).")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Random stored (sample, view) pairs to re-render and re-run.")
+@click.option("--teacher", default=None,
+              help="Teacher spec (name or YAML) when the store's provenance spec cannot be loaded here "
+                   "(e.g. a fine-tuned teacher: outputs/teachers/NAME/teacher.yaml). Default: the provenance's.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Teacher weights file overriding the spec's; must match the store's weights digest.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Views per forward.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample drawn.")
+@click.option("--max-kl", default=None, type=float,
+              help="Tolerance on the largest KL(stored || fresh) over the top-k + rest buckets, nats [default: 0.01].")
+@click.option("--max-lse-diff", default=None, type=float,
+              help="Tolerance on the largest |logsumexp| difference [default: 0.05].")
+def audit(path, shards, samples, teacher, weights, device, batch_size, seed, max_kl, max_lse_diff):
+    """Re-render SAMPLES stored views of PATH from their stored params, re-run the teacher, compare.
+
+    Prints one JSON object (top-1 agreement, mean/max KL, lse difference, whether this environment
+    re-derives the stored view params); exits 2 when a figure is beyond its tolerance.
+    """
+    from pipeline.audit import MAX_KL, MAX_LSE_DIFF, audit_store
+    from pipeline.errors import UserError
+    from pipeline.store import open_pointer, open_store
+
+    store = open_pointer(path) if path.suffix == ".json" else open_store(path, require_complete=False)
+    result = audit_store(store, shards, teacher=teacher, weights=weights, samples=samples, batch_size=batch_size,
+                         device=device, seed=seed, max_kl=MAX_KL if max_kl is None else max_kl,
+                         max_lse_diff=MAX_LSE_DIFF if max_lse_diff is None else max_lse_diff)
+    click.echo(json.dumps(result, indent=2))
+    if not result["ok"]:
+        raise UserError(f"store {store.path} fails the replay audit (max KL {result['max_kl']}, max lse difference "
+                        f"{result['max_lse_diff']}, params re-derived: {result['params_rederived']}): its views or "
+                        "teacher are not what this environment reproduces; re-run `pipeline teach` here")

@@ -79,6 +79,13 @@ def _command(func):
               help="Directory holding the teacher pointer files NAME.json (pipeline teach --out).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: model/ema safetensors, student.json, metrics.json, plots.csv, checkpoint.")
+@click.option("--views-from", default=None,
+              help="Labels-only students (alpha 0): replay the stored views of teacher NAME's store "
+                   "(TEACH_DIR/NAME.json): same plan, V and per-epoch view choice as the KD students, so the "
+                   "two differ only in the loss. Default: fresh views from the recipe.")
+@click.option("--flat-tail", is_flag=True,
+              help="Allow a KD tau that the teacher stores do not keep, with the flat-tail approximation of "
+                   "the tempered tail (6-79 % off at tau 2-4; prints a warning). Default: refuse.")
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.safetensors (same recipe, teachers, student and shards).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -101,8 +108,8 @@ def _command(func):
               help="Any recipe field, value in YAML (e.g. --set ema_decay=null). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @_command
-def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, resume, workers,
-            eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
+def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, views_from, flat_tail, resume,
+            workers, eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
     """Train STUDENT with RECIPE against the stored logits of TEACHERS (the student stage)."""
     from pipeline.store import open_pointer
     from pipeline.train import train
@@ -115,6 +122,11 @@ def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, ou
         if teach_dir is None:
             raise UserError("--teachers needs --teach-dir (the `pipeline teach --out` directory)")
         stores = [open_pointer(teach_dir / f"{name}.json") for name in names]
+    view_store = None
+    if views_from:
+        if teach_dir is None:
+            raise UserError("--views-from needs --teach-dir (the `pipeline teach --out` directory)")
+        view_store = open_pointer(teach_dir / f"{views_from}.json")
     train(spec, recipe, shard_dir, out, stores, names, _weights(teacher_weights), resume=resume,
           workers=workers, quiet=quiet, eval_batch_size=eval_batch_size, init=init, threads=threads,
-          val_every=val_every, val_samples=val_samples)
+          val_every=val_every, val_samples=val_samples, views_from=view_store, flat_tail=flat_tail)

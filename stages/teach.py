@@ -6,7 +6,7 @@ import click
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.store import DEFAULT_VALUES
+from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES
 
 
 class PlanParam(click.ParamType):
@@ -28,6 +28,15 @@ class PlanParam(click.ParamType):
         if not isinstance(data, dict):
             raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
         return ViewPlan.from_dict(data.get("plan", data))
+
+
+def _temperatures(value) -> list[float]:
+    """'1,2,4' or [1, 2, 4] (params.yaml) -> [1.0, 2.0, 4.0]."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return [float(t) for t in items if str(t).strip()]
+    except ValueError:
+        raise UserError(f"--temperatures must be numbers like 1,2,4, got {value!r}") from None
 
 
 @click.command(context_settings={"show_default": True})
@@ -55,6 +64,9 @@ class PlanParam(click.ParamType):
               help="Weights file (.safetensors or a plain checkpoint) overriding the spec's weights.")
 @click.option("--values", default=DEFAULT_VALUES,
               help="Value encoding: f16 (log-probabilities, lossless f16) or f16-keepN (N mantissa bits).")
+@click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
+              help="Comma-separated KD temperatures tau whose logsumexp(z / tau) over all classes is stored "
+                   "(2 bytes per view each): the student's KD is the exact top-k + rest KL at these tau only.")
 @click.option("--shard-rows", default=256, type=click.IntRange(min=1),
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
@@ -62,7 +74,7 @@ class PlanParam(click.ParamType):
               help="torch CPU threads (recorded in the store's run attributes) [default: torch's choice].")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
-            out, weights, values, shard_rows, threads, quiet):
+            out, weights, values, temperatures, shard_rows, threads, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
 
     Resumable: rerun the same command after an interruption. A finished store is reported as up to
@@ -78,5 +90,6 @@ def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp,
 
     teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=num_views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
-          weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last, quiet=quiet,
+          weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last,
+          temperatures=_temperatures(temperatures), quiet=quiet,
           log=click.echo)

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, view_params
-from pipeline.store import create_or_open, encode_topk, open_store, store_key, write_pointer
+from pipeline.store import check_temperatures, create_or_open, encode_lse_tau, encode_topk, open_store, store_key, write_pointer
 from tests._data_helpers import synthetic_shards
 
 STUDENT = {"name": "tiny", "model": "test_efficientnet", "model_kwargs": {}, "input_size": 64,
@@ -25,8 +25,10 @@ def teacher_logits(labels: np.ndarray, views: int, num_classes: int, seed: int =
     return logits
 
 
-def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, fingerprint=None):
-    """A complete store for the train split + its pointer file {root}/{name}.json; returns the store."""
+def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, fingerprint=None, temperatures=(1.0,),
+               params=None):
+    """A complete store for the train split + its pointer file {root}/{name}.json; returns the store.
+    `params` [N, V, P] replaces the view params derived from the plan (a store drawn elsewhere)."""
     manifest = read_manifest(shard_dir)
     reader = ShardReader(shard_dir, "train")
     n, c = len(reader), manifest["num_classes"]
@@ -34,16 +36,20 @@ def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, 
     fingerprint = fingerprint or manifest["fingerprint"]
     teacher = {"name": name, "model": "synthetic"}
     key = store_key(dataset_fingerprint=fingerprint, split="train", plan_hash=plan.hash(), teacher=teacher,
-                    weights_digest=str(seed), k=k, num_views=num_views, values="f16", amp="none")
+                    weights_digest=str(seed), k=k, num_views=num_views, values="f16", amp="none",
+                    temperatures=temperatures)
     provenance = {"key": key, "dataset": manifest["dataset"], "split": "train", "dataset_fingerprint": fingerprint,
                   "plan": plan.to_dict(), "plan_hash": plan.hash(), "teacher": teacher, "k": k}
     writer = create_or_open(f"{root}/{name}-{key}.zarr", provenance, num_samples=n, num_views=num_views, k=k,
-                            params_dim=plan.params_dim, num_classes=c, shard_rows=n, values="f16")
+                            params_dim=plan.params_dim, num_classes=c, shard_rows=n, values="f16",
+                            temperatures=temperatures)
     logits = teacher_logits(labels, num_views, c, seed)
     values, indices, lse = encode_topk(logits.reshape(n * num_views, c), k, "f16")
-    params = np.stack([[view_params(plan, reader.key(i), v) for v in range(num_views)] for i in range(n)])
+    if params is None:
+        params = np.stack([[view_params(plan, reader.key(i), v) for v in range(num_views)] for i in range(n)])
+    lse_tau = encode_lse_tau(logits.reshape(n * num_views, c), check_temperatures(temperatures))
     writer.write_shard(0, values.reshape(n, num_views, k), indices.reshape(n, num_views, k),
-                       lse.reshape(n, num_views), params, labels)
+                       lse.reshape(n, num_views), params, labels, lse_tau=lse_tau.reshape(n, num_views, -1))
     store = open_store(writer.path)
     write_pointer(f"{root}/{name}.json", store)
     return store

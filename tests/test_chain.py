@@ -91,11 +91,14 @@ def test_dvc_chain_end_to_end(tmp_path):
     assert _ran(_dvc(root, "repro")) == set(), "a second repro must run nothing"
 
     params["students"]["plain"] = {"student": "ghostnetv3-050", "alpha": 0.0, "num-branches": 1,
-                                   "scale-branch": False, "identity-branch": False, "epochs": 1, "batch-size": 16}
+                                   "scale-branch": False, "identity-branch": False, "epochs": 1, "batch-size": 16,
+                                   "views-from": "demo-resnet10t"}
     _write_params(root, params)
     assert _ran(_dvc(root, "repro")) == {"student@plain", "fuse@plain", "evaluate@plain", "report"}
     plain = json.loads((root / "outputs/eval/plain.json").read_text())
     assert plain["teachers"] == [] and "labels only, plain (stock network)" in plain["recipe_summary"]
+    twin = json.loads((root / "outputs/students/plain/student.json").read_text())
+    assert twin["views_from"] == json.loads((root / "outputs/teach/demo-resnet10t.json").read_text())["key"]
 
     # an ablation as a DVC experiment: one student option changed, only that student's side runs
     _git(root, "add", "-A")

@@ -17,6 +17,11 @@ def stored(teacher, k):
     return values, indices, torch.logsumexp(teacher, 1)
 
 
+def stored_tau(teacher, k, tau):
+    """The same plus logsumexp(z / tau) over all classes: what a store with that temperature keeps."""
+    return (*stored(teacher, k), torch.logsumexp(teacher.double() / tau, 1))
+
+
 def brute_bucket_kl(student, teacher, k, tau=1.0):
     """Reference: coarsen both dense distributions onto (top-k classes, rest) row by row in float64."""
     total = 0.0
@@ -67,15 +72,47 @@ def test_tau_not_one_is_exact_for_a_flat_tail(logits, tau):
     values, indices = teacher.topk(4, dim=1)
     flat = torch.full_like(teacher, -1.0).scatter(1, indices, values.abs() + 1)
     # lse in float64: a small tail mass amplifies the f32 rounding of lse at tau != 1 (not the math).
-    got = topk_kd_loss(student, *stored(flat.double(), 4), tau)
+    got = topk_kd_loss(student, *stored(flat.double(), 4), tau, flat_tail=True)
     assert torch.allclose(got.double(), tau**2 * brute_bucket_kl(student, flat, 4, tau), atol=1e-5)
 
 
-def test_tau_not_one_differs_from_exact_for_a_peaked_tail(logits):
-    """Guard against silently claiming exactness: a non-flat tail at tau=4 is an approximation."""
+def test_flat_tail_differs_from_exact_for_a_peaked_tail(logits):
+    """Guard against silently claiming exactness: the flat-tail fallback at tau=4 is an approximation."""
     student, teacher = logits
-    got = topk_kd_loss(student, *stored(teacher, 4), 4.0)
+    got = topk_kd_loss(student, *stored(teacher, 4), 4.0, flat_tail=True)
     assert not torch.allclose(got.double(), 16 * brute_bucket_kl(student, teacher, 4, 4.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_stored_tau_is_the_exact_coarsened_kl(logits, tau, k):
+    """With logsumexp(z / tau) stored, KD at that tau is the coarsened KL of the tempered softmaxes."""
+    student, teacher = logits
+    got = topk_kd_loss(student, *stored(teacher, k), tau, stored_tau(teacher, k, tau)[3])
+    assert torch.allclose(got.double(), tau**2 * brute_bucket_kl(student, teacher, k, tau), atol=1e-5)
+    s1, s2 = student.double().clone().requires_grad_(), student.double().clone().requires_grad_()
+    topk_kd_loss(s1, *stored(teacher, k), tau, stored_tau(teacher, k, tau)[3]).backward()
+    (tau**2 * brute_bucket_kl(s2, teacher, k, tau)).backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-5)
+
+
+def test_stored_tau_ensemble_is_exact_when_top_sets_agree(logits):
+    """Two teachers with the same top-k set: the ensemble's k + 1 buckets are exact at a stored tau."""
+    student, t1 = logits
+    t2 = t1 + 0.3 * torch.randn_like(t1)
+    t2.scatter_(1, t1.topk(3, 1).indices, t1.topk(3, 1).values + 2)  # same top-3 classes, other values
+    tau = 2.0
+    target = ensemble_target([stored_tau(t1, 3, tau), stored_tau(t2, 3, tau)], 12, tau=tau)
+    known = target.known
+    mean = 0.5 * F.softmax(t1 / tau, 1) + 0.5 * F.softmax(t2 / tau, 1)
+    assert torch.allclose(target.probs[known], mean[known].float(), atol=1e-6)
+    assert torch.allclose((target.probs * ~known).sum(1), (mean * ~known).sum(1).float(), atol=1e-6)
+
+
+def test_unstored_tau_is_refused_without_flat_tail(logits):
+    student, teacher = logits
+    with pytest.raises(ValueError, match="tau=2"):
+        topk_kd_loss(student, *stored(teacher, 4), 2.0)
 
 
 def test_half_precision_store_stays_finite(logits):

@@ -56,3 +56,14 @@ def test_report_gives_latency_spread_and_says_runs_differ(tmp_path):
     assert "| 15.00 (14.00-16.50) | 1.50 (1.40-1.70) |" in md
     assert "interleaved" in md and "its own run" in md
     assert "Deploy with onnxruntime" in md and "10.0-10.0x" in md
+
+
+def test_report_shows_each_teachers_top1_on_views_and_clean_val(tmp_path):
+    figures = {"demo-resnet10t": {"views": 52.0, "clean_val": 83.25}}
+    (tmp_path / "eval").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(_metrics(name, 90.0, 1.5, teacher_top1=figures)))
+    result = CliRunner().invoke(main, ["report", "--metrics", str(tmp_path / "eval"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.count("| demo-resnet10t | 52.00 | 83.25 |") == 1 and "Top-1 on stored views" in md

@@ -82,15 +82,16 @@ class _SampleMajorRows:
         return np.stack([self.indices[t // self.num_views], t % self.num_views], 1)
 
 
-def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int):
-    """uint8 [B, 3, H, W] images and int32 [B, P] params of the (index, view) rows."""
+def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int, stored=None):
+    """uint8 [B, 3, H, W] images and int32 [B, P] params of the (index, view) rows: the params are
+    `stored[index, view]` when given (the store's, [N, V, P]), else derived from the plan."""
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     params = np.empty((len(rows), plan.params_dim), dtype=np.int32)
     last, image = -1, None
     for j, (i, v) in enumerate(rows):
         if i != last:
             last, image = i, reader.source(int(i))
-        params[j] = view_params(plan, reader.key(int(i)), int(v))
+        params[j] = view_params(plan, reader.key(int(i)), int(v)) if stored is None else stored[i, v]
         images[j] = render(image, params[j], plan, size)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(params)
 
@@ -116,9 +117,10 @@ class _StudentBatch:
     size: int
     mean: tuple
     std: tuple
+    stored: np.ndarray | None = None
 
     def __call__(self, reader, rows):
-        images, _ = _render_views(reader, rows, self.plan, self.size)
+        images, _ = _render_views(reader, rows, self.plan, self.size, self.stored)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         return {**_index_view(rows), "image": images.float().sub_(mean).div_(std),  # in place: no temporaries
@@ -162,9 +164,13 @@ def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
 
 def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, mean, std,
                    batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                   workers: int = 0, interpolation: str | None = None, drop_last: bool = False) -> DataLoader:
+                   workers: int = 0, interpolation: str | None = None, drop_last: bool = False,
+                   stored_params: np.ndarray | None = None) -> DataLoader:
     """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
-    global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees)."""
+    global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees).
+
+    `stored_params` [N, V, P] (a teacher store's `params`): replay exactly those views (the store is the
+    truth about what the teacher saw); without it the params are derived from the plan."""
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
     reader = _reader(shard_dir, split)
@@ -176,7 +182,32 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
         rows = rows[:-1]
     if interpolation:
         plan = dataclasses.replace(plan, interpolation=interpolation)
-    return _loader(reader, rows, _StudentBatch(plan, size, tuple(mean), tuple(std)), workers)
+    return _loader(reader, rows, _StudentBatch(plan, size, tuple(mean), tuple(std), stored_params), workers)
+
+
+def replay_mismatch(shard_dir, split, plan: ViewPlan, stored_params: np.ndarray, samples: int = 64, seed: int = 0):
+    """A random sample of stored view params re-derived from the plan here: the first (index, view) that
+    differs, or None. A difference means another numpy/timm/Pillow drew the views than this environment."""
+    reader = _reader(shard_dir, split)
+    rng = np.random.default_rng(seed)
+    count = min(samples, stored_params.shape[0] * stored_params.shape[1])
+    for i, v in zip(rng.integers(0, stored_params.shape[0], count), rng.integers(0, stored_params.shape[1], count)):
+        if not np.array_equal(view_params(plan, reader.key(int(i)), int(v)), stored_params[i, v]):
+            return int(i), int(v)
+    return None
+
+
+def view_environment() -> dict:
+    """Versions of the libraries that draw and render views (numpy's RNG, timm's ops, Pillow)."""
+    import PIL
+    import timm
+
+    return {"numpy": np.__version__, "timm": timm.__version__, "Pillow": PIL.__version__}
+
+
+def replay_views(shard_dir, split, plan: ViewPlan, rows: np.ndarray, stored_params: np.ndarray, size: int):
+    """uint8 [B, 3, size, size] renders of the (index, view) `rows` from the stored params [N, V, P]."""
+    return _render_views(_reader(shard_dir, split), np.asarray(rows), plan, size, stored_params)[0]
 
 
 def eval_loader(shard_dir, split, size: int, crop_pct: float, mean, std, interpolation: str,

@@ -1,0 +1,197 @@
+"""KD fidelity of the stored targets: the stored-top-k loss vs the exact coarsened KL and vs dense KD.
+
+Prints one JSON object. Several minutes on 2 CPU cores with the defaults (the bf16 forward dominates).
+
+Teachers: 1000-class logits of two realistic shapes, `sharp` (top-1 p ~0.93, top-10 mass ~0.98, the
+trained-teacher figures of issue 9) and `flat` (top-1 p ~0.4, top-10 mass ~0.7): a Gaussian background,
+a boost on the label and smaller boosts on a few confusable classes per view. Students: `early`
+(near-uniform), `mid` (a noisy, shrunk copy of the teacher) and `late` (the teacher plus noise: ~90 %
+top-1 agreement with it, as a well-trained student); each case reports its top-1 agreement.
+
+Every stored number goes through the real store: encode_topk + encode_lse_tau, written with the writer
+`pipeline teach` uses (f16 / BitRound values, f16 lse offsets) and read back with LogitStore.lookup_tau,
+the student's path. For each stored tau and each (teacher, student) case:
+  rel_err_vs_coarsened  |stored loss - exact coarsened KL| / coarsened KL (float64 brute force on the
+                        same top-k classes): what the store gets wrong, target <= 1e-3;
+  rel_err_vs_dense      |stored loss - dense KD| / dense KD: the price of keeping top-k only;
+  grad_cos_vs_dense     cosine of the gradients wrt the student logits, stored loss vs dense KD;
+  flat_tail_rel_err_vs_coarsened  the same error for the old flat-tail model (what --flat-tail gives).
+The top level reports the worst case over teachers and students; "cases" has each.
+
+bf16_teacher_kl: KL(softmax(fp32 logits) || softmax(bf16-autocast logits)) of a random-init timm teacher
+(--bf16-model) on smooth random images, i.e. what `teach --amp bf16` costs. Under --amp the teacher
+pass (pipeline.teach.Forward) casts the bf16 logits to float32 before top-k and lse: the store gets
+bf16-computed logits in f32, not fp32 logits.
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.views import ViewPlan, view_params
+from pipeline.distill import teacher_target, bucket_kl
+from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_lse_tau,
+                            encode_topk, open_store)
+
+C, K = 1000, 10
+TEACHERS = {"sharp": dict(std=1.0, boost=11.4, confusers=4, confuser_boost=8.0),
+            "flat": dict(std=1.0, boost=7.8, confusers=6, confuser_boost=6.8)}
+
+
+def teacher_logits(n, num_views, shape, seed):
+    """[n * num_views, C]: views of one sample share the label and confusers, with per-view noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, C, generator=g) * shape["std"]
+    z = base + 0.5 * torch.randn(n, num_views, C, generator=g)
+    label = torch.randint(0, C, (n,), generator=g)
+    rows = torch.arange(n)
+    for j in range(shape["confusers"]):
+        z[rows, :, torch.randint(0, C, (n,), generator=g)] += shape["confuser_boost"] * (0.6 + 0.4 * j / shape["confusers"])
+    z[rows, :, label] += shape["boost"]
+    return z.reshape(n * num_views, C), label
+
+
+def student_logits(teacher, stage, seed):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(teacher.shape, generator=g)
+    return {"early": 0.1 * noise, "mid": 0.5 * teacher + 1.0 * noise, "late": 0.9 * teacher + 0.8 * noise}[stage]
+
+
+def through_store(tmp, name, logits, labels, num_views, values):
+    """Write the logits as `pipeline teach` does and open the store the way the student does."""
+    n = len(labels)
+    plan = ViewPlan()
+    params = np.stack([[view_params(plan, f"n{i:07d}", v) for v in range(num_views)] for i in range(n)])
+    logp, idx, lse = encode_topk(logits, K, values)
+    lse_tau = encode_lse_tau(logits, DEFAULT_TEMPERATURES)
+    path = Path(tmp) / f"{name}.zarr"
+    writer = create_or_open(path, {"key": name, "plan": plan.to_dict()}, num_samples=n, num_views=num_views, k=K,
+                            params_dim=plan.params_dim, num_classes=C, shard_rows=n, values=values,
+                            temperatures=DEFAULT_TEMPERATURES)
+    shape = (n, num_views)
+    writer.write_shard(0, logp.reshape(*shape, K), idx.reshape(*shape, K), lse.reshape(shape), params, labels.numpy(),
+                       lse_tau=lse_tau.reshape(*shape, -1))
+    per_array = {a.name: round(bytes_on_disk(a) / (n * num_views), 2) for a in path.iterdir() if a.is_dir()}
+    return open_store(path), bytes_on_disk(path) / (n * num_views), per_array
+
+
+def coarsened_kl(student, teacher, classes, tau):
+    """tau^2 * KL of the tempered dense softmaxes coarsened onto (stored classes, rest), float64."""
+    p, logq = F.softmax(teacher.double() / tau, 1), F.log_softmax(student / tau, 1)
+    known = torch.zeros_like(p, dtype=torch.bool).scatter_(1, classes, True)
+    pk, r = p.gather(1, classes), (p * ~known).sum(1)
+    qk = logq.gather(1, classes)
+    q_rest = torch.logsumexp(logq.masked_fill(known, float("-inf")), 1)
+    kl = (pk * (pk.log() - qk)).sum(1) + torch.xlogy(r, r) - r * q_rest
+    return tau**2 * kl.mean()
+
+
+def dense_kd(student, teacher, tau):
+    return tau**2 * F.kl_div(F.log_softmax(student / tau, 1), F.softmax(teacher.double() / tau, 1),
+                             reduction="batchmean")
+
+
+def stored_kd(student, stored, tau, flat_tail=False):
+    z, classes, lse, lse_tau = stored
+    target = teacher_target(z, classes, lse, C, tau, None if flat_tail else lse_tau, flat_tail=flat_tail)
+    return tau**2 * bucket_kl(student, target, tau)
+
+
+def grad(loss_fn, student):
+    s = student.detach().double().clone().requires_grad_()
+    loss_fn(s).backward()
+    return s.grad.flatten()
+
+
+def case(student, teacher, stored, tau):
+    classes = stored[1]
+    exact = float(coarsened_kl(student.double(), teacher, classes, tau))
+    dense = float(dense_kd(student.double(), teacher, tau))
+    got = float(stored_kd(student.float(), stored, tau))
+    flat = float(stored_kd(student.float(), stored, tau, flat_tail=True))
+    g_stored = grad(lambda s: stored_kd(s, stored, tau), student)
+    g_dense = grad(lambda s: dense_kd(s, teacher, tau), student)
+    return {"rel_err_vs_coarsened": abs(got - exact) / exact, "abs_err_vs_coarsened": abs(got - exact),
+            "rel_err_vs_dense": abs(got - dense) / dense,
+            "grad_cos_vs_dense": float(F.cosine_similarity(g_stored, g_dense, 0)),
+            "flat_tail_rel_err_vs_coarsened": abs(flat - exact) / exact, "kd": got, "coarsened": exact, "dense": dense,
+            "top1_agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean())}
+
+
+def bf16_teacher_kl(model_name, batch, size, batches):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=C).eval()
+    g = torch.Generator().manual_seed(0)
+    kls, agree = [], []
+    for _ in range(batches):  # smooth random images (upsampled 8x8 noise), normalised like ImageNet
+        x = F.interpolate(torch.randn(batch, 3, 8, 8, generator=g), size=size, mode="bicubic")
+        with torch.inference_mode():
+            fp32 = model(x).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = model(x).float()
+        kls.append(F.kl_div(F.log_softmax(bf16.double(), 1), F.log_softmax(fp32.double(), 1), log_target=True,
+                            reduction="none").sum(1))
+        agree.append(fp32.argmax(1) == bf16.argmax(1))
+    kl = torch.cat(kls)
+    return {"model": model_name, "views": len(kl), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "top1_agreement": float(torch.cat(agree).float().mean())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4096, help="samples per teacher store (x --views views)")
+    parser.add_argument("--loss-samples", type=int, default=256, help="of which the losses are measured on")
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--values", default=DEFAULT_VALUES, help="value encoding of the store (pipeline teach --values)")
+    parser.add_argument("--bf16-model", default="resnet18")
+    parser.add_argument("--bf16-batches", type=int, default=4, help="batches of 16 images at 224 px")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cases, shapes, sizes = {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for t, (name, shape) in enumerate(TEACHERS.items()):
+            teacher, labels = teacher_logits(args.samples, args.views, shape, seed=t)
+            probs = F.softmax(teacher, 1)
+            shapes[name] = {"top1_p": round(float(probs.max(1).values.mean()), 3),
+                            "top10_mass": round(float(probs.topk(K).values.sum(1).mean()), 3)}
+            store, per_view, per_array = through_store(tmp, name, teacher, labels, args.views, args.values)
+            sizes.append(per_view)
+            shapes[name]["bytes_by_array"] = per_array
+            n = min(args.loss_samples, args.samples)
+            index = torch.arange(n).repeat_interleave(args.views)
+            view = torch.arange(args.views).repeat(n)
+            teacher = teacher[: n * args.views]
+            for tau in DEFAULT_TEMPERATURES:
+                stored = store.lookup_tau(index, view, tau)
+                for s, stage in enumerate(("early", "mid", "late")):
+                    student = student_logits(teacher, stage, seed=10 + s)
+                    cases.setdefault(f"{tau:g}", {})[f"{name}/{stage}"] = case(student, teacher, stored, tau)
+    bf16 = bf16_teacher_kl(args.bf16_model, 16, 224, args.bf16_batches) if args.bf16_batches else {"mean_kl": None}
+    worst = {tau: {"rel_err_vs_coarsened": max(c["rel_err_vs_coarsened"] for c in per.values()),
+                   "abs_err_vs_coarsened": max(c["abs_err_vs_coarsened"] for c in per.values()),
+                   "rel_err_vs_dense": max(c["rel_err_vs_dense"] for c in per.values()),
+                   "grad_cos_vs_dense": min(c["grad_cos_vs_dense"] for c in per.values()),
+                   "flat_tail_rel_err_vs_coarsened": max(c["flat_tail_rel_err_vs_coarsened"] for c in per.values())}
+             for tau, per in cases.items()}
+    result = {"tau": worst, "bytes_per_view_k10": round(max(sizes), 2), "values_encoding": args.values,
+              "temperatures": list(DEFAULT_TEMPERATURES), "teachers": shapes,
+              "bf16_teacher_kl": bf16["mean_kl"], "bf16": bf16,
+              "teach_keeps_fp32_logits": False,
+              "teach_logits_note": "under --amp the teacher runs in autocast and its logits are cast to float32 "
+                                   "before top-k/lse (pipeline.teach.Forward): bf16-computed values in f32",
+              "cases": {tau: {n: {k: float(f"{v:.4g}") for k, v in c.items()} for n, c in per.items()}
+                        for tau, per in cases.items()}}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Replay-fidelity audit of a teacher store: re-render stored views, re-run the teacher, compare.
+
+The student trusts that stored view (i, v) is what the teacher saw and that its logits are what the
+teacher outputs on it. The audit checks both on a random sample: the views are rendered from the
+params READ FROM THE STORE (as the student does), the teacher is loaded as `pipeline teach` loads it
+(its spec from the store's provenance, or the one given) and run with the store's autocast; then
+top-1 agreement, KL(stored || fresh) on the stored top-k + rest buckets, and the lse difference.
+It also re-derives the sampled params from the plan (a different numpy/timm/Pillow draws others).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.loaders import replay_mismatch, replay_views
+from pipeline.data.shards import read_manifest
+from pipeline.data.views import ViewPlan
+from pipeline.distill import bucket_kl, teacher_target
+from pipeline.errors import UserError
+from pipeline.teach import Forward, resolve_device, teacher_spec
+from pipeline.teachers import load_teacher
+
+MAX_KL = 1e-2  # nats: f16/BitRound storage costs ~1e-4; a view rendered differently costs far more
+MAX_LSE_DIFF = 5e-2
+
+
+def audit_store(store, shards, *, teacher=None, weights=None, samples: int = 64, batch_size: int = 32,
+                device: str = "auto", seed: int = 0, max_kl: float = MAX_KL, max_lse_diff: float = MAX_LSE_DIFF) -> dict:
+    """Compare `samples` random stored views with a fresh teacher pass; "ok" is False beyond a tolerance."""
+    p = store.provenance
+    manifest = read_manifest(shards)
+    store.check_compatible(manifest["fingerprint"], p["plan_hash"])
+    spec = teacher_spec(teacher if teacher is not None else dict(p["teacher"]), weights)
+    if spec.get("weights") and not Path(spec["weights"]).is_file():
+        raise UserError(f"the teacher weights '{spec['weights']}' of store {store.path} are not here; give the "
+                        f"teacher's spec (--teacher SPEC.yaml) or its weights (--weights FILE)")
+    model, digest = load_teacher(spec)
+    if digest != p["weights_digest"]:
+        raise UserError(f"teacher '{spec['name']}' has weights {digest[:16]} but store {store.path} was made with "
+                        f"{p['weights_digest'][:16]}; give the teacher that made it (--teacher / --weights)")
+    done = np.flatnonzero(store.done_mask())
+    if not len(done):
+        raise UserError(f"teacher store {store.path} has no finished shard to audit; run `pipeline teach` first")
+    rows_done = np.concatenate([np.arange(r.start, r.stop) for r in map(store.shard_rows_range, done)])
+    rng = np.random.default_rng(seed)
+    count = min(samples, len(rows_done) * store.num_views)
+    rows = np.stack([rng.choice(rows_done, count), rng.integers(0, store.num_views, count)], 1)
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]  # one decode per sample
+    plan, params = ViewPlan.from_dict(store.plan), store.all_params()
+    forward = Forward(model, spec, resolve_device(device), p.get("amp", "none"))
+    fresh = torch.cat([forward(replay_views(shards, p["split"], plan, rows[s:s + batch_size], params,
+                                            spec["input_size"])).cpu() for s in range(0, count, batch_size)])
+    index, view = torch.from_numpy(rows[:, 0]), torch.from_numpy(rows[:, 1])
+    z, classes, lse = store.lookup(index, view)
+    target = teacher_target(z, classes, lse, store.num_classes)
+    kl = bucket_kl(fresh, target, reduction="none")
+    lse_diff = (torch.logsumexp(fresh.double(), 1) - lse.double()).abs()
+    stored_top1 = classes.gather(1, z.argmax(1, keepdim=True))[:, 0]
+    mismatch = replay_mismatch(shards, p["split"], plan, params, samples=count, seed=seed)
+    result = {"store": str(store.path), "teacher": spec["name"], "samples": count,
+              "top1_agreement": round(float((stored_top1 == fresh.argmax(1)).float().mean()), 4),
+              "mean_kl": float(f"{kl.mean():.4g}"), "max_kl": float(f"{kl.max():.4g}"),
+              "mean_lse_diff": float(f"{lse_diff.mean():.4g}"), "max_lse_diff": float(f"{lse_diff.max():.4g}"),
+              "params_rederived": mismatch is None, "tolerance": {"max_kl": max_kl, "max_lse_diff": max_lse_diff}}
+    result["ok"] = bool(result["max_kl"] <= max_kl and result["max_lse_diff"] <= max_lse_diff and mismatch is None)
+    return result
