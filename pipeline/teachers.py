@@ -6,12 +6,18 @@ different weights never share a store. Sources:
 - ``timm``: ``timm.create_model(model, pretrained=...)`` through timm's own hub/cache loading
   (honours HF_HUB_OFFLINE), or ``weights:`` a local safetensors file / checkpoint (read with
   ``weights_only=True``, never unpickled).
-- ``torchscript``: a ``torch.jit.save`` file; ``export``: a ``torch.export.save`` file. For a user's
-  own teacher; its preprocessing (input_size, mean, std) must be given in the spec.
+
+- ``torchscript``: a ``torch.jit.save`` file, for a user's own teacher; its preprocessing (input_size,
+  mean, std) must be given in the spec. A TorchScript file is a program: only use files you trust.
+
+torch.export (``.pt2``) files are refused: torch 2.14's ``torch.export.load`` unpickles constants and
+example inputs and retries with ``weights_only=False``, so a crafted file runs code; it has no safe mode.
 """
 
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -19,30 +25,48 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
-from pipeline.manifests import load_spec
+from pipeline.manifests import load_spec, spec_path
 
-SOURCES = ("timm", "torchscript", "export")
+SOURCES = ("timm", "torchscript")
+CODE_SOURCES = {"export": "torch.export.load"}  # refused: it unpickles with weights_only=False
+SAFE_FORMAT = ("save the weights as safetensors (safetensors.torch.save_file(model.state_dict(), PATH)) and give a "
+               "timm `model:` with `weights: PATH`, or save a model you trust with torch.jit.save (source: torchscript)")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a teacher name names files: {root}/{name}-{key}.zarr, {name}.json
 SPEC_KEYS = {"name", "model", "source", "pretrained", "weights", "model_kwargs", "input_size", "mean",
              "std", "interpolation", "crop_pct", "num_classes", "description"}
 
 
 def resolve_spec(name_or_spec) -> dict:
-    """Load a teacher spec (name, YAML path or dict) and fill preprocessing defaults from timm."""
-    spec = dict(load_spec("teachers", name_or_spec) if isinstance(name_or_spec, (str, Path)) else name_or_spec)
+    """Load a teacher spec (name, YAML path or dict) and fill preprocessing defaults from timm.
+
+    A relative `weights:` in a spec file is relative to that file (so a spec moves with its weights).
+    """
+    if isinstance(name_or_spec, (str, Path)):
+        spec, path = load_spec("teachers", name_or_spec), spec_path("teachers", name_or_spec)
+        if isinstance(spec.get("weights"), str) and not Path(spec["weights"]).is_absolute():
+            spec["weights"] = str(path.parent / spec["weights"])
+    else:
+        spec = dict(name_or_spec)
     name = spec.setdefault("name", "teacher")
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"teacher name {name!r} is not a plain name (letters, digits, '_', '-', '.', no '..' or '/'): "
+                        "it names the store and pointer files; fix `name:` in its spec")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise UserError(f"teacher '{name}': unknown spec keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     if "model" not in spec:
         raise UserError(f"teacher '{name}': the spec needs `model:` (a timm model name or a file path)")
     source = spec.setdefault("source", "timm")
+    if source in CODE_SOURCES:
+        raise UserError(f"teacher '{name}': source '{source}' is refused: {CODE_SOURCES[source]} can run code stored in "
+                        f"the file and cannot load it safely; {SAFE_FORMAT}")
     if source not in SOURCES:
         raise UserError(f"teacher '{name}': source '{source}' is not one of {', '.join(SOURCES)}")
-    if source == "timm":
-        import timm
+    import timm
 
-        if not timm.is_model(spec["model"].split(".")[0]):
-            raise UserError(f"teacher '{name}': '{spec['model']}' is not a timm model name")
+    if source == "timm":
+        if not isinstance(spec["model"], str) or not timm.is_model(spec["model"].split(".")[0]):
+            raise UserError(f"teacher '{name}': {spec['model']!r} is not a timm model name")
         spec.setdefault("pretrained", not spec.get("weights"))
         cfg = timm.models.get_pretrained_cfg(spec["model"])
         cfg = cfg.to_dict() if cfg else {}
@@ -56,11 +80,38 @@ def resolve_spec(name_or_spec) -> dict:
                             "to its spec")
         spec.setdefault("interpolation", "bicubic")
         spec.setdefault("crop_pct", 1.0)  # a user's own model: no centre crop unless its spec states one
-    if isinstance(spec["input_size"], (list, tuple)):  # timm style (3, H, W)
-        spec["input_size"] = int(spec["input_size"][-1])
-    spec["mean"], spec["std"] = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]
-    spec["num_classes"] = int(spec["num_classes"])
+    _check_values(spec)
+    if spec.get("weights") is not None and not isinstance(spec["weights"], (str, Path)):
+        raise UserError(f"teacher '{name}': `weights: {spec['weights']!r}` must be a file path; fix it in its spec")
+    if not isinstance(spec.get("model_kwargs") or {}, dict):
+        raise UserError(f"teacher '{name}': `model_kwargs` must be a mapping of timm.create_model arguments")
     return spec
+
+
+def _check_values(spec: dict) -> None:
+    """Preprocessing values of the right type and shape (normalised in place): a bad one is one line."""
+    name = spec["name"]
+
+    def bad(key, want):
+        raise UserError(f"teacher '{name}': `{key}: {spec[key]!r}` must be {want}; fix it in its spec")
+
+    size = spec["input_size"]
+    size = size[-1] if isinstance(size, (list, tuple)) and size else size  # timm style (3, H, W)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        bad("input_size", "a positive number of pixels")
+    spec["input_size"] = size
+    for key, low in (("mean", None), ("std", 0.0)):
+        values = spec[key]
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or (low is not None and not all(v > low for v in values))):
+            bad(key, "three numbers (R, G, B)" + (", each > 0" if low is not None else ""))
+        spec[key] = [float(v) for v in values]
+    num = spec["num_classes"]
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        bad("num_classes", "a positive integer")
+    if not isinstance(spec["crop_pct"], (int, float)) or not 0 < spec["crop_pct"] <= 1:
+        bad("crop_pct", "a number in (0, 1]")
 
 
 def state_digest(state: dict) -> str:
@@ -86,8 +137,12 @@ def read_state_dict(path: Path, name: str) -> dict:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: exactly what must not be done
+        raise UserError(f"teacher '{name}': weights {path} hold pickled objects other than tensors, refused "
+                        f"(unpickling them could run code); {SAFE_FORMAT}") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise UserError(f"teacher '{name}': cannot read weights {path} ({type(err).__name__}: {err}); "
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"teacher '{name}': cannot read weights {path} ({type(err).__name__}: {first}); "
                         "give a .safetensors file or a plain tensor checkpoint") from None
     for wrapper in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -126,20 +181,16 @@ def _timm_teacher(spec: dict) -> nn.Module:
     return model
 
 
+
 def _file_teacher(spec: dict) -> tuple[nn.Module, str]:
     name, path = spec["name"], Path(spec["model"])
     if not path.is_file():
         raise UserError(f"teacher '{name}': {spec['source']} file {path} not found; fix `model:` in its spec")
     try:
-        if spec["source"] == "torchscript":
-            model = torch.jit.load(str(path), map_location="cpu")
-        else:
-            model = torch.export.load(str(path)).module()
+        model = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - a bad user file
-        saver = "torch.jit.save" if spec["source"] == "torchscript" else "torch.export.save (a .pt2 file)"
         raise UserError(f"teacher '{name}': cannot load {spec['source']} file {path} ({type(err).__name__}); "
-                        f"save it with {saver}") from None
-
+                        "save it with torch.jit.save") from None
     return model, sha256_file(path)
 
 
@@ -151,8 +202,7 @@ def load_teacher(spec) -> tuple[nn.Module, str]:
         digest = state_digest(model.state_dict())
     else:
         model, digest = _file_teacher(spec)
-    if spec["source"] != "export":  # an exported program keeps the mode it was exported in (eval() refused)
-        model.eval()
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, digest

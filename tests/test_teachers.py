@@ -30,7 +30,7 @@ def test_safetensors_and_weights_only_checkpoint_give_the_same_teacher(tmp_path)
 def test_pickled_objects_are_never_loaded(tmp_path):
     spec = yaml.safe_load(tiny_teacher(tmp_path).read_text())
     torch.save({"state_dict": {}, "cfg": object.__new__(Opaque)}, tmp_path / "evil.pth")
-    with pytest.raises(UserError, match="cannot read weights"):
+    with pytest.raises(UserError, match="pickled objects other than tensors, refused"):
         load_teacher({**spec, "weights": str(tmp_path / "evil.pth")})
     with pytest.raises(UserError, match="do not fit"):
         load_teacher({**spec, "num_classes": 7})
@@ -49,20 +49,26 @@ class Own(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("source", ["torchscript", "export"])
-def test_users_own_teacher_from_file(tmp_path, source):
+def test_users_own_torchscript_teacher(tmp_path):
     model, x = Own().eval(), torch.randn(2, 3, 16, 16)
-    path = tmp_path / ("own.pt" if source == "torchscript" else "own.pt2")
-    if source == "torchscript":
-        torch.jit.save(torch.jit.script(model), str(path))
-    else:
-        torch.export.save(torch.export.export(model, (x,)), str(path))
-    spec = {"name": "own", "model": str(path), "source": source}
+    path = tmp_path / "own.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    spec = {"name": "own", "model": str(path), "source": "torchscript"}
     with pytest.raises(UserError, match="must state its preprocessing"):
         load_teacher(spec)
     loaded, digest = load_teacher({**spec, "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1], "num_classes": 5})
     torch.testing.assert_close(loaded(x), model(x))
     assert len(digest) == 64
+
+
+def test_export_teacher_is_refused_before_loading(tmp_path):
+    """torch.export.load unpickles with weights_only=False: refused before any load."""
+    path = tmp_path / "own.pt2"
+    torch.export.save(torch.export.export(Own().eval(), (torch.randn(2, 3, 16, 16),)), str(path))
+    spec = {"name": "own", "model": str(path), "source": "export", "input_size": 16, "mean": [0, 0, 0],
+            "std": [1, 1, 1], "num_classes": 5}
+    with pytest.raises(UserError, match="source 'export' is refused.*safetensors"):
+        load_teacher(spec)
 
 
 def test_bad_specs_are_user_errors(tmp_path):
