@@ -11,6 +11,18 @@ SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "c
 RENDERED_SIZE = 64  # digits / synthetic images when --image-size is not given
 
 
+def source_paths(source) -> list[str]:
+    """The files or folders a source reads, which the output must not overlap."""
+    kind, _, arg = (source or "").partition(":")
+    if kind == "imagefolder" and arg:
+        return [arg]
+    if kind == "webdataset" and arg:
+        import webdataset as wds
+
+        return list(wds.shardlists.expand_urls(arg))
+    return []
+
+
 def _read_source(source, val_fraction, seed, image_size, num_classes, per_class, image_format):
     kind, _, arg = (source or "").partition(":")
     if kind in ("imagefolder", "webdataset") and arg:
@@ -34,7 +46,8 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
                    "tree), webdataset:PATTERN (existing tars, brace patterns allowed), digits (the embedded "
                    "demo) or synthetic (tests).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output directory for {split}-NNNNNN.tar and manifest.json (replaced atomically).")
+              help="Output directory for {split}-NNNNNN.tar and manifest.json (replaced atomically, but only if it "
+                   "is new, empty or an earlier output of this command).")
 @click.option("--name", default=None, help="Dataset name in the manifest [default: from the source].")
 @click.option("--val-fraction", default=0.2, type=float,
               help="Fraction of each class held out as val when the source has no val split (0 = none).")
@@ -72,7 +85,7 @@ def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image
                         f"{len(classes)}; check the source path or the spec's num_classes")
     manifest = shards.write_shards(splits, out, options["name"] or name, classes, options["source"],
                                    maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet,
-                                   crop_pct=options["crop_pct"])
+                                   crop_pct=options["crop_pct"], inputs=source_paths(options["source"]))
     if not quiet:
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         skipped = sum(len(v["skipped"]) for v in manifest["splits"].values())

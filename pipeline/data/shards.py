@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import posixpath
+import re
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +33,7 @@ from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stab
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
+OUR_FILES = re.compile(rf"{re.escape(MANIFEST)}|[A-Za-z0-9_-]+-\d{{6}}\.tar")  # all that `pipeline shard` writes
 SHARD_MTIME = 0  # fixed tar member times: the same input gives byte-identical shards
 INDEX_SUFFIX, INDEX_FORMAT = ".idx.json", 1  # per-shard index: key, image offset/size, label
 
@@ -178,24 +181,147 @@ def read_manifest(shard_dir) -> dict:
     return manifest
 
 
+def dataset_fingerprint(manifest: dict) -> str:
+    """Hash of the classes, each split's keys + labels, and every shard's sha256: the dataset's content."""
+    return stable_hash({"classes": manifest["classes"],
+                        "splits": {k: [v["fingerprint"], [s["sha256"] for s in v["shards"]]]
+                                   for k, v in manifest["splits"].items()}})
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("PIPELINE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
+    return Path(root) / "shard-sha256.json"
+
+
+def _read_hash_cache() -> dict:
+    try:
+        cache = json.loads(_hash_cache_path().read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_hashes(entries: dict) -> None:
+    """Add {resolved path: [size, mtime_ns, sha256]}; a cache that cannot be written only costs speed."""
+    if not entries:
+        return
+    try:
+        from pipeline.io import atomic_write_json
+
+        atomic_write_json(_hash_cache_path(), {**_read_hash_cache(), **entries})
+    except OSError:
+        pass
+
+
+def _stat_key(path: Path) -> tuple[str, list]:
+    st = path.stat()
+    return str(path.resolve()), [st.st_size, st.st_mtime_ns]
+
+
+def verified_manifest(shard_dir) -> dict:
+    """The manifest, after checking that every shard still has the sha256 it records and that the
+    fingerprint is the one of that content. Fast path: a shard whose size and mtime match a cached
+    hash is not read again; any other is hashed in full (and cached)."""
+    manifest = read_manifest(shard_dir)
+    cache, fresh = _read_hash_cache(), {}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = Path(shard_dir) / shard["name"]
+            if not path.is_file():
+                raise UserError(f"shard {path} listed in the manifest is missing; re-run `pipeline shard`")
+            key, stat = _stat_key(path)
+            cached = cache.get(key)
+            if isinstance(cached, list) and cached[:2] == stat:
+                digest = cached[2]
+            else:
+                digest = sha256_file(path)
+                fresh[key] = [*stat, digest]
+            if digest != shard["sha256"]:
+                raise UserError(f"shard {path} changed since `pipeline shard` wrote it (sha256 {digest[:12]}, manifest "
+                                f"says {shard['sha256'][:12]}); re-run `pipeline shard` to rewrite the shards")
+    _remember_hashes(fresh)
+    if dataset_fingerprint(manifest) != manifest["fingerprint"]:
+        raise UserError(f"{Path(shard_dir) / MANIFEST} was edited: its fingerprint does not match its shards; "
+                        "re-run `pipeline shard` to rewrite it")
+    return manifest
+
+
+def check_sample(sample: "Sample", num_classes: int) -> None:
+    """A key becomes a tar member name and a label indexes the classes: refuse what would escape either."""
+    parts = sample.key.split("/")
+    if not sample.key or sample.key.startswith("/") or ".." in parts or "" in parts or "\\" in sample.key:
+        raise UserError(f"sample {sample.origin}: key {sample.key!r} is not a plain relative name (absolute, empty "
+                        "or with '..'); rename it in the source")
+    if not 0 <= sample.label < num_classes:
+        raise UserError(f"sample {sample.origin}: label {sample.label} is outside 0..{num_classes - 1} "
+                        f"({num_classes} classes); fix its cls entry or the class list")
+
+
+def normalise_member(name: str, where: str) -> str:
+    """A tar member name as a relative path ('./a', '/a' -> 'a'); one that climbs out with '..' is refused."""
+    norm = posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
+    if ".." in name.split("/"):
+        raise UserError(f"{where}: member {name!r} climbs out of the archive with '..'; refused, fix the archive")
+    return norm
+
+
+def check_out_dir(out_dir, inputs=()) -> None:
+    """--out may be replaced only if it is absent, empty, or a shard directory of ours; never the current
+    directory (or one above it), a source, a folder inside a source, or a folder holding a source."""
+    out = Path(out_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UserError(f"--out {out_dir} is the current directory or one above it, which would be replaced; "
+                        "give a new sub-directory such as data/shards")
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise UserError(f"--out {out_dir} overlaps the source {src} (same, inside or around it); write the "
+                            "shards to a separate directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a directory path")
+    foreign = sorted(p.name for p in out.iterdir() if not OUR_FILES.fullmatch(p.name))
+    if foreign or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        what = f"holds {foreign[0]!r}" if foreign else f"has no {MANIFEST}"
+        raise UserError(f"--out {out_dir} exists and is not a shard directory of `pipeline shard` (it {what}); "
+                        "nothing was changed: choose a new or empty directory, or remove it yourself")
+
+
+def recover_out_dir(out_dir) -> None:
+    """Finish what a killed run left: put back an old output swapped aside, drop temp directories."""
+    out = Path(out_dir)
+    for aside in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists() and (aside / out.name).is_dir():
+            os.replace(aside / out.name, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes: list[str],
                  source: str, maxcount: int = 10000, on_bad_image: str = "error",
-                 quiet: bool = False, crop_pct: float = 1.0) -> dict:
+                 quiet: bool = False, crop_pct: float = 1.0, inputs=()) -> dict:
     """Write every split as `{split}-NNNNNN.tar` + manifest.json into `out_dir`, atomically.
 
     crop_pct: the dataset's evaluation centre crop (1.0: whole image, right for small or object-centred
-    images; 0.875: timm's ImageNet convention), recorded for the students' validation."""
+    images; 0.875: timm's ImageNet convention), recorded for the students' validation.
+    `inputs`: the source's paths, which `out_dir` must not overlap (see check_out_dir)."""
+    out_dir = Path(out_dir)
+    recover_out_dir(out_dir)
+    check_out_dir(out_dir, inputs)
     if not any(splits.values()):
         raise UserError(f"source {source} has zero images; check the path and the image extensions "
                         f"({', '.join(IMAGE_EXTS)})")
     for split, samples in splits.items():
         seen: dict[str, str] = {}
         for s in samples:
+            check_sample(s, len(classes))
             if s.key in seen:
                 raise UserError(f"duplicate key '{s.key}' in split {split}: {seen[s.key]} and {s.origin}; "
                                 "rename one of them (keys are paths without extension, dots replaced)")
             seen[s.key] = s.origin
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -206,15 +332,14 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
             for split, samples in splits.items():
                 if samples:
                     manifest["splits"][split] = _write_split(tmp, split, samples, maxcount, on_bad_image, bar)
-        manifest["fingerprint"] = stable_hash(
-            {"classes": manifest["classes"],
-             "splits": {k: [v["fingerprint"], [s["sha256"] for s in v["shards"]]]
-                        for k, v in manifest["splits"].items()}})
+        manifest["fingerprint"] = dataset_fingerprint(manifest)
         atomic_write_json(tmp / MANIFEST, manifest)
         os.chmod(tmp, umask_mode(directory=True))
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remember_hashes({key: [*stat, shard["sha256"]] for split in manifest["splits"].values()
+                      for shard in split["shards"] for key, stat in [_stat_key(out_dir / shard["name"])]})
     return manifest
 
 
@@ -252,11 +377,18 @@ def _write_split(tmp: Path, split: str, samples: list[Sample], maxcount: int, on
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
-    """Swap `new` into place; an older `dest` is removed only after the new one is in place."""
+    """Swap `new` into place; an older `dest` is removed only after the new one is in place.
+
+    Between the two renames the old output waits in `.{dest}.old-*/`: if the second rename fails it
+    is put back at once, and a run killed right there gets it back from recover_out_dir."""
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
         os.replace(dest, old / dest.name)
-        os.replace(new, dest)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old / dest.name, dest)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, dest)
@@ -267,7 +399,7 @@ class ShardReader:
 
     def __init__(self, shard_dir, split: str):
         self.shard_dir = Path(shard_dir)
-        manifest = read_manifest(shard_dir)
+        manifest = verified_manifest(shard_dir)
         if split not in manifest["splits"]:
             raise UserError(f"split '{split}' not in {self.shard_dir / MANIFEST} "
                             f"(has: {', '.join(manifest['splits'])})")

@@ -16,7 +16,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, decode_image, index_tar, read_manifest, read_range
+from pipeline.data.shards import (IMAGE_EXTS, MANIFEST, Sample, decode_image, index_tar, normalise_member,
+                                  read_manifest, read_range)
 from pipeline.errors import UserError
 
 VAL_NAMES = re.compile(r"^(val|valid|validation|test)[-_.]")  # shard names of a held-out split
@@ -79,6 +80,9 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> d
         n_val = int(round(len(members) * val_fraction))
         val += members[:n_val]
         train += members[n_val:]
+    if samples and not train:
+        raise UserError(f"--val-fraction {val_fraction} leaves no sample to train on ({len(samples)} images); "
+                        "use a smaller fraction")
     return {"train": _shuffled(train, seed), "val": _shuffled(val, seed)}
 
 
@@ -103,7 +107,9 @@ def _tree(source: Path) -> tuple[set[str], dict[str, tuple[str, object]]]:
         dirs, files = set(), {}
         with tarfile.open(source, "r:") as tar:
             for m in tar:
-                name = m.name.removeprefix("./").rstrip("/")
+                name = normalise_member(m.name, str(source))
+                if not name:
+                    continue
                 dirs.update("/".join(name.split("/")[:k]) for k in range(1, name.count("/") + 1))
                 if m.isdir():
                     dirs.add(name)
