@@ -28,8 +28,11 @@ Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 class
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +52,11 @@ FORMAT = 2
 ARRAYS = ("values", "indices", "lse", "lse_tau", "params", "labels")
 DEFAULT_VALUES = "f16-keep6"  # bench_kd_fidelity: keep5 misses the 1e-3 KL target on late students
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
+# What a store of ours may name: no pickle/object codec (numcodecs.pickle unpickles every chunk it reads).
+SAFE_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "numcodecs.delta",
+               "numcodecs.bitround"}
+SAFE_DTYPES = {"float16", "float32", "int16", "int32", "uint16", "uint8"}
+STALE_PARTIAL_S = 60  # a zarr temp file (*.partial) this old belongs to no live writer: a killed run left it
 
 
 @contextmanager
@@ -147,6 +155,57 @@ def zarr_store(path, read_only: bool = False):
     return FsspecStore.from_url(str(path), read_only=read_only)
 
 
+def check_metadata(path) -> None:
+    """Read the store's zarr.json files as plain JSON before zarr does: zarr v3 only, our arrays only,
+    codecs and dtypes from SAFE_CODECS / SAFE_DTYPES (so opening the store can never unpickle)."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+
+    def codec_names(codecs):
+        for codec in codecs if isinstance(codecs, list) else []:
+            name = codec.get("name") if isinstance(codec, dict) else codec
+            yield name
+            config = codec.get("configuration") if isinstance(codec, dict) else None
+            for inner in ("codecs", "index_codecs"):
+                yield from codec_names((config or {}).get(inner))
+
+    for node in ("", *ARRAYS, "done"):
+        meta_path = f"{path}/{node}/zarr.json" if node else f"{path}/zarr.json"
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{node}/zarr.json" if node else f"{root}/zarr.json"))
+        except FileNotFoundError:
+            raise UserError(f"{path} is not a teacher logit store ({meta_path} missing); run `pipeline teach` "
+                            "to make one") from None
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"store metadata {meta_path} is unreadable ({type(err).__name__}); re-run `pipeline teach` "
+                            "with a fresh --store-root") from None
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+            raise UserError(f"store metadata {meta_path} is not zarr v3 metadata; re-run `pipeline teach`")
+        if node:
+            unsafe = sorted(str(n) for n in codec_names(meta.get("codecs")) if n not in SAFE_CODECS)
+            if unsafe or meta.get("data_type") not in SAFE_DTYPES or meta.get("storage_transformers"):
+                raise UserError(f"store array {meta_path} names codecs/dtype not written by `pipeline teach` "
+                                f"({', '.join(unsafe) or meta.get('data_type')}); refused (reading it could run code)")
+
+
+def chunk_file(array, shard: int) -> str:
+    """The file (relative to the store) holding rows of `shard` of a sharded zarr array."""
+    coords = (shard,) + (0,) * (array.ndim - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def remove_stale_partials(path) -> None:
+    """zarr writes chunk files as *.partial then renames them: a killed writer leaves its temp files."""
+    cutoff = time.time() - STALE_PARTIAL_S
+    if is_url(path):
+        return  # object stores have no temp files: a PUT is whole or absent
+    for tmp in Path(path).rglob("*.partial"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class LogitStore:
     """A store group, read side. `lookup` serves the student's batches from memory."""
 
@@ -173,6 +232,28 @@ class LogitStore:
     @property
     def complete(self) -> bool:
         return bool(self.done_mask().all())
+
+    def damaged_shards(self, full: bool = False) -> dict[int, str]:
+        """Done shards whose data is gone: {shard: why}. Cheap: every array's chunk file exists. `full`:
+        also read every array of the shard and check the logsumexp is finite."""
+        bad = {}
+        fs, root = fsspec.core.url_to_fs(str(self.path))
+        for shard in map(int, np.flatnonzero(self.done_mask())):
+            for name in ARRAYS:
+                rel = chunk_file(self.arrays[name], shard)
+                if not fs.isfile(f"{root}/{rel}"):
+                    bad[shard] = f"{rel} missing"
+                    break
+            if full and shard not in bad:
+                rows = self.shard_rows_range(shard)
+                try:
+                    data = {name: self.arrays[name][rows.start:rows.stop] for name in ARRAYS}
+                except Exception as err:  # noqa: BLE001 - any codec/IO failure means the chunk is unreadable
+                    bad[shard] = f"unreadable ({type(err).__name__})"
+                    continue
+                if not np.isfinite(data["lse"]).all() or not np.isfinite(data["values"]).all():
+                    bad[shard] = "holds non-finite values"
+        return bad
 
     def shard_rows_range(self, shard: int) -> range:
         return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_samples))
@@ -233,26 +314,42 @@ class LogitStore:
 def open_store(path, require_complete: bool = True) -> LogitStore:
     """Open a store read-only; UserError if it is missing, not a store, or (by default) unfinished."""
     path = store_location(path)
+    check_metadata(path)
     try:
         group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
         store = LogitStore(group, path)
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        raise UserError(f"{path} is not a teacher logit store; run `pipeline teach` to make one") from None
+    except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError,
+            zarr.errors.NodeTypeValidationError) as err:
+        raise UserError(f"{path} is not a readable teacher logit store ({type(err).__name__}); run `pipeline teach` "
+                        "to make one") from None
     if require_complete and not store.complete:
         done = int(store.done_mask().sum())
         raise UserError(f"teacher store {path} is incomplete ({done}/{store.num_shards} shards); "
                         "re-run the same `pipeline teach` command to finish it")
+    if require_complete:
+        bad = store.damaged_shards()
+        if bad:
+            shard, why = next(iter(bad.items()))
+            raise UserError(f"teacher store {path}: {len(bad)} shard(s) marked done have lost data (shard {shard}: "
+                            f"{why}); re-run the same `pipeline teach` command to recompute them")
     return store
 
 
 def open_pointer(pointer) -> LogitStore:
     """Open the store named by a pointer file {out}/{teacher}.json written by `pipeline teach`."""
-    import json
-
     pointer = Path(pointer)
     if not pointer.is_file():
         raise UserError(f"no teacher pointer file {pointer}; run `pipeline teach --out {pointer.parent}` first")
-    info = json.loads(pointer.read_text())
+    try:
+        info = json.loads(pointer.read_text())
+        if not all(isinstance(info.get(k), str) for k in ("store", "key", "teacher")):
+            raise ValueError("no store/key/teacher")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"teacher pointer {pointer} is unreadable ({type(err).__name__}); re-run "
+                        f"`pipeline teach --out {pointer.parent}` to rewrite it") from None
+    if info["teacher"] != pointer.stem:
+        raise UserError(f"pointer {pointer} names teacher '{info['teacher']}', not '{pointer.stem}'; re-run "
+                        f"`pipeline teach --out {pointer.parent}` for teacher '{pointer.stem}'")
     path = store_location(info["store"])
     if not is_url(path) and not path.is_absolute():
         path = (pointer.parent / path).resolve()
@@ -260,6 +357,9 @@ def open_pointer(pointer) -> LogitStore:
     if store.key != info["key"]:
         raise UserError(f"pointer {pointer} names store key {info['key']} but {path} holds {store.key}; "
                         "re-run `pipeline teach`")
+    if store.provenance["teacher"].get("name") != info["teacher"]:
+        raise UserError(f"pointer {pointer} is for teacher '{info['teacher']}' but {path} holds the logits of teacher "
+                        f"'{store.provenance['teacher'].get('name')}'; re-run `pipeline teach --out {pointer.parent}`")
     return store
 
 
@@ -275,6 +375,17 @@ def write_pointer(pointer, store: LogitStore) -> dict:
 
 class StoreWriter(LogitStore):
     """The write side: create the arrays once, then fill shard by shard (any order, any process)."""
+
+    def __init__(self, group, path):
+        # every chunk file is written, even one equal to the fill value: a missing file then always means lost data
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            super().__init__(group, path)
+        remove_stale_partials(path)
+
+    def forget_shards(self, shards) -> None:
+        """Mark shards not done (their data was found damaged), so that they are computed again."""
+        for shard in shards:
+            self.arrays["done"][int(shard)] = 0
 
     def write_shard(self, shard: int, values, indices, lse, params, labels, lse_tau=None) -> None:
         """One shard's rows; `lse_tau` (encode_lse_tau) may be left out only when tau = 1 is all that is kept."""
@@ -309,18 +420,36 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
     recreated. A group whose key differs from `provenance["key"]` is refused, never mixed into.
     """
     path = store_location(path)
-    if _exists(path):
-        group = zarr.open_group(zarr_store(path), mode="r+")
-        old = group.attrs.get("provenance")
-        if old is not None:
-            if old.get("key") != provenance["key"]:
-                raise UserError(f"{path} holds teacher logits for other inputs (key {old.get('key')}, not "
-                                f"{provenance['key']}); remove it or choose another --store-root")
-            return StoreWriter(group, path)
-    with numcodecs_quiet():
-        return _create(path, provenance, num_samples=num_samples, num_views=num_views, k=k, params_dim=params_dim,
-                       num_classes=num_classes, shard_rows=shard_rows, values=values,
-                       temperatures=check_temperatures(temperatures))
+    with creation_lock(path):  # a second process waits here while the first creates, then opens what it made
+        if _exists(path):
+            group = zarr.open_group(zarr_store(path), mode="r+")
+            old = group.attrs.get("provenance")
+            if old is not None:
+                if old.get("key") != provenance["key"]:
+                    raise UserError(f"{path} holds teacher logits for other inputs (key {old.get('key')}, not "
+                                    f"{provenance['key']}); remove it or choose another --store-root")
+                check_metadata(path)
+                return StoreWriter(group, path)
+        with numcodecs_quiet():
+            return _create(path, provenance, num_samples=num_samples, num_views=num_views, k=k, params_dim=params_dim,
+                           num_classes=num_classes, shard_rows=shard_rows, values=values,
+                           temperatures=check_temperatures(temperatures))
+
+
+@contextmanager
+def creation_lock(path):
+    """An exclusive lock on `.{store}.lock` beside a local store (released when the process dies). On an
+    object store there is no lock: there, ranks of one torchrun job create through rank 0 only."""
+    if is_url(path):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _exists(path) -> bool:

@@ -49,6 +49,8 @@ def _barrier(world):
 
 
 def resolve_device(device: str) -> torch.device:
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"--device '{device}' is not one of auto, cpu, cuda, cuda:N")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -100,9 +102,9 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
           channels_last=False, temperatures=DEFAULT_TEMPERATURES, quiet=False, log=print) -> dict:
     """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict."""
     from pipeline.data.loaders import teacher_loader
-    from pipeline.data.shards import read_manifest
+    from pipeline.data.shards import verified_manifest
 
-    manifest = read_manifest(shards)
+    manifest = verified_manifest(shards)
     if split not in manifest["splits"]:
         raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest['splits'])}); pass --split")
     num_samples = manifest["splits"][split]["count"]
@@ -136,6 +138,11 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
                   values=values, temperatures=temperatures)
     if rank == 0:
         writer = create_or_open(path, provenance, **layout)
+        damaged = writer.damaged_shards()
+        if damaged:  # done flags whose chunk files are gone: compute those shards again
+            log(f"{path}: {len(damaged)} shard(s) marked done lost their data ({next(iter(damaged.values()))}); "
+                "recomputing them")
+            writer.forget_shards(damaged)
     _barrier(world)
     if rank != 0:
         writer = create_or_open(path, provenance, **layout)

@@ -14,15 +14,25 @@ def group():
 @group.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(path, as_json):
+@click.option("--verify", is_flag=True, help="Read every chunk of every finished shard; exit 2 if any is missing, "
+                                              "unreadable or not finite (`pipeline teach` recomputes those).")
+def inspect(path, as_json, verify):
     """Provenance, shape, bytes per stored view, top-k mass, teacher top-1 and completeness of PATH.
 
     PATH is a store ({root}/{teacher}-{key}.zarr) or a pointer file {out}/{teacher}.json.
     """
+    from pipeline.errors import UserError
     from pipeline.store import open_pointer, open_store, summarize
 
     store = open_pointer(path) if path.suffix == ".json" else open_store(path, require_complete=False)
+    bad = store.damaged_shards(full=verify)
+    if bad:
+        shard, why = next(iter(bad.items()))
+        raise UserError(f"teacher store {store.path}: {len(bad)} shard(s) marked done have lost data (shard {shard}: "
+                        f"{why}); re-run the `pipeline teach` command that made it to recompute them")
     info = summarize(store)
+    if verify:
+        info["verified_shards"] = int(store.done_mask().sum())
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
