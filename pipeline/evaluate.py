@@ -13,7 +13,6 @@ from tqdm import tqdm
 from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
-from pipeline.manifests import load_spec
 
 
 @torch.inference_mode()
@@ -99,7 +98,11 @@ def onnx_runner(path, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's Fail/InvalidProtobuf/...: a bad user file
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"ONNX file {path} cannot be loaded ({first}); re-run `pipeline fuse`") from None
     name = session.get_inputs()[0].name
 
     def run(x):
@@ -156,12 +159,13 @@ def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
     is rebuilt from the store's provenance.
     """
     from pipeline.store import open_pointer
+    from pipeline.teachers import resolve_spec
 
     if teach_dir is None:
         raise UserError("no --teach-dir given")
     provenance = open_pointer(Path(teach_dir) / f"{name}.json").provenance
     tuned = Path(teacher_dir) / name / "teacher.yaml" if teacher_dir else None
-    spec = load_spec("teachers", str(tuned)) if tuned and tuned.is_file() else provenance["teacher"]
+    spec = resolve_spec(str(tuned)) if tuned and tuned.is_file() else provenance["teacher"]
     return spec, provenance["weights_digest"]
 
 

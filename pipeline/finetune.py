@@ -178,11 +178,11 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         torch.jit.save(model, buf)
         weights = buf.getvalue()
         atomic_write_bytes(out_dir / SCRIPT, weights)
-        tuned.update(model=str(out_dir / SCRIPT))
+        tuned.update(model=SCRIPT)  # relative to teacher.yaml
     else:
         weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
         atomic_write_bytes(out_dir / WEIGHTS, weights)
-        tuned.update(pretrained=False, weights=str(out_dir / WEIGHTS))
+        tuned.update(pretrained=False, weights=WEIGHTS)  # relative to teacher.yaml
     tuned.update(num_classes=num_classes, input_size=size,
                  description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
                              f"({epochs} epochs from {origin}; val top-1 {acc[1]:.2f}%; weights sha256 "

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 
 from pipeline.data.loaders import eval_loader
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, umask_mode
+from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, umask_mode
 
 _logger = logging.getLogger(__name__)
 
@@ -33,7 +33,28 @@ def read_student(student_dir) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found: {student_dir} is not a finished student; run `pipeline student --out "
                         f"{student_dir}` first")
-    return json.loads(path.read_text())
+    return read_json_info(path, ("model", "num_classes", "input_size", "mean", "std"),
+                          f"re-run `pipeline student --out {student_dir}`")
+
+
+def read_json_info(path: Path, required, fix: str) -> dict:
+    """A JSON object we wrote, with its `required` keys; anything else is one line naming the fix."""
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}); {fix}") from None
+    missing = [k for k in required if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise UserError(f"{path} is incomplete (no {', '.join(missing)}); {fix}")
+    return info
+
+
+def load_safetensors(path, fix: str) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: an unreadable user file
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path} is not a readable safetensors file ({first}); {fix}") from None
 
 
 def load_trained_student(student_dir, checkpoint: str = "ema"):
@@ -59,7 +80,7 @@ def load_trained_student(student_dir, checkpoint: str = "ema"):
         raise UserError(f"{path} not found; re-run `pipeline student --out {student_dir}`")
     model = timm.create_model(info["model"], num_classes=info["num_classes"], **(info.get("model_kwargs") or {}))
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(load_safetensors(path, f"re-run `pipeline student --out {student_dir}`"))
     except RuntimeError as err:
         raise UserError(f"{path} does not fit {info['model']} {info.get('model_kwargs')} "
                         f"({str(err).splitlines()[0]}); was student.json edited?") from None
@@ -130,6 +151,10 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
     check_close(f"student {student_dir}: fused vs training form", fused_check, atol)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # fuse.json goes first and comes back last, with the digests of the files it describes: a run killed in
+    # between leaves no fuse.json, and files changed since are caught by load_fused
+    (out_dir / INFO).unlink(missing_ok=True)
+    (out_dir / ONNX).unlink(missing_ok=True)
     result = {
         "student": name or student_dir.name, "student_dir": str(student_dir), "checkpoint": weights.name,
         "model": info["model"], "model_kwargs": info.get("model_kwargs") or {},
@@ -152,8 +177,22 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
         result["onnx_check"] = onnx_check
     atomic_write_bytes(out_dir / FUSED, save({k: v.contiguous() for k, v in stock.state_dict().items()},
                                              metadata={"stock_model": result["stock_model"]}))
+    result["sha256"] = {name: sha256_file(out_dir / name) for name in (FUSED, ONNX) if (out_dir / name).is_file()}
     atomic_write_json(out_dir / INFO, result)
     return result
+
+
+def check_fused_files(fused_dir: Path, info: dict) -> None:
+    """Every file fuse.json lists still has the digest it was written with (one run's complete set)."""
+    digests = info.get("sha256")
+    if not isinstance(digests, dict) or FUSED not in digests:
+        raise UserError(f"{fused_dir / INFO} lists no file digests (an older or interrupted fuse); re-run "
+                        f"`pipeline fuse --out {fused_dir}`")
+    for name, digest in digests.items():
+        path = fused_dir / Path(str(name)).name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise UserError(f"{path} is missing or is not the file {fused_dir / INFO} describes (another or an "
+                            f"interrupted fuse run); re-run `pipeline fuse --out {fused_dir}`")
 
 
 def load_fused(fused_dir):
@@ -164,7 +203,9 @@ def load_fused(fused_dir):
     path = fused_dir / INFO
     if not path.is_file():
         raise UserError(f"{path} not found; run `pipeline fuse --out {fused_dir}` first")
-    info = json.loads(path.read_text())
+    fix = f"re-run `pipeline fuse --out {fused_dir}`"
+    info = read_json_info(path, ("stock_model", "num_classes", "input_size", "student", "teachers"), fix)
+    check_fused_files(fused_dir, info)
     model = create_stock_model(info["stock_model"], num_classes=info["num_classes"])
-    model.load_state_dict(load_file(str(fused_dir / FUSED)), strict=True)
+    model.load_state_dict(load_safetensors(fused_dir / FUSED, fix), strict=True)
     return model.eval(), info

@@ -39,12 +39,16 @@ SPEC_KEYS = {"name", "model", "source", "pretrained", "weights", "model_kwargs",
 def resolve_spec(name_or_spec) -> dict:
     """Load a teacher spec (name, YAML path or dict) and fill preprocessing defaults from timm.
 
-    A relative `weights:` in a spec file is relative to that file (so a spec moves with its weights).
+    A relative `weights:` (or a TorchScript `model:` file) in a spec file is relative to that file, so a
+    spec moves with its weights.
     """
     if isinstance(name_or_spec, (str, Path)):
         spec, path = load_spec("teachers", name_or_spec), spec_path("teachers", name_or_spec)
         if isinstance(spec.get("weights"), str) and not Path(spec["weights"]).is_absolute():
             spec["weights"] = str(path.parent / spec["weights"])
+        if spec.get("source", "timm") != "timm" and isinstance(spec.get("model"), str) \
+                and not Path(spec["model"]).is_absolute() and (path.parent / spec["model"]).is_file():
+            spec["model"] = str(path.parent / spec["model"])  # a file teacher's model file, as its weights
     else:
         spec = dict(name_or_spec)
     name = spec.setdefault("name", "teacher")
