@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_write_bytes, remove_stale_temps
 
 _REF = "__tensor__"
 
@@ -48,6 +48,7 @@ def save_checkpoint(path, parts: dict) -> None:
     """parts: name -> nested state (state_dicts, plain dicts); written atomically to `path`."""
     tensors = {}
     tree = {name: _flatten(state, name, tensors) for name, state in parts.items()}
+    remove_stale_temps(path)  # a 15 MB temp file of a killed run
     atomic_write_bytes(path, save(tensors, metadata={"tree": json.dumps(tree)}))
 
 

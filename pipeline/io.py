@@ -31,6 +31,15 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(path) -> None:
+    """Drop the temp files atomic_write_bytes left for `path` when a run was killed mid-write.
+
+    Only for files a single process writes (a checkpoint): another writer's temp file would go too."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

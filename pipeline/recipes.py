@@ -141,6 +141,7 @@ def _validate(where, r: Recipe) -> None:
     check(r.num_branches is None or 1 <= r.num_branches <= 5, f"num_branches must be in 1..5, got {r.num_branches}")
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")
     check(r.re_mode is None or r.re_mode in RE_MODES, f"re_mode must be one of {', '.join(RE_MODES)}")
+    check(r.img_size is None or r.img_size >= 8, f"img_size must be >= 8 px or null, got {r.img_size}")
     check(r.num_views is None or r.num_views >= 1, f"num_views must be >= 1, got {r.num_views}")
     check(r.scale is None or (len(r.scale) == 2 and 0 < r.scale[0] <= r.scale[1] <= 1),
           f"scale must be [min, max] within (0, 1], got {r.scale}")

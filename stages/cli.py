@@ -5,6 +5,7 @@ Every option can also come from params.yaml: the section named after the command
 is click's default_map for that command, and command-line options override it.
 """
 
+import errno
 import importlib
 import importlib.util
 import sys
@@ -51,17 +52,35 @@ class StageGroup(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            click.echo(f"error: disk full{where} ({err.strerror}); every output is written as a temp file + rename, "
+                       "so what was already there is unchanged: free space and re-run the same command", err=True)
+            sys.exit(2)
 
 
-def load_params(path: Path) -> dict:
-    """Sections of params.yaml keyed by command name; option keys may use dashes or underscores."""
+def load_params(path: Path, explicit: bool = False) -> dict:
+    """Sections of params.yaml keyed by command name; option keys may use dashes or underscores.
+
+    The default params.yaml may be absent; a file named with --params must exist. A section named after
+    a command must be a mapping (other top-level keys are dvc.yaml's and are left alone)."""
     if not path.is_file():
+        if explicit:
+            raise UserError(f"--params {path}: file not found; give an existing YAML file")
         return {}
     try:
         params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         detail = " ".join(str(err).split())
         raise UserError(f"{path} is not valid YAML ({detail}); fix the file or pass --params") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must be a mapping of sections (e.g. `teach:`), not a {type(params).__name__}")
+    for section, options in params.items():
+        if str(section).replace("_", "-") in STAGES and not isinstance(options, dict):
+            raise UserError(f"{path}: section '{section}' must be a mapping of option: value, "
+                            f"not {type(options).__name__}")
     return {
         section.replace("_", "-"): {key.replace("-", "_"): value for key, value in options.items()}
         for section, options in params.items()
@@ -87,7 +106,8 @@ def check_section(path: Path, name: str, command: click.Command, section: dict) 
 @click.pass_context
 def main(ctx, params_path):
     """Offline teacher-logit distillation: shard -> teach -> student -> fuse -> evaluate -> report."""
-    ctx.default_map = load_params(params_path)
+    explicit = ctx.get_parameter_source("params_path") != click.core.ParameterSource.DEFAULT
+    ctx.default_map = load_params(params_path, explicit)
     name = ctx.invoked_subcommand
     command = ctx.command.get_command(ctx, name) if name in ctx.default_map else None
     if command is not None and not isinstance(command, click.Group):

@@ -24,7 +24,10 @@ class PlanParam(click.ParamType):
         path = Path(value)
         if not path.is_file():
             raise UserError(f"--plan {path}: file not found; give a YAML mapping of view plan fields")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"--plan {path} is not valid YAML ({' '.join(str(err).split())[:160]}); fix it") from None
         if not isinstance(data, dict):
             raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
         return ViewPlan.from_dict(data.get("plan", data))

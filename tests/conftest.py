@@ -1,8 +1,12 @@
 import os
 
+from pathlib import Path
+
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+EMPTY_PARAMS = str(Path(__file__).parent / "empty-params.yaml")  # `--params` that gives no defaults
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,6 +15,7 @@ from pipeline.data.shards import ShardReader, read_manifest, write_shards
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from stages.cli import main
+from tests.conftest import EMPTY_PARAMS
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train.tar"
 
@@ -34,7 +35,7 @@ def _folder(root: Path, layout: dict) -> Path:
 
 
 def _shard(args, params=None):
-    return CliRunner().invoke(main, ["--params", str(params or "/nonexistent.yaml"), "shard", *args])
+    return CliRunner().invoke(main, ["--params", str(params or EMPTY_PARAMS), "shard", *args])
 
 
 def test_same_input_gives_byte_identical_shards(tmp_path):

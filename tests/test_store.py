@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from pipeline.errors import UserError
 from pipeline.store import create_or_open, encode_topk, index_dtype, open_pointer, open_store, write_pointer
 from stages.cli import main
+from tests.conftest import EMPTY_PARAMS
 
 PROV = {"key": "k1", "dataset": "toy", "dataset_fingerprint": "fp-a", "split": "train", "plan": {"seed": 0},
         "plan_hash": "plan-a", "teacher": {"name": "t", "model": "m"}, "weights_digest": "w" * 64}
@@ -95,11 +96,11 @@ def test_cut_off_creation_is_recreated_and_partial_store_resumes(tmp_path):
 
 def test_inspect_prints_size_mass_top1_and_completeness(tmp_path):
     make_store(tmp_path / "s.zarr")
-    result = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", "inspect", str(tmp_path / "s.zarr"),
+    result = CliRunner().invoke(main, ["--params", EMPTY_PARAMS, "store", "inspect", str(tmp_path / "s.zarr"),
                                        "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["complete"] and info["shards_done"] == "3/3" and info["shape"] == [5, 2, 3]
     assert 0 < info["mean_topk_mass"] <= 1 and 0 <= info["teacher_top1_vs_labels"] <= 1 and info["bytes_per_view"] > 0
-    text = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", "inspect", str(tmp_path / "s.zarr")])
+    text = CliRunner().invoke(main, ["--params", EMPTY_PARAMS, "store", "inspect", str(tmp_path / "s.zarr")])
     assert "bytes_per_view" in text.output and "complete: True" in text.output

@@ -20,9 +20,10 @@ from pipeline.store import ARRAYS, open_pointer, open_store
 from pipeline.teachers import load_teacher, resolve_spec
 from stages.cli import main
 from tests._teach_helpers import teach_args, tiny_shards, tiny_teacher
+from tests.conftest import EMPTY_PARAMS
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
-NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+NO_PARAMS = ["--params", EMPTY_PARAMS]
 
 
 def run_cli(*args):

@@ -78,6 +78,7 @@ class ViewPlan:
     renderer: str = "reference"
 
     def __post_init__(self):
+        _check_types(self)
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
         object.__setattr__(self, "ratio", tuple(float(x) for x in self.ratio))
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
@@ -99,6 +100,8 @@ class ViewPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViewPlan":
+        if not isinstance(d, dict):
+            raise UserError(f"a view plan must be a mapping of fields, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown view plan fields {sorted(unknown)}")
@@ -119,6 +122,29 @@ class ViewPlan:
     @property
     def params_dim(self) -> int:
         return CROP_SLOTS + 2 + 2 * self.num_layers + 4 * self.re_count + 1
+
+
+def _check_types(plan: "ViewPlan") -> None:
+    """Field types and ranges before anything uses them: a bad plan value is one line, not a traceback."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def check(ok, field, want):
+        if not ok:
+            raise UserError(f"view plan {field}: {getattr(plan, field)!r} must be {want}")
+
+    check(isinstance(plan.seed, int) and not isinstance(plan.seed, bool), "seed", "an integer")
+    check(isinstance(plan.size, int) and not isinstance(plan.size, bool) and plan.size >= 8, "size",
+          "an integer number of pixels >= 8")
+    for field in ("hflip", "re_prob"):
+        check(number(getattr(plan, field)) and 0 <= getattr(plan, field) <= 1, field, "a probability in [0, 1]")
+    for field in ("scale", "ratio"):
+        value = getattr(plan, field)
+        check(isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)), field,
+              "two numbers [min, max]")
+    check(isinstance(plan.re_count, int) and not isinstance(plan.re_count, bool), "re_count", "an integer")
+    check(plan.auto_augment is None or isinstance(plan.auto_augment, str), "auto_augment", "a RandAugment spec or null")
+    check(isinstance(plan.interpolation, str), "interpolation", "a name such as bicubic")
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,0 +1,550 @@
+"""Issue 10: the pipeline as an attacker or a careless user would drive it. Nothing a user names runs code,
+nothing of the user's is deleted, nothing corrupt is used, and every user error is one line with exit 2."""
+
+import errno
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from torch import nn
+
+from pipeline.errors import UserError
+from stages.cli import main
+from tests._teach_helpers import NUM_CLASSES, teach_args, tiny_shards, tiny_teacher
+from tests.conftest import EMPTY_PARAMS
+
+
+class Payload:
+    """Unpickling this creates the file MARKER: proof that a loader ran code from a file."""
+
+    marker = None
+
+    def __reduce__(self):
+        return open, (str(Payload.marker), "w")
+
+
+def payload_pickle(marker: Path) -> bytes:
+    Payload.marker = marker
+    buf = io.BytesIO()
+    torch.save(Payload(), buf)
+    return buf.getvalue()
+
+
+def cli(*args, params=EMPTY_PARAMS):
+    return CliRunner().invoke(main, ["--params", str(params), *args])
+
+
+def assert_one_line_error(result, *words):
+    """Exit 2, no traceback, and exactly one `error:` line, which is the last thing printed."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert "Traceback" not in result.output and "weights_only=False" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], result.output
+
+
+@pytest.fixture(autouse=True)
+def _own_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny teacher spec, tiny shards and one finished teach run (store + pointer) to copy from."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    spec, shards = tiny_teacher(tmp), tiny_shards(tmp)
+    result = cli(*teach_args(spec, shards, tmp / "ref"))
+    assert result.exit_code == 0, result.output
+    return tmp, spec, shards
+
+
+def copied_store(base, dest: Path) -> tuple[Path, Path]:
+    """(store root, store path) of a copy of the reference teach run."""
+    tmp, _, _ = base
+    shutil.copytree(tmp / "ref", dest)
+    return dest, next(dest.glob("tiny-*.zarr"))
+
+
+class Own(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, NUM_CLASSES, 3), nn.Linear(NUM_CLASSES, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def own_spec(tmp: Path, source: str, model_path: Path) -> Path:
+    spec = tmp / f"own-{source}.yaml"
+    spec.write_text(yaml.safe_dump({"name": "own", "model": str(model_path), "source": source, "input_size": 48,
+                                    "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": NUM_CLASSES}))
+    return spec
+
+
+def evil_pt2(tmp: Path, marker: Path) -> Path:
+    """A valid torch.export archive whose sample inputs are a pickle that creates `marker`."""
+    good, evil = tmp / "good.pt2", tmp / "evil.pt2"
+    torch.export.save(torch.export.export(Own().eval(), (torch.randn(2, 3, 48, 48),)), str(good))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, payload_pickle(marker) if item.filename.endswith("sample_inputs/model.pt") else data)
+    return evil
+
+
+# ---------------------------------------------------------------- critical: no file a user names runs code
+
+@pytest.mark.parametrize("loader", ["teacher-weights", "export", "torchscript", "student-checkpoint",
+                                    "resume-checkpoint", "store-metadata"])
+def test_no_loader_runs_code_from_a_file(base, tmp_path, loader):
+    tmp, spec, shards = base
+    marker = tmp_path / "MARKER"
+    if loader == "teacher-weights":
+        (tmp_path / "evil.pth").write_bytes(payload_pickle(marker))
+        result = cli(*teach_args(spec, shards, tmp_path / "root", "--weights", str(tmp_path / "evil.pth")))
+        assert_one_line_error(result, "refused")
+    elif loader == "export":
+        result = cli(*teach_args(own_spec(tmp_path, "export", evil_pt2(tmp_path, marker)), shards, tmp_path / "r"))
+        assert_one_line_error(result, "refused", "safetensors")
+    elif loader == "torchscript":  # TorchScript is a program: there is no safe way to load one
+        torch.jit.save(torch.jit.script(Own().eval()), str(tmp_path / "own.pt"))
+        result = cli(*teach_args(own_spec(tmp_path, "torchscript", tmp_path / "own.pt"), shards, tmp_path / "r"))
+        assert_one_line_error(result, "refused", "safetensors")
+    elif loader == "student-checkpoint":
+        from tests._chain_helpers import fake_student
+
+        student = fake_student(tmp_path / "student")
+        (student / "ema.safetensors").write_bytes(payload_pickle(marker))
+        result = cli("fuse", "--student-dir", str(student), "--shards", str(shards), "--out", str(tmp_path / "f"))
+        assert_one_line_error(result, "ema.safetensors")
+    elif loader == "resume-checkpoint":
+        from pipeline.checkpoint import load_checkpoint
+
+        (tmp_path / "checkpoint.safetensors").write_bytes(payload_pickle(marker))
+        with pytest.raises(UserError, match="unreadable"):
+            load_checkpoint(tmp_path / "checkpoint.safetensors")
+    elif loader == "store-metadata":  # a zarr v2 group whose array decodes its chunks with pickle
+        store = tmp_path / "evil.zarr"
+        (store / "values").mkdir(parents=True)
+        (store / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+        (store / ".zattrs").write_text(json.dumps({"provenance": {"key": "k"}}))
+        (store / "values" / ".zarray").write_text(json.dumps({
+            "zarr_format": 2, "shape": [1], "chunks": [1], "dtype": "|O", "compressor": None, "fill_value": None,
+            "filters": [{"id": "pickle", "protocol": 2}], "order": "C"}))
+        (store / "values" / "0").write_bytes(payload_pickle(marker))
+        assert_one_line_error(cli("store", "inspect", str(store)), "not a teacher logit store")
+    assert not marker.exists()
+
+
+def test_fused_weights_and_onnx_are_checked_before_loading(fused_dir, tmp_path, base):
+    """fuse.json lists the digests of its files: a swapped-in file (a pickle, or garbage ONNX) is refused."""
+    _, _, shards = base
+    marker = tmp_path / "MARKER"
+    for name in ("fused.safetensors", "model.onnx"):
+        fused = fused_dir(tmp_path / name)
+        info = json.loads((fused / "fuse.json").read_text())
+        info["sha256"].setdefault("model.onnx", "0" * 64)  # as if fuse had written an ONNX file
+        (fused / "fuse.json").write_text(json.dumps(info))
+        (fused / name).write_bytes(payload_pickle(marker))
+        result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"),
+                     "--out", str(tmp_path / "m.json"), "--latency-runs", "1", "--batch", "1", "--quiet")
+        assert_one_line_error(result, name, "re-run `pipeline fuse")
+    assert not marker.exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.fixture(scope="module")
+def _fused(tmp_path_factory):
+    from pipeline.fuse import fuse_student
+    from tests._chain_helpers import fake_student, tiny_shards as chain_shards
+
+    tmp = tmp_path_factory.mktemp("fused")
+    shards = chain_shards(tmp, per_class=2)
+    fuse_student(fake_student(tmp / "student"), shards, tmp / "fused", check_images=4, onnx=False)
+    return tmp
+
+
+@pytest.fixture
+def fused_dir(_fused):
+    """A copy of one real fuse output (without ONNX: exporting is slow), next to its shards."""
+    def copy(dest: Path) -> Path:
+        shutil.copytree(_fused, dest)
+        return dest / "fused"
+
+    return copy
+
+
+# ---------------------------------------------------------------- high: the user's files are never deleted
+
+def shard_args(out, *extra):
+    return ["shard", "--source", "synthetic", "--num-classes", "2", "--per-class", "4", "--image-size", "16",
+            "--out", str(out), "--quiet", *extra]
+
+
+@pytest.mark.parametrize("case", ["documents", "cwd", "source", "inside-source", "around-source"])
+def test_shard_never_replaces_what_is_not_ours(tmp_path, monkeypatch, case):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    src = tmp_path / "images"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            from PIL import Image
+
+            Image.new("RGB", (16, 16), (i * 90, 10, 10)).save(src / c / f"{i}.png")
+    imagefolder = ["--source", f"imagefolder:{src}"]
+    if case == "documents":
+        result = cli(*shard_args(docs))
+    elif case == "cwd":
+        monkeypatch.chdir(docs)
+        result = cli(*shard_args("."))
+    elif case == "source":
+        result = cli(*shard_args(src), *imagefolder)
+    elif case == "inside-source":
+        result = cli(*shard_args(src / "a" / "shards"), *imagefolder)
+    else:
+        result = cli(*shard_args(tmp_path), *imagefolder)
+    assert_one_line_error(result, "--out")
+    assert (docs / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in (src / "a").iterdir()) == ["0.png", "1.png"]
+
+
+def test_shard_swap_never_loses_the_old_output(tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    assert cli(*shard_args(out)).exit_code == 0
+    old_manifest = (out / "manifest.json").read_text()
+
+    # the rename that puts the new output in place fails: the old one is put back at once
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".shards.tmp-") and Path(dst) == out:
+            raise OSError(errno.EIO, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert cli(*shard_args(out, "--seed", "1")).exit_code != 0
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "manifest.json").read_text() == old_manifest
+
+    # a run killed between the two renames left the old output aside: the next run puts it back
+    aside = tmp_path / ".shards.old-killed"
+    aside.mkdir()
+    os.replace(out, aside / "shards")
+    bad = tmp_path / "bad"
+    (bad / "a").mkdir(parents=True)
+    (bad / "a" / "0.png").write_bytes(b"not a png")
+    assert_one_line_error(cli(*shard_args(out, "--source", f"imagefolder:{bad}")), "0.png")
+    assert (out / "manifest.json").read_text() == old_manifest and not aside.exists()
+
+
+# ---------------------------------------------------------------- high: written checksums are checked
+
+def flip_label(shard_dir: Path) -> None:
+    """Change one sample's label inside a shard, keeping the tar valid (what a stray edit does)."""
+    path = sorted(shard_dir.glob("train-*.tar"))[0]
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".cls"))
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data)
+        label = int(f.read(member.size))
+        f.seek(member.offset_data)
+        f.write(str((label + 1) % NUM_CLASSES).encode())
+
+
+def test_changed_shard_is_never_used(base, tmp_path):
+    _, spec, shards = base
+    root, _ = copied_store(base, tmp_path / "root")
+    changed = tmp_path / "shards"
+    shutil.copytree(shards, changed)
+    flip_label(changed)
+    # the store for these shards is complete: without verification teach says "up to date"
+    assert_one_line_error(cli(*teach_args(spec, changed, root)), "changed since")
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = __import__("pipeline.io").io.sha256_file(
+        sorted(changed.glob("train-*.tar"))[0])
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(cli(*teach_args(spec, changed, root)), "fingerprint")
+
+
+def test_lost_store_chunk_is_an_error_and_teach_repairs_it(base, tmp_path):
+    _, spec, shards = base
+    root, store = copied_store(base, tmp_path / "root")
+    chunk = store / "values" / "c" / "1" / "0" / "0"
+    original = chunk.read_bytes()
+    chunk.unlink()
+    assert_one_line_error(cli("store", "inspect", str(store)), "lost data", "values/c/1/0/0")
+    assert_one_line_error(cli("store", "inspect", str(root / "out" / "tiny.json")), "lost data")
+    result = cli(*teach_args(spec, shards, root))
+    assert result.exit_code == 0, result.output
+    assert chunk.read_bytes() == original
+    assert cli("store", "inspect", "--verify", str(store)).exit_code == 0
+
+
+def test_inspect_verify_reads_every_chunk(base, tmp_path):
+    _, _, _ = base
+    _, store = copied_store(base, tmp_path / "root")
+    chunk = store / "lse" / "c" / "1" / "0"
+    chunk.write_bytes(bytes(len(chunk.read_bytes())))  # same size, garbage content
+    assert cli("store", "inspect", str(store)).exit_code == 0  # the cheap check sees a file
+    assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "lost data", "shard 1")
+
+
+# ---------------------------------------------------------------- medium
+
+def test_teacher_name_cannot_escape_the_store_root(base, tmp_path):
+    _, spec, shards = base
+    bad = yaml.safe_load(spec.read_text())
+    bad["name"] = "../../escaped/config"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    result = cli(*teach_args(tmp_path / "bad.yaml", shards, tmp_path / "a" / "b" / "root"))
+    assert_one_line_error(result, "not a plain name")
+    assert not (tmp_path / "a" / "escaped").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_fuse_output_is_one_complete_set(fused_dir, tmp_path):
+    """A fuse killed after writing new weights left the old fuse.json: evaluate must not use the mix."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.fuse import load_fused
+
+    fused = fused_dir(tmp_path / "copy")
+    state = load_file(str(fused / "fused.safetensors"))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(fused / "fused.safetensors"))
+    with pytest.raises(UserError, match="is not the file .*fuse.json describes"):
+        load_fused(fused)
+
+
+def tar_of(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def png(shade: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (shade, 40, 80)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tar_member_names_are_normalised_or_refused(tmp_path):
+    absolute = tar_of(tmp_path / "abs.tar", {f"/{c}/{i}.png": png(i * 50) for c in ("cat", "dog") for i in range(2)})
+    result = cli(*shard_args(tmp_path / "o", "--source", f"imagefolder:{absolute}", "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["classes"] == ["cat", "dog"]
+    with tarfile.open(next((tmp_path / "o").glob("train-*.tar"))) as tar:
+        assert not any(n.startswith("/") or ".." in n for n in tar.getnames())
+
+    climbing = tar_of(tmp_path / "up.tar", {"cat/../../x.png": png(1), "cat/0.png": png(2)})
+    assert_one_line_error(cli(*shard_args(tmp_path / "o2", "--source", f"imagefolder:{climbing}")), "'..'")
+
+
+@pytest.mark.parametrize("key,label,word", [("../../evil", b"0", "not a plain relative name"),
+                                            ("ok", b"-1", "outside 0..")])
+def test_webdataset_keys_and_labels_are_checked(tmp_path, key, label, word):
+    source = tar_of(tmp_path / "train-000000.tar", {f"{key}.png": png(9), f"{key}.cls": label,
+                                                     "fine.png": png(3), "fine.cls": b"1"})
+    result = cli(*shard_args(tmp_path / "o", "--source", f"webdataset:{source}", "--val-fraction", "0"))
+    assert_one_line_error(result, word)
+
+
+def test_two_processes_creating_one_store_both_succeed(tmp_path, monkeypatch):
+    """The second creator arrives while the first is half-way: it waits, then opens what the first made."""
+    import zarr
+
+    from pipeline import store as store_mod
+
+    real_open, state = zarr.open_group, {"first": True}
+    half_way = threading.Event()
+
+    def slow_open(path, mode="a", **kw):
+        group = real_open(path, mode=mode, **kw)
+        if mode == "w" and state.pop("first", False):
+            half_way.set()
+            time.sleep(1.0)
+        return group
+
+    monkeypatch.setattr(store_mod.zarr, "open_group", slow_open)
+    layout = dict(num_samples=4, num_views=2, k=2, params_dim=3, num_classes=4, shard_rows=2, values="f16")
+    results, path = {}, tmp_path / "t.zarr"
+
+    def create(name):
+        try:
+            results[name] = store_mod.create_or_open(path, {"key": "same", "plan": {}}, **layout).key
+        except Exception as err:  # noqa: BLE001 - recorded and asserted below
+            results[name] = err
+
+    first = threading.Thread(target=create, args=("first",))
+    first.start()
+    assert half_way.wait(10)
+    create("second")
+    first.join()
+    assert results == {"first": "same", "second": "same"}
+
+
+def test_evaluate_survives_an_export_teacher(tmp_path):
+    """A store whose provenance names a torch.export teacher: evaluate notes it, never loads or crashes."""
+    import zarr
+
+    from pipeline.evaluate import teacher_agreement
+    from pipeline.io import sha256_file
+    from tests._student_helpers import make_shards, make_store
+
+    shards = tmp_path / "shards"
+    make_shards(shards)
+    store = make_store(shards, tmp_path / "teach", name="own")
+    pt2 = tmp_path / "own.pt2"
+    torch.export.save(torch.export.export(Own().eval(), (torch.randn(2, 3, 64, 64),)), str(pt2))
+    group = zarr.open_group(store.path, mode="r+")
+    provenance = dict(group.attrs["provenance"])
+    provenance.update(teacher={"name": "own", "model": str(pt2), "source": "export", "input_size": 64,
+                               "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 4, "interpolation": "bilinear",
+                               "crop_pct": 1.0}, weights_digest=sha256_file(pt2))
+    group.attrs["provenance"] = provenance
+    scores, notes = teacher_agreement(torch.zeros(16, 4), shards, ["own"], tmp_path / "teach", None, 8, True)
+    assert scores == {"own": None} and "refused" in notes["own"]
+
+
+def test_store_under_another_teachers_name_is_refused(base, tmp_path):
+    root, _ = copied_store(base, tmp_path / "root")
+    shutil.copy(root / "out" / "tiny.json", root / "out" / "other.json")
+    assert_one_line_error(cli("store", "inspect", str(root / "out" / "other.json")), "other")
+    info = json.loads((root / "out" / "tiny.json").read_text())
+    (root / "out" / "other.json").write_text(json.dumps({**info, "teacher": "other"}))
+    assert_one_line_error(cli("store", "inspect", str(root / "out" / "other.json")), "holds the logits of teacher")
+
+
+def test_finetuned_teacher_spec_works_from_any_directory(base, tmp_path, monkeypatch):
+    from pipeline.teachers import resolve_spec
+
+    _, spec, shards = base
+    monkeypatch.chdir(tmp_path)
+    result = cli("finetune-teacher", "--teacher", str(spec), "--shards", str(shards), "--out", "tuned",
+                 "--epochs", "1", "--batch-size", "8", "--size", "32", "--quiet")
+    assert result.exit_code == 0, result.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Path(resolve_spec(str(tmp_path / "tuned" / "teacher.yaml"))["weights"]).is_file()
+
+
+# ---------------------------------------------------------------- low: every user error is one line
+
+SPEC_CASES = {"num_classes: four": {"num_classes": "four"}, "2-value mean": {"mean": [0.5, 0.5]},
+              "negative input_size": {"input_size": -5}, "std 0": {"std": [0, 0.25, 0.25]}}
+PLAN_CASES = {"malformed plan": "size: [64\n", "plan size abc": "size: abc\n", "plan size 0": "size: 0\n",
+              "plan hflip 7": "hflip: 7\n"}
+
+
+@pytest.mark.parametrize("case", [*SPEC_CASES, *PLAN_CASES, "device tpu", "img-size 0", "img-size -8",
+                                  "params list", "section not a mapping", "missing --params", "no train split",
+                                  "unreadable safetensors", "unreadable student.json", "unreadable pointer",
+                                  "unreadable zarr metadata", "unreadable onnx", "disk full"])
+def test_user_errors_are_one_line(base, tmp_path, monkeypatch, fused_dir, case):
+    _, spec, shards = base
+    words = ()
+    if case in SPEC_CASES:
+        bad = {**yaml.safe_load(spec.read_text()), **SPEC_CASES[case]}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        result, words = cli(*teach_args(tmp_path / "bad.yaml", shards, tmp_path / "r")), (next(iter(SPEC_CASES[case])),)
+    elif case in PLAN_CASES:
+        (tmp_path / "plan.yaml").write_text(PLAN_CASES[case])
+        result, words = cli(*teach_args(spec, shards, tmp_path / "r", "--plan", str(tmp_path / "plan.yaml"))), ("plan",)
+    elif case == "device tpu":
+        result = cli(*teach_args(spec, shards, tmp_path / "r"), "--device", "tpu")
+        words = ("--device",)
+    elif case.startswith("img-size"):
+        result = cli("student", "--student", "mobilenetv2-100", "--recipe", "demo", "--shards", str(shards),
+                     "--out", str(tmp_path / "s"), "--img-size", case.split()[-1])
+        words = ("img_size",)
+    elif case in ("params list", "section not a mapping", "missing --params"):
+        params = tmp_path / "params.yaml"
+        if case != "missing --params":
+            params.write_text("- teach\n- shard\n" if case == "params list" else "teach: 5\n")
+        result, words = cli("store", "inspect", "x.zarr", params=params), (str(params),)
+    elif case == "no train split":
+        result, words = cli(*shard_args(tmp_path / "o", "--val-fraction", "0.99")), ("--val-fraction",)
+    elif case in ("unreadable safetensors", "unreadable student.json"):
+        from tests._chain_helpers import fake_student
+
+        student = fake_student(tmp_path / "student")
+        name = "ema.safetensors" if case == "unreadable safetensors" else "student.json"
+        (student / name).write_bytes(b"\x00garbage")
+        result, words = cli("fuse", "--student-dir", str(student), "--shards", str(shards), "--out",
+                            str(tmp_path / "f")), (name,)
+    elif case == "unreadable pointer":
+        (tmp_path / "tiny.json").write_text("{not json")
+        result, words = cli("store", "inspect", str(tmp_path / "tiny.json")), ("tiny.json",)
+    elif case == "unreadable zarr metadata":
+        _, store = copied_store(base, tmp_path / "root")
+        (store / "values" / "zarr.json").write_text("{broken")
+        result, words = cli("store", "inspect", str(store)), ("values/zarr.json",)
+    elif case == "unreadable onnx":
+        fused = fused_dir(tmp_path / "copy")
+        (fused / "model.onnx").write_bytes(b"garbage")
+        info = json.loads((fused / "fuse.json").read_text())
+        info["sha256"]["model.onnx"] = __import__("hashlib").sha256(b"garbage").hexdigest()
+        (fused / "fuse.json").write_text(json.dumps(info))
+        result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"), "--out",
+                     str(tmp_path / "m.json"), "--latency-runs", "1", "--batch", "1", "--quiet")
+        words = ("model.onnx",)
+    else:  # disk full while writing the manifest of a re-shard: the old shards stay as they were
+        out = tmp_path / "o"
+        assert cli(*shard_args(out)).exit_code == 0
+        old = (out / "manifest.json").read_text()
+
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", no_space)
+        result, words = cli(*shard_args(out, "--seed", "3")), ("disk full", "unchanged")
+        monkeypatch.undo()
+        assert (out / "manifest.json").read_text() == old
+    assert_one_line_error(result, *words)
+
+
+def test_fuse_negative_atol_is_a_usage_error_not_a_bug(tmp_path):
+    result = cli("fuse", "--student-dir", str(tmp_path), "--out", str(tmp_path / "f"), "--atol", "-1")
+    assert result.exit_code == 2 and "Invalid value for '--atol'" in result.output and "bug" not in result.output
+
+
+@pytest.mark.parametrize("leftover", ["shard tmp dir", "checkpoint tmp", "zarr partial"])
+def test_leftover_temp_files_are_cleaned_by_the_next_run(base, tmp_path, leftover):
+    _, spec, shards = base
+    if leftover == "shard tmp dir":
+        junk = tmp_path / ".o.tmp-killed"
+        junk.mkdir()
+        (junk / "train-000000.tar").write_bytes(b"x" * 100)
+        assert cli(*shard_args(tmp_path / "o")).exit_code == 0
+    elif leftover == "checkpoint tmp":
+        from pipeline.checkpoint import save_checkpoint
+
+        junk = tmp_path / ".checkpoint.safetensors.killed.tmp"
+        junk.write_bytes(b"x" * 100)
+        save_checkpoint(tmp_path / "checkpoint.safetensors", {"progress": {"epoch": 1}})
+    else:
+        root, store = copied_store(base, tmp_path / "root")
+        junk = store / "values" / "c" / "0" / "0" / "0.killed.partial"
+        junk.write_bytes(b"x" * 100)
+        os.utime(junk, (time.time() - 3600, time.time() - 3600))
+        assert cli(*teach_args(spec, shards, root)).exit_code == 0
+    assert not junk.exists()
