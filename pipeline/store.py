@@ -255,6 +255,14 @@ class LogitStore:
                     bad[shard] = "holds non-finite values"
         return bad
 
+    def check_intact(self, full: bool = False) -> None:
+        """UserError naming the first damaged shard (see damaged_shards) and the fix."""
+        bad = self.damaged_shards(full)
+        if bad:
+            shard, why = next(iter(bad.items()))
+            raise UserError(f"teacher store {self.path}: {len(bad)} shard(s) marked done have lost data (shard "
+                            f"{shard}: {why}); re-run the same `pipeline teach` command to recompute them")
+
     def shard_rows_range(self, shard: int) -> range:
         return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_samples))
 
@@ -327,11 +335,7 @@ def open_store(path, require_complete: bool = True) -> LogitStore:
         raise UserError(f"teacher store {path} is incomplete ({done}/{store.num_shards} shards); "
                         "re-run the same `pipeline teach` command to finish it")
     if require_complete:
-        bad = store.damaged_shards()
-        if bad:
-            shard, why = next(iter(bad.items()))
-            raise UserError(f"teacher store {path}: {len(bad)} shard(s) marked done have lost data (shard {shard}: "
-                            f"{why}); re-run the same `pipeline teach` command to recompute them")
+        store.check_intact()
     return store
 
 
@@ -383,9 +387,12 @@ class StoreWriter(LogitStore):
         remove_stale_partials(path)
 
     def forget_shards(self, shards) -> None:
-        """Mark shards not done (their data was found damaged), so that they are computed again."""
-        for shard in shards:
-            self.arrays["done"][int(shard)] = 0
+        """Mark damaged shards not done and drop their chunk files (zarr would read a corrupt one back
+        before rewriting it), so that they are computed again."""
+        for shard in map(int, shards):
+            self.arrays["done"][shard] = 0
+            for name in ARRAYS:
+                (self.path / chunk_file(self.arrays[name], shard)).unlink(missing_ok=True)
 
     def write_shard(self, shard: int, values, indices, lse, params, labels, lse_tau=None) -> None:
         """One shard's rows; `lse_tau` (encode_lse_tau) may be left out only when tau = 1 is all that is kept."""

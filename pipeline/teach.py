@@ -138,8 +138,8 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
                   values=values, temperatures=temperatures)
     if rank == 0:
         writer = create_or_open(path, provenance, **layout)
-        damaged = writer.damaged_shards()
-        if damaged:  # done flags whose chunk files are gone: compute those shards again
+        damaged = writer.damaged_shards(full=True)
+        if damaged:  # done flags whose chunks are gone or unreadable: compute those shards again
             log(f"{path}: {len(damaged)} shard(s) marked done lost their data ({next(iter(damaged.values()))}); "
                 "recomputing them")
             writer.forget_shards(damaged)

@@ -21,15 +21,10 @@ def inspect(path, as_json, verify):
 
     PATH is a store ({root}/{teacher}-{key}.zarr) or a pointer file {out}/{teacher}.json.
     """
-    from pipeline.errors import UserError
     from pipeline.store import open_pointer, open_store, summarize
 
     store = open_pointer(path) if path.suffix == ".json" else open_store(path, require_complete=False)
-    bad = store.damaged_shards(full=verify)
-    if bad:
-        shard, why = next(iter(bad.items()))
-        raise UserError(f"teacher store {store.path}: {len(bad)} shard(s) marked done have lost data (shard {shard}: "
-                        f"{why}); re-run the `pipeline teach` command that made it to recompute them")
+    store.check_intact(full=verify)
     info = summarize(store)
     if verify:
         info["verified_shards"] = int(store.done_mask().sum())

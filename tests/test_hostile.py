@@ -294,13 +294,16 @@ def test_lost_store_chunk_is_an_error_and_teach_repairs_it(base, tmp_path):
     assert cli("store", "inspect", "--verify", str(store)).exit_code == 0
 
 
-def test_inspect_verify_reads_every_chunk(base, tmp_path):
-    _, _, _ = base
-    _, store = copied_store(base, tmp_path / "root")
+def test_inspect_verify_reads_every_chunk_and_teach_repairs(base, tmp_path):
+    _, spec, shards = base
+    root, store = copied_store(base, tmp_path / "root")
     chunk = store / "lse" / "c" / "1" / "0"
-    chunk.write_bytes(bytes(len(chunk.read_bytes())))  # same size, garbage content
+    original = chunk.read_bytes()
+    chunk.write_bytes(bytes(len(original)))  # same size, garbage content
     assert cli("store", "inspect", str(store)).exit_code == 0  # the cheap check sees a file
     assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "lost data", "shard 1")
+    assert cli(*teach_args(spec, shards, root)).exit_code == 0
+    assert chunk.read_bytes() == original
 
 
 # ---------------------------------------------------------------- medium
