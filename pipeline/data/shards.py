@@ -33,9 +33,9 @@ from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stab
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
-OUR_FILES = re.compile(rf"{re.escape(MANIFEST)}|[A-Za-z0-9_-]+-\d{{6}}\.tar")  # all that `pipeline shard` writes
 SHARD_MTIME = 0  # fixed tar member times: the same input gives byte-identical shards
 INDEX_SUFFIX, INDEX_FORMAT = ".idx.json", 1  # per-shard index: key, image offset/size, label
+OUR_FILES = re.compile(rf"{re.escape(MANIFEST)}|[A-Za-z0-9_-]+-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})")  # what shard writes
 
 
 @dataclasses.dataclass(frozen=True)
