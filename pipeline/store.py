@@ -389,10 +389,13 @@ class StoreWriter(LogitStore):
     def forget_shards(self, shards) -> None:
         """Mark damaged shards not done and drop their chunk files (zarr would read a corrupt one back
         before rewriting it), so that they are computed again."""
+        fs, root = fsspec.core.url_to_fs(str(self.path))
         for shard in map(int, shards):
             self.arrays["done"][shard] = 0
             for name in ARRAYS:
-                (self.path / chunk_file(self.arrays[name], shard)).unlink(missing_ok=True)
+                chunk = f"{root}/{chunk_file(self.arrays[name], shard)}"
+                if fs.exists(chunk):
+                    fs.rm_file(chunk)
 
     def write_shard(self, shard: int, values, indices, lse, params, labels, lse_tau=None) -> None:
         """One shard's rows; `lse_tau` (encode_lse_tau) may be left out only when tau = 1 is all that is kept."""

@@ -100,7 +100,7 @@ def test_torchscript_teacher_is_fitted_to_the_teach_plan(tmp_path, shards):
     assert metrics["num_views"] == 2 and metrics["threads"] == 1
     assert set(metrics["before"]) == set(metrics["after"]) == {"clean", "views"}
     spec = yaml.safe_load((tmp_path / "t" / "teacher.yaml").read_text())
-    assert spec["source"] == "torchscript" and spec["model"] == str(tmp_path / "t" / "teacher.pt")
+    assert spec["source"] == "torchscript" and spec["model"] == "teacher.pt"  # relative to teacher.yaml
     assert spec["crop_pct"] == 1.0
     tuned, _ = load_teacher(str(tmp_path / "t" / "teacher.yaml"))
     original, _ = load_teacher(str(tmp_path / "own.yaml"))
