@@ -270,7 +270,7 @@ def test_split_fingerprints_hash_split_name_and_content(tmp_path):
     same = _folder(tmp_path / "same", {"train/a/0.png": _png("red"), "val/a/0.png": _png("red")})
     other = _folder(tmp_path / "other", {"train/a/0.png": _png("red"), "val/a/0.png": _png("blue")})
     for src in (same, other):
-        assert _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / src.name / "o"), "--quiet"]).exit_code == 0
-    a, b = read_manifest(tmp_path / "same" / "o"), read_manifest(tmp_path / "other" / "o")
+        assert _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / f"{src.name}-o"), "--quiet"]).exit_code == 0
+    a, b = read_manifest(tmp_path / "same-o"), read_manifest(tmp_path / "other-o")  # --out inside a source is refused
     assert a["splits"]["train"]["fingerprint"] != a["splits"]["val"]["fingerprint"]  # split name
     assert a["splits"]["val"]["fingerprint"] != b["splits"]["val"]["fingerprint"]  # content
