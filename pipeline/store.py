@@ -238,8 +238,10 @@ class LogitStore:
         also read every array of the shard and check the logsumexp is finite."""
         bad = {}
         fs, root = fsspec.core.url_to_fs(str(self.path))
+        # lse_tau may be left unwritten when tau = 1 is all that is kept (see write_shard)
+        names = [n for n in ARRAYS if n != "lse_tau" or len(self.temperatures) > 1]
         for shard in map(int, np.flatnonzero(self.done_mask())):
-            for name in ARRAYS:
+            for name in names:
                 rel = chunk_file(self.arrays[name], shard)
                 if not fs.isfile(f"{root}/{rel}"):
                     bad[shard] = f"{rel} missing"
