@@ -109,6 +109,30 @@ def main(ctx, params_path):
     explicit = ctx.get_parameter_source("params_path") != click.core.ParameterSource.DEFAULT
     ctx.default_map = load_params(params_path, explicit)
     name = ctx.invoked_subcommand
-    command = ctx.command.get_command(ctx, name) if name in ctx.default_map else None
+    command = ctx.command.get_command(ctx, name) if name else None
     if command is not None and not isinstance(command, click.Group):
-        check_section(params_path, name, command, ctx.default_map[name])
+        section = ctx.default_map.get(name, {})
+        if name in ctx.default_map:
+            check_section(params_path, name, command, section)
+        show_default_sources(command, section, f"{params_path} `{name.replace('-', '_')}:`")
+
+
+def _brief(value) -> str:
+    """A default as --help shows it: a mapping is named, not printed."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} fields"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def show_default_sources(command: click.Command, section: dict, where: str) -> None:
+    """--help shows the effective default and where it comes from: params.yaml's section or built-in."""
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.hidden:
+            continue
+        if param.name in section:
+            param.show_default = f"{_brief(section[param.name])} from {where}"
+        elif param.default is not None and not param.is_flag and not callable(param.default) \
+                and param.show_default is not False:
+            param.show_default = f"{_brief(param.default)}, built-in"

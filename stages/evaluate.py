@@ -4,7 +4,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.evaluate import evaluate_fused
 from pipeline.io import atomic_write_json
 
 
@@ -33,6 +32,8 @@ from pipeline.io import atomic_write_json
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(fused_dir, shard_dir, out_path, **options):
     """Score FUSED_DIR on the val split; write top-1/top-5, agreement, params, MACs, latency to OUT."""
+    from pipeline.evaluate import evaluate_fused
+
     metrics = evaluate_fused(fused_dir, shard_dir, **options)
     atomic_write_json(out_path, metrics)
     lat = metrics["latency_ms"]

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.finetune import finetune_teacher
 from stages.teach import PlanParam
 
 FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num_views:`)
@@ -51,6 +50,8 @@ def _teach_section() -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(teacher, shard_dir, out_dir, auto_augment, plan, num_views, **options):
     """Fine-tune TEACHER on the train shards (timm or TorchScript); write weights + a teacher spec for `pipeline teach`."""
+    from pipeline.finetune import finetune_teacher
+
     auto_augment = None if str(auto_augment).lower() in ("none", "", "false") else auto_augment
     view_plan = None
     if plan == FROM_TEACH and _teach_section().get("plan"):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.fuse import CHECKPOINTS, fuse_student
+# pipeline.fuse.CHECKPOINTS, spelt here so that --help does not import torch (tests/test_cli.py checks they agree)
+CHECKPOINTS = ("ema", "model", "best")
 
 
 @click.command("fuse")
@@ -25,6 +26,8 @@ from pipeline.fuse import CHECKPOINTS, fuse_student
 @click.option("--name", default=None, help="Student name in fuse.json and the report [default: the student dir name].")
 def command(student_dir, shard_dir, out_dir, **options):
     """Fold STUDENT_DIR's re-parameterized branches into the stock inference model, check it, save it."""
+    from pipeline.fuse import fuse_student
+
     info = fuse_student(student_dir, shard_dir, out_dir, **options)
     check = info["fused_check"]
     onnx = f", ONNX max |diff| {info['onnx_check']['max_abs_diff']:.2e}" if "onnx_check" in info else ""

@@ -4,8 +4,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.report import write_report
-
 
 @click.command("report")
 @click.option("--metrics", "metric_paths", multiple=True, default=("outputs/eval",), show_default=True,
@@ -15,5 +13,7 @@ from pipeline.report import write_report
               help="Directory for report.md and report.png.")
 def command(metric_paths, out_dir):
     """Write report.md (params, MACs, latency, top-1/top-5, teacher, recipe) and report.png."""
+    from pipeline.report import write_report
+
     md = write_report(metric_paths, out_dir)
     click.echo(f"wrote {md} and {out_dir / 'report.png'}")

@@ -3,7 +3,6 @@
 import click
 from click.core import ParameterSource
 
-from pipeline.data import shards, sources
 from pipeline.errors import UserError
 from pipeline.manifests import load_spec
 
@@ -24,6 +23,8 @@ def source_paths(source) -> list[str]:
 
 
 def _read_source(source, val_fraction, seed, image_size, num_classes, per_class, image_format):
+    from pipeline.data import sources
+
     kind, _, arg = (source or "").partition(":")
     if kind in ("imagefolder", "webdataset") and arg:
         read = sources.imagefolder if kind == "imagefolder" else sources.webdataset_shards
@@ -71,6 +72,8 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
 @click.pass_context
 def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image_format, quiet, **options):
     """Write a dataset as webdataset shards + manifest.json (same input -> byte-identical output)."""
+    from pipeline.data import shards
+
     expected_classes = None
     if dataset:
         spec = load_spec("datasets", dataset)

@@ -39,11 +39,13 @@ def _recipe_option(name: str):
     flag = name.replace("_", "-")
     kind = TYPES[name]
     text = f"{FIELDS[name].metadata['help']} [recipe key {name}]"
+    shown = "the --recipe's value"  # recipes differ: `pipeline student --recipe R --help` cannot know it here
     if kind is bool:
-        return click.option(f"--{flag}/--no-{flag}", name, default=None, help=text)
+        return click.option(f"--{flag}/--no-{flag}", name, default=None, help=text, show_default=shown)
     if kind is list:
-        return click.option(f"--{flag}", name, type=str, default=None, help=text + " As a,b or [a, b].")
-    return click.option(f"--{flag}", name, type=kind, default=None, help=text)
+        return click.option(f"--{flag}", name, type=str, default=None, help=text + " As a,b or [a, b].",
+                            show_default=shown)
+    return click.option(f"--{flag}", name, type=kind, default=None, help=text, show_default=shown)
 
 
 def _recipe_overrides(values: dict, set_items) -> dict:

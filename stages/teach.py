@@ -6,7 +6,11 @@ import click
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES
+
+# pipeline.store's DEFAULT_VALUES / DEFAULT_TEMPERATURES, spelt here so that --help does not import
+# zarr/torch (tests/test_cli.py checks they agree)
+DEFAULT_VALUES = "f16-keep6"
+DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 
 
 class PlanParam(click.ParamType):
