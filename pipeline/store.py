@@ -521,6 +521,9 @@ def summarize(store: LogitStore) -> dict:
         values = store.arrays["values"].get_orthogonal_selection((rows,)).astype(np.float32)
         info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
         info["teacher_top1_vs_labels"] = round(top1_vs_labels(store, rows) / 100, 4)
+        if info["mean_topk_mass"] > 1 + MASS_SLACK:
+            info["problems"] = [f"mean top-k mass {info['mean_topk_mass']} > 1: the stored values are not "
+                                "log-probabilities; re-run `pipeline teach` into a new --store-root"]
     return info
 
 
@@ -536,3 +539,33 @@ def top1_vs_labels(store: LogitStore, rows=None) -> float:
         top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
         hits += int((top1 == g["labels"].get_orthogonal_selection(part)[:, None]).sum())
     return round(100.0 * hits / max(len(rows) * store.num_views, 1), 2)
+
+
+# f16 log-probabilities round by at most ~1e-3 relative: a top-k mass beyond this is a broken store.
+MASS_SLACK = 2e-3
+
+
+def find_stores(root) -> list[Path]:
+    """Every store (a zarr group with provenance) under `root`, sorted; `root` itself may be one."""
+    import json
+
+    found = []
+    for meta in sorted(Path(root).rglob("zarr.json")):
+        if any(parent in found for parent in meta.parents):
+            continue  # an array inside a store already found
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes") or {}
+        except (OSError, ValueError):
+            continue
+        if "provenance" in attrs:
+            found.append(meta.parent)
+    return found
+
+
+def list_row(store: LogitStore) -> dict:
+    """One line of `pipeline store list`: what made the store, its shape, completeness and size."""
+    p, done = store.provenance, store.done_mask()
+    return {"teacher": p["teacher"]["name"], "dataset": f"{p['dataset']}/{p['split']}", "plan": p["plan_hash"][:8],
+            "K": store.k, "V": store.num_views, "samples": store.num_samples,
+            "complete": f"{int(done.sum())}/{len(done)}" + ("" if done.all() else " (unfinished)"),
+            "MB": round(bytes_on_disk(store.path) / 1e6, 2), "path": str(store.path)}

@@ -23,6 +23,8 @@ def inspect(path, as_json, verify):
     """
     from pipeline.store import open_pointer, open_store, summarize
 
+    if path.suffix != ".json" and path.is_dir() and not (path / "zarr.json").is_file():
+        path = _the_store_under(path)
     store = open_pointer(path) if path.suffix == ".json" else open_store(path, require_complete=False)
     store.check_intact(full=verify)
     info = summarize(store)
@@ -32,8 +34,12 @@ def inspect(path, as_json, verify):
         click.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key in FRACTIONS:
+            value = f"{100 * value:.2f}%"
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list) and key == "problems":
+            value = "; ".join(value)
         click.echo(f"{key:>24}: {value}")
 
 
@@ -74,3 +80,43 @@ def audit(path, shards, samples, teacher, weights, device, batch_size, seed, max
         raise UserError(f"store {store.path} fails the replay audit (max KL {result['max_kl']}, max lse difference "
                         f"{result['max_lse_diff']}, params re-derived: {result['params_rederived']}): its views or "
                         "teacher are not what this environment reproduces; re-run `pipeline teach` here")
+
+
+# summarize() gives these as fractions (JSON); the text shows them as percents, like every other top-1.
+FRACTIONS = ("mean_topk_mass", "teacher_top1_vs_labels")
+
+
+def _the_store_under(folder: Path) -> Path:
+    """A folder holding exactly one store stands for it (e.g. a --store-root); otherwise say what to pass."""
+    from pipeline.errors import UserError
+    from pipeline.store import find_stores
+
+    stores = find_stores(folder)
+    if len(stores) == 1:
+        click.echo(f"{folder} holds one store: {stores[0]}", err=True)
+        return stores[0]
+    if not stores:
+        raise UserError(f"{folder} holds no teacher logit store; run `pipeline teach` to make one")
+    raise UserError(f"{folder} holds {len(stores)} stores; pass one of them (`pipeline store list {folder}` "
+                    "lists them)")
+
+
+@group.command("list")
+@click.argument("root", default="outputs/stores", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def list_stores(root, as_json):
+    """Every store under ROOT [default: outputs/stores, where dvc.yaml puts them]: teacher, dataset, plan hash,
+    K, V, samples, complete shards, size."""
+    from pipeline.store import find_stores, list_row, open_store
+
+    rows = [list_row(open_store(path, require_complete=False)) for path in find_stores(root)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no teacher logit store under {root}", err=True)
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    for line in [dict(zip(columns, columns)), *rows]:
+        click.echo("  ".join(str(line[c]).ljust(widths[c]) for c in columns).rstrip())

@@ -104,3 +104,44 @@ def test_inspect_prints_size_mass_top1_and_completeness(tmp_path):
     assert 0 < info["mean_topk_mass"] <= 1 and 0 <= info["teacher_top1_vs_labels"] <= 1 and info["bytes_per_view"] > 0
     text = CliRunner().invoke(main, ["--params", EMPTY_PARAMS, "store", "inspect", str(tmp_path / "s.zarr")])
     assert "bytes_per_view" in text.output and "complete: True" in text.output
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", *args])
+
+
+def test_store_list_shows_every_store_under_a_root(tmp_path):
+    make_store(tmp_path / "a" / "t-k1.zarr")
+    create_or_open(tmp_path / "b" / "u-k2.zarr", {**PROV, "key": "k2", "teacher": {"name": "u", "model": "m"}},
+                   num_samples=5, num_views=2, k=3, params_dim=4, num_classes=10, shard_rows=2, values="f16")
+    result = _cli("list", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    header, first, second = result.output.splitlines()
+    assert header.split()[:6] == ["teacher", "dataset", "plan", "K", "V", "samples"]
+    assert first.split()[:7] == ["t", "toy/train", "plan-a", "3", "2", "5", "3/3"]
+    assert second.split()[:8] == ["u", "toy/train", "plan-a", "3", "2", "5", "0/3", "(unfinished)"]
+    rows = json.loads(_cli("list", str(tmp_path), "--json").output)
+    assert [r["path"] for r in rows] == [str(tmp_path / "a" / "t-k1.zarr"), str(tmp_path / "b" / "u-k2.zarr")]
+
+
+def test_inspect_on_a_folder_holding_one_store_opens_it(tmp_path):
+    make_store(tmp_path / "root" / "t-k1.zarr")
+    result = _cli("inspect", str(tmp_path / "root"))
+    assert result.exit_code == 0, result.output
+    assert "holds one store" in result.output and "complete: True" in result.output
+    make_store(tmp_path / "root" / "t-k2.zarr", prov={**PROV, "key": "k2"})
+    result = _cli("inspect", str(tmp_path / "root"))
+    assert result.exit_code == 2 and "holds 2 stores" in result.output and "store list" in result.output
+
+
+def test_inspect_text_shows_percents_and_flags_a_topk_mass_above_one(tmp_path):
+    import zarr
+
+    make_store(tmp_path / "s.zarr")
+    lines = dict(line.strip().split(": ", 1) for line in _cli("inspect", str(tmp_path / "s.zarr")).output.splitlines())
+    assert lines["mean_topk_mass"].endswith("%") and lines["teacher_top1_vs_labels"].endswith("%")
+    assert "problems" not in lines
+    values = zarr.open_group(tmp_path / "s.zarr", mode="r+")["values"]
+    values[:] = np.zeros(values.shape, np.float16)  # log p = 0 for each of K=3 classes: mass 3
+    result = _cli("inspect", str(tmp_path / "s.zarr"))
+    assert "problems" in result.output and "not log-probabilities" in result.output
