@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
+from pipeline.progress import progress
 
 
 @torch.inference_mode()
@@ -20,7 +20,7 @@ def predict(model, loader, quiet: bool = False, desc: str = "eval"):
     """Logits and labels over a loader of {"index", "image", "label"} batches, in sample order."""
     model.eval()
     logits, labels, order = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=quiet, leave=False):
+    for batch in progress(loader, desc=desc, unit="batch", disable=quiet, leave=False):
         logits.append(model(batch["image"]).float())
         labels.append(batch["label"])
         order.append(batch["index"])

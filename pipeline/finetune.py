@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.data.loaders import eval_loader, student_loader
@@ -31,6 +30,7 @@ from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
 from pipeline.evaluate import predict, topk_accuracy
 from pipeline.io import atomic_write_bytes, atomic_write_json, stable_hash
+from pipeline.progress import progress
 from pipeline.teachers import check_num_classes, load_teacher, read_state_dict, resolve_spec
 
 _logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     before = scores()  # after a resume: where the interrupted run stood
 
     started = time.time()
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=f"finetune {spec['name']}",
+    bar = progress(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=f"finetune {spec['name']}",
                unit="step", disable=quiet)
     loss_avg = float("nan")
     for epoch in range(start, epochs):

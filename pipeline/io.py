@@ -56,3 +56,15 @@ def stable_hash(obj, length: int = 16) -> str:
     """Short sha256 of a JSON-serialisable object, independent of dict order."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def significant(obj, digits: int = 4):
+    """Floats rounded to `digits` significant digits, recursively: metrics files stay readable and keep
+    small numbers (a fused max |diff| of 1.2e-06 stays 1.2e-06, where fixed decimals would give 0.0)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: significant(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [significant(v, digits) for v in obj]
+    return obj

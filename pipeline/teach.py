@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.progress import progress
 from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_temperatures, create_or_open,
                             encode_lse_tau, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
@@ -199,7 +199,7 @@ def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine
     loader = teacher_loader(shards, split, plan, num_views, rows, size=spec["input_size"], batch_size=batch_size,
                             workers=workers)
     buffers: dict[int, dict] = {}
-    bar = tqdm(total=len(rows) * num_views, unit="view", disable=quiet, desc=f"teach {spec['name']}", smoothing=0.1)
+    bar = progress(total=len(rows) * num_views, unit="view", disable=quiet, desc=f"teach {spec['name']}", smoothing=0.1)
     for batch in loader:
         logits = forward(batch["image"])
         if logits.shape[1] != num_classes:

@@ -50,6 +50,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import topk_hits
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.models.rep import rep_settings
+from pipeline.progress import progress
 from pipeline.recipes import Recipe
 from pipeline.teachers import state_digest
 
@@ -278,7 +279,7 @@ def _write_plots(path, history) -> None:
 def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
           resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256,
           init: str | None = None, threads: int | None = None, val_every: int = 1,
-          val_samples: int | None = None, views_from=None, flat_tail: bool = False) -> dict:
+          val_samples: int | None = None, views_from=None, flat_tail: bool = False, curves_dir=None) -> dict:
     """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
 
     stores: opened LogitStores (pipeline.store.open_store) in the order of `teacher_names`.
@@ -288,7 +289,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     views_from: for a labels-only student (alpha 0), a store whose views (plan, V, stored params) it replays,
     so that it sees exactly what the KD students see. flat_tail: accept a tau the stores do not keep.
     Returns the last epoch's metrics. Outputs: checkpoint.safetensors (every epoch), model.safetensors,
-    ema.safetensors, student.json, state.json, metrics.json, plots.csv.
+    ema.safetensors, student.json, state.json, metrics.json, plots.csv (those two per epoch, in `curves_dir`
+    when given: dvc.yaml declares them as metrics and plots, which may not lie inside another output).
     """
     out = Path(out_dir)
     if threads:
@@ -373,7 +375,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                                 stored_params=stored_params)
         model.train()
         sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd")}
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
+        bar = progress(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    disable=quiet or rank != 0, leave=False)
         for batch in bar:
             scheduler.step_update(step)  # lr of this update: a pure function of the update count
@@ -415,8 +417,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         if rank == 0:
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
-            _save_epoch(out, core, optimizer, ema, {"epoch": epoch + 1, "step": step, "world_size": world,
-                                                    "history": history, "run": run_id})
+            _save_epoch(out, Path(curves_dir or out), core, optimizer, ema,
+                        {"epoch": epoch + 1, "step": step, "world_size": world, "history": history, "run": run_id})
             if not quiet:
                 tqdm.write(_summary(row))
         else:
@@ -437,15 +439,16 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     return history[-1] if history else {}
 
 
-def _save_epoch(out: Path, core, optimizer, ema, state: dict) -> None:
+def _save_epoch(out: Path, curves: Path, core, optimizer, ema, state: dict) -> None:
     """The resume point (one atomic file) and the per-epoch outputs: state.json, metrics.json, plots.csv."""
     parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
     if ema:
         parts["ema"] = ema.module.state_dict()
     save_checkpoint(out / CHECKPOINT, parts)
     atomic_write_json(out / "state.json", {k: v for k, v in state.items() if k != "history"})
-    atomic_write_json(out / "metrics.json", _metrics(state["history"]))
-    _write_plots(out / "plots.csv", state["history"])
+    curves.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(curves / "metrics.json", _metrics(state["history"]))
+    _write_plots(curves / "plots.csv", state["history"])
 
 
 def _save_final(out: Path, core, ema, history, info: dict) -> None:

@@ -8,6 +8,7 @@ is click's default_map for that command, and command-line options override it.
 import errno
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def main(ctx, params_path):
     explicit = ctx.get_parameter_source("params_path") != click.core.ParameterSource.DEFAULT
     ctx.default_map = load_params(params_path, explicit)
     name = ctx.invoked_subcommand
+    if os.environ.get("DVC_STAGE") and name in STAGES:  # under `dvc repro`: say which stage this is, first
+        click.echo(f"{os.environ['DVC_STAGE']}: {STAGES[name][2]}", err=True)
     command = ctx.command.get_command(ctx, name) if name else None
     if command is not None and not isinstance(command, click.Group):
         section = ctx.default_map.get(name, {})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, significant
 
 
 @click.command("evaluate")
@@ -35,6 +35,7 @@ def command(fused_dir, shard_dir, out_path, **options):
     from pipeline.evaluate import evaluate_fused
 
     metrics = evaluate_fused(fused_dir, shard_dir, **options)
+    metrics = significant(metrics)  # 4 significant digits, not fixed decimals: small figures stay visible
     atomic_write_json(out_path, metrics)
     lat = metrics["latency_ms"]
     click.echo(f"{metrics['student']}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%, "

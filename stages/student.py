@@ -81,6 +81,8 @@ def _command(func):
               help="Directory holding the teacher pointer files NAME.json (pipeline teach --out).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: model/ema safetensors, student.json, metrics.json, plots.csv, checkpoint.")
+@click.option("--curves", "curves_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for the per-epoch metrics.json and plots.csv (DVC metrics/plots) [default: OUT].")
 @click.option("--views-from", default=None,
               help="Labels-only students (alpha 0): replay the stored views of teacher NAME's store "
                    "(TEACH_DIR/NAME.json): same plan, V and per-epoch view choice as the KD students, so the "
@@ -110,8 +112,8 @@ def _command(func):
               help="Any recipe field, value in YAML (e.g. --set ema_decay=null). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @_command
-def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, views_from, flat_tail, resume,
-            workers, eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
+def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, curves_dir, views_from, flat_tail,
+            resume, workers, eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
     """Train STUDENT with RECIPE against the stored logits of TEACHERS (the student stage)."""
     from pipeline.store import open_pointer
     from pipeline.train import train
@@ -131,4 +133,5 @@ def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, ou
         view_store = open_pointer(teach_dir / f"{views_from}.json")
     train(spec, recipe, shard_dir, out, stores, names, _weights(teacher_weights), resume=resume,
           workers=workers, quiet=quiet, eval_batch_size=eval_batch_size, init=init, threads=threads,
-          val_every=val_every, val_samples=val_samples, views_from=view_store, flat_tail=flat_tail)
+          val_every=val_every, val_samples=val_samples, views_from=view_store, flat_tail=flat_tail,
+          curves_dir=curves_dir)

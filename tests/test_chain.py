@@ -2,6 +2,8 @@
 evaluate -> report, then the caching promises: a second repro runs nothing, a new student runs no
 teacher stage, a changed student option re-runs only that student's side."""
 
+import csv
+import io
 import json
 import os
 import re
@@ -38,6 +40,11 @@ TINY = {
 }
 
 
+# The README's experiment commands, verbatim (the test checks the README spells them so).
+EXP_RUN = ["exp", "run", "--temp", "--copy-paths", "outputs/stores"]
+EXP_SHOW = ["exp", "show", "--no-pager", "--only-changed", "--drop", "Created", "--keep",
+            "'.*:top1|.*:latency_ms.torch'"]
+
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
            GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
            GIT_COMMITTER_EMAIL="test@example.com")
@@ -68,6 +75,8 @@ def test_dvc_chain_end_to_end(tmp_path):
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    for name in ("pipeline", "stages", "manifests"):  # code and specs are stage dependencies
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     _git(root, "init", "-q")
     params = json.loads(json.dumps(TINY))
     _write_params(root, params)
@@ -100,10 +109,30 @@ def test_dvc_chain_end_to_end(tmp_path):
     twin = json.loads((root / "outputs/students/plain/student.json").read_text())
     assert twin["views_from"] == json.loads((root / "outputs/teach/demo-resnet10t.json").read_text())["key"]
 
-    # an ablation as a DVC experiment: one student option changed, only that student's side runs
+    curves = list(csv.DictReader((root / "outputs/curves/gnv3/plots.csv").open()))
+    assert [row["epoch"] for row in curves] == ["1"] and {"loss", "top1", "ema_top1"} <= set(curves[0])
+    plots = json.loads(_dvc(root, "plots", "show", "--json"))
+    assert not plots.get("errors") and "outputs/curves/gnv3/plots.csv" in plots["data"], plots
+
+    # the README's experiment workflow: commit dvc.lock (the baseline), run the ablation in a temporary
+    # copy so that the workspace keeps the baseline, compare with the documented `dvc exp show` call
+    readme = (REPO / "README.md").read_text()
+    assert "dvc " + " ".join(EXP_RUN) in readme and "dvc " + " ".join(EXP_SHOW) in readme
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "baseline")
-    ran = _ran(_dvc(root, "exp", "run", "-S", "students.gnv3.alpha=0.9"))
+    baseline = (root / "outputs/eval/gnv3.json").read_bytes()
+    ran = _ran(_dvc(root, *[a.strip("'") for a in EXP_RUN], "-S", "students.gnv3.alpha=0.9"))
     assert ran == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
-    table = _dvc(root, "exp", "show", "--no-pager", "--csv")
-    assert "0.9" in table and "top1" in table
+    assert (root / "outputs/eval/gnv3.json").read_bytes() == baseline, "the workspace keeps the baseline"
+    assert yaml.safe_load((root / "params.yaml").read_text())["students"]["gnv3"]["alpha"] == 0.5
+    table = list(csv.DictReader(io.StringIO(_dvc(root, *[a.strip("'") for a in EXP_SHOW], "--csv"))))
+    assert [row["students.gnv3.alpha"] for row in table] == ["0.5", "0.5", "0.9"], table  # workspace, HEAD, exp
+    assert all(row["outputs/eval/gnv3.json:top1"] not in ("", "!") for row in table), table
+    assert {"outputs/eval/plain.json:top1", "outputs/eval/gnv3.json:latency_ms.torch"} <= set(table[0]), table
+
+    # a recipe edit makes exactly the students that use it out of date; a report edit only the report
+    with open(root / "manifests/recipes/demo.yaml", "a") as f:
+        f.write("# edited\n")
+    with open(root / "pipeline/report.py", "a") as f:
+        f.write("# edited\n")
+    assert set(json.loads(_dvc(root, "status", "--json"))) == {"student@gnv3", "student@plain", "report"}

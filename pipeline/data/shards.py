@@ -25,11 +25,11 @@ from typing import Callable
 import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stable_hash, umask_mode
+from pipeline.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
@@ -328,7 +328,7 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
         manifest = {"dataset": dataset, "classes": list(classes), "num_classes": len(classes),
                     "source": source, "crop_pct": float(crop_pct), "tool_version": __version__, "splits": {}}
         total = sum(len(s) for s in splits.values())
-        with tqdm(total=total, desc="shard", unit="img", disable=quiet) as bar:
+        with progress(total=total, desc="shard", unit="img", disable=quiet) as bar:
             for split, samples in splits.items():
                 if samples:
                     manifest["splits"][split] = _write_split(tmp, split, samples, maxcount, on_bad_image, bar)
