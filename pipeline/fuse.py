@@ -138,7 +138,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
                  atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
     """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content."""
     from pipeline.evaluate import onnx_runner
-    from pipeline.models import count_params_macs, stock_model_name, to_stock
+    from pipeline.models import count_params_macs, deploy_spec, stock_model_name, to_stock
 
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     model, info, weights = load_trained_student(student_dir, checkpoint)
@@ -158,7 +158,8 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
     result = {
         "student": name or student_dir.name, "student_dir": str(student_dir), "checkpoint": weights.name,
         "model": info["model"], "model_kwargs": info.get("model_kwargs") or {},
-        "stock_model": stock_model_name(info["model"]), "num_classes": info["num_classes"], "input_size": size,
+        "stock_model": stock_model_name(info["model"]), "deploy": deploy_spec(info["model"], info["num_classes"]),
+        "num_classes": info["num_classes"], "input_size": size,
         "mean": info["mean"], "std": info["std"], "crop_pct": info.get("crop_pct", 1.0),
         "interpolation": info.get("interpolation", "bicubic"), "teachers": info.get("teachers") or [],
         "recipe": info.get("recipe") or {}, "init": info.get("init"), "fused_check": fused_check,

@@ -106,7 +106,11 @@ def check_section(path: Path, name: str, command: click.Command, section: dict) 
               help="YAML file whose section per command (e.g. `teach:`) gives that command's defaults.")
 @click.pass_context
 def main(ctx, params_path):
-    """Offline teacher-logit distillation: shard -> teach -> student -> fuse -> evaluate -> report."""
+    """Offline teacher-logit distillation: shard -> (finetune-teacher) -> teach -> student -> fuse -> evaluate -> report.
+
+    A command's --help shows the defaults in effect: "from params.yaml `SECTION:`" marks a value from
+    the --params file, the others are built in.
+    """
     explicit = ctx.get_parameter_source("params_path") != click.core.ParameterSource.DEFAULT
     ctx.default_map = load_params(params_path, explicit)
     name = ctx.invoked_subcommand
@@ -130,12 +134,8 @@ def _brief(value) -> str:
 
 
 def show_default_sources(command: click.Command, section: dict, where: str) -> None:
-    """--help shows the effective default and where it comes from: params.yaml's section or built-in."""
+    """--help shows the effective default and where it comes from: a value from params.yaml's section says
+    so; the others are the built-in defaults."""
     for param in command.params:
-        if not isinstance(param, click.Option) or param.hidden:
-            continue
-        if param.name in section:
+        if isinstance(param, click.Option) and param.name in section and not param.hidden:
             param.show_default = f"{_brief(section[param.name])} from {where}"
-        elif param.default is not None and not param.is_flag and not callable(param.default) \
-                and param.show_default is not False:
-            param.show_default = f"{_brief(param.default)}, built-in"

@@ -77,4 +77,4 @@ def test_help_names_where_a_default_comes_from_and_does_not_print_a_dict(tmp_pat
     assert result.exit_code == 0, result.output
     assert f"7 from {params} `teach:`" in result.output
     assert f"a mapping of 3 fields from {params} `teach:`" in result.output and "'seed'" not in result.output
-    assert "[default: (64, built-in)" in result.output  # --batch-size: not in the section, the built-in default
+    assert "[default: 64;" in result.output  # --batch-size: not in the section, the built-in default

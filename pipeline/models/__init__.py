@@ -19,11 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from pipeline.models import mobilenetv2, shufflenetv2
-from pipeline.models.ghostnet import WIDTHS, convert_timm_ghostnetv3, stock_ghostnetv2
+from pipeline.models.ghostnet import GHOSTNET_CFGS, WIDTHS, convert_timm_ghostnetv3, stock_ghostnetv2
 from pipeline.models.rep import RepConvBN, stock_state_dict
 
 __all__ = ["reparameterize", "stock_model_name", "create_stock_model", "to_stock", "count_params_macs",
-           "convert_timm_ghostnetv3", "pretrained_overlay"]
+           "convert_timm_ghostnetv3", "pretrained_overlay", "deploy_spec"]
 
 # rep student -> stock architecture name (timm, except torchvision's shufflenet_v2_*; timm registers no
 # ghostnetv2_050, which is built as timm GhostNet(version='v2', width=0.5))
@@ -118,3 +118,28 @@ def count_params_macs(model: nn.Module, size: int = 224) -> tuple[int, int]:
         model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
     model.train(was_training)
     return params, counter.get_total_flops() // 2
+
+
+def deploy_spec(name: str, num_classes: int) -> dict:
+    """How to build the stock architecture of `name` with timm or torchvision alone (fuse.json's "deploy").
+
+    {"call": dotted callable, "args": [...], "kwargs": {...}, "python": the same call as one line of code}.
+    timm registers no GhostNetV2 0.5x and its ghostnetv2_* entry points fix the width, so that one is
+    timm's public `GhostNet` class with the block table carried in the kwargs.
+    """
+    stock = STOCK_NAMES.get(name, name)
+    if stock not in STOCK_NAMES.values():
+        raise ValueError(f"no stock architecture for '{name}'; known: {', '.join(STOCK_NAMES)}")
+    kwargs = {"num_classes": num_classes}
+    if stock == "ghostnetv2_050":
+        call, args = "timm.models.ghostnet.GhostNet", []
+        kwargs = {"cfgs": GHOSTNET_CFGS, "width": 0.5, "version": "v2", **kwargs}
+        python = f'timm.models.ghostnet.GhostNet(cfgs=fuse["deploy"]["kwargs"]["cfgs"], width=0.5, version="v2", ' \
+                 f'num_classes={num_classes})'
+    elif stock in shufflenetv2.STOCK.values():
+        call, args = f"torchvision.models.{stock}", []
+        python = f"torchvision.models.{stock}(num_classes={num_classes})"
+    else:
+        call, args = "timm.create_model", [stock]
+        python = f'timm.create_model("{stock}", num_classes={num_classes})'
+    return {"call": call, "args": args, "kwargs": kwargs, "python": python}
