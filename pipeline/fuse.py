@@ -22,7 +22,7 @@ from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, umas
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINTS = ("ema", "model", "best")
+CHECKPOINTS = ("best", "ema", "model")
 FUSED = "fused.safetensors"
 ONNX = "model.onnx"
 INFO = "fuse.json"
@@ -57,11 +57,11 @@ def load_safetensors(path, fix: str) -> dict:
         raise UserError(f"{path} is not a readable safetensors file ({first}); {fix}") from None
 
 
-def load_trained_student(student_dir, checkpoint: str = "ema"):
+def load_trained_student(student_dir, checkpoint: str = "best"):
     """(training-form model in eval mode, student.json, checkpoint file used).
 
-    `checkpoint`: ema (the default; model.safetensors when the run kept no EMA), model, or best (the
-    one student.json names, i.e. the better of the two on the validation split).
+    `checkpoint`: best (the default: the one student.json names, the better of raw and EMA weights on
+    the validation split), ema (model.safetensors when the run kept no EMA) or model.
     """
     import timm
 
@@ -134,7 +134,7 @@ def export_onnx(model, size: int, path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", check_images: int = 64,
+def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", check_images: int = 64,
                  atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
     """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content."""
     from pipeline.evaluate import onnx_runner
@@ -157,6 +157,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "ema", ch
     (out_dir / ONNX).unlink(missing_ok=True)
     result = {
         "student": name or student_dir.name, "student_dir": str(student_dir), "checkpoint": weights.name,
+        "checkpoint_choice": checkpoint if checkpoint != "best" else info.get("weights_choice", "best"),
         "model": info["model"], "model_kwargs": info.get("model_kwargs") or {},
         "stock_model": stock_model_name(info["model"]), "deploy": deploy_spec(info["model"], info["num_classes"]),
         "num_classes": info["num_classes"], "input_size": size,

@@ -460,7 +460,10 @@ def _save_final(out: Path, core, ema, history, info: dict) -> None:
         (out / "ema.safetensors").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
     last = history[-1]
     use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
-    atomic_write_json(out / "student.json", {**info, "weights": "ema.safetensors" if use_ema else "model.safetensors"})
+    choice = {"rule": "better val top-1 at the last epoch (EMA on a tie)", "model_top1": last["top1"],
+              "ema_top1": last.get("ema_top1")}  # what `pipeline fuse` deploys by default
+    atomic_write_json(out / "student.json", {**info, "weights": "ema.safetensors" if use_ema else "model.safetensors",
+                                             "weights_choice": choice})
 
 
 def _metrics(history) -> dict:

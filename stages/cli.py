@@ -106,7 +106,8 @@ def check_section(path: Path, name: str, command: click.Command, section: dict) 
               help="YAML file whose section per command (e.g. `teach:`) gives that command's defaults.")
 @click.pass_context
 def main(ctx, params_path):
-    """Offline teacher-logit distillation: shard -> (finetune-teacher) -> teach -> student -> fuse -> evaluate -> report.
+    """Offline teacher-logit distillation: shard -> (finetune-teacher) -> teach -> student -> fuse -> evaluate
+    -> report.
 
     A command's --help shows the defaults in effect: "from params.yaml `SECTION:`" marks a value from
     the --params file, the others are built in.

@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 # pipeline.fuse.CHECKPOINTS, spelt here so that --help does not import torch (tests/test_cli.py checks they agree)
-CHECKPOINTS = ("ema", "model", "best")
+CHECKPOINTS = ("best", "ema", "model")
 
 
 @click.command("fuse")
@@ -16,8 +16,9 @@ CHECKPOINTS = ("ema", "model", "best")
               help="Shard directory; the check runs on the first images of its val split.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: fused.safetensors (stock architecture), model.onnx, fuse.json.")
-@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="ema", show_default=True,
-              help="Weights to fuse: the EMA, the raw model, or the better of the two on val (student.json).")
+@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="best", show_default=True,
+              help="Weights to fuse: the better of raw and EMA weights on val (named in student.json), the EMA, "
+                   "or the raw model.")
 @click.option("--check-images", default=64, show_default=True, type=click.IntRange(min=1),
               help="Validation images on which fused and training form (and ONNX) must agree.")
 @click.option("--atol", default=1e-3, show_default=True, type=click.FloatRange(min=0),

@@ -86,3 +86,17 @@ def test_compare_outputs_tolerates_only_near_ties():
     flipped = torch.tensor([[1.0, 0.9995, 0.0], [0.0, 3.0, 0.0]])
     result = compare_outputs(ref, flipped, atol=1e-3)
     assert result["clear_flips"] == 1 and result["argmax_agreement"] == 50.0 and result["max_abs_diff"] == 3.0
+
+
+def test_default_deploys_the_weights_student_json_chose_on_val(tmp_path, shards):
+    student = fake_student(tmp_path / "student")
+    info = json.loads((student / "student.json").read_text())
+    choice = {"rule": "better val top-1 at the last epoch (EMA on a tie)", "model_top1": 90.0, "ema_top1": 87.0}
+    (student / "student.json").write_text(json.dumps({**info, "weights": "model.safetensors",
+                                                      "weights_choice": choice}))
+    result = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "fuse", "--student-dir", str(student),
+                                       "--shards", str(shards), "--out", str(tmp_path / "out"), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+    fused = json.loads((tmp_path / "out" / "fuse.json").read_text())
+    assert fused["checkpoint"] == "model.safetensors" and fused["checkpoint_choice"] == choice
+    assert fused["deploy"]["python"].startswith("timm.models.ghostnet.GhostNet(")

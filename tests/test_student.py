@@ -50,6 +50,9 @@ def test_kd_run_learns_and_writes_outputs(data, tmp_path):
     assert info["view_plan"] == PLAN.to_dict() and info["num_views"] == 2
     weights = load_file(tmp_path / info["weights"])
     assert set(weights) == set(load_file(tmp_path / "model.safetensors"))
+    choice = info["weights_choice"]  # deployed: the better on val at the end, and the figures that chose it
+    assert (choice["model_top1"], choice["ema_top1"]) == (last["top1"], last["ema_top1"])
+    assert info["weights"] == ("ema.safetensors" if last["ema_top1"] >= last["top1"] else "model.safetensors")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epoch"] == 5 and metrics["val"]["top1"] == last["top1"]
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5]
