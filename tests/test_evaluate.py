@@ -84,3 +84,12 @@ def test_recipe_summary_names_the_pretrained_init():
     info = {"model_kwargs": {"num_branches": 3}, "teachers": [], "recipe": {"name": "r", "alpha": 0},
             "init": {"source": "/w/mobilenetv2_100.safetensors", "sha256": "ab" * 32}}
     assert recipe_summary(info).endswith("init mobilenetv2_100.safetensors sha256 abababababab")
+
+
+def test_metrics_keep_four_significant_digits_so_small_figures_stay_visible():
+    from pipeline.io import significant
+
+    metrics = {"top1": 87.19444444, "fused_check": {"max_abs_diff": 1.2345678e-06}, "params": 1590000,
+               "latency_ms": [12.34567, 0.000123456], "student": "g"}
+    assert significant(metrics) == {"top1": 87.19, "fused_check": {"max_abs_diff": 1.235e-06}, "params": 1590000,
+                                    "latency_ms": [12.35, 0.0001235], "student": "g"}
