@@ -23,8 +23,9 @@ def _module_file(name: str) -> Path | None:
 
 # What each stage reads from manifests/ (teach reads its ${item.spec}, listed in dvc.yaml as such).
 MANIFESTS = {"shard": ["datasets"], "finetune-teacher": ["teachers"], "student": ["students", "recipes"]}
-# Not inputs: docstring-only package files and these.
-IGNORED = ("pipeline/errors.py", "pipeline/__init__.py")  # messages; the version string
+# Not inputs (they change no output): docstring-only package files, and these: error messages, the version
+# string, progress lines.
+IGNORED = ("pipeline/errors.py", "pipeline/__init__.py", "pipeline/progress.py")
 
 
 def _imports(path: Path) -> set[Path]:
