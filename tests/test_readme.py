@@ -3,8 +3,9 @@
 Python blocks run in a fresh interpreter WITHOUT this project on the path (they are what a deployment
 does), bash blocks through bash with the `pipeline` command, both in a folder holding tiny outputs
 laid out as the demo's (a fused `ghostnetv3`, a teacher store). Skipped, and reported as skipped: the
-README's first block (the two set-up lines, which CI itself runs) and any bash block whose first line
-is tagged [long] (the whole chain: tests/test_chain.py runs it) or [GPU].
+README's first block (the two set-up lines, which CI itself runs) and any block whose first line is
+tagged [long] (the whole chain: tests/test_chain.py runs it), [GPU] or [example] (needs files you bring).
+A python block that imports `pipeline` may use this project; the others (deployment) must not.
 """
 
 import os
@@ -22,7 +23,7 @@ from tests.test_store import make_store
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"^```(bash|python)\n(.*?)^```", README, re.S | re.M)
-TAGS = ("[long]", "[GPU]")
+TAGS = ("[long]", "[GPU]", "[example]")
 NOT_OURS = """
 import sys
 assert not [m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages")], "the snippet used our code"
@@ -49,12 +50,15 @@ def test_readme_snippet_runs(index, outputs):
     lang, code = BLOCKS[index]
     first = code.splitlines()[0]
     tags = [tag for tag in TAGS if tag in first]
-    if lang == "bash" and tags:
+    if tags:
         pytest.skip(f"tagged {tags[0]}: {first.strip()}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if lang == "python":
-        proc = subprocess.run([sys.executable, "-c", code + NOT_OURS], cwd=outputs, env=env, capture_output=True,
-                              text=True)
+        ours = re.search(r"^\s*(import|from)\s+pipeline\b|import .*\bpipeline\.", code, re.M)
+        if ours:
+            env["PYTHONPATH"] = str(REPO)
+        proc = subprocess.run([sys.executable, "-c", code + ("" if ours else NOT_OURS)], cwd=outputs, env=env,
+                              capture_output=True, text=True)
         assert proc.returncode == 0, f"README python block {index} failed:\n{code}\n{proc.stderr[-3000:]}"
         return
     env.update(PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
