@@ -94,7 +94,8 @@ def test_default_deploys_the_weights_student_json_chose_on_val(tmp_path, shards)
     choice = {"rule": "better val top-1 at the last epoch (EMA on a tie)", "model_top1": 90.0, "ema_top1": 87.0}
     (student / "student.json").write_text(json.dumps({**info, "weights": "model.safetensors",
                                                       "weights_choice": choice}))
-    result = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "fuse", "--student-dir", str(student),
+    (tmp_path / "params.yaml").write_text("{}\n")  # no `fuse:` section: the built-in default
+    result = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "fuse", "--student-dir", str(student),
                                        "--shards", str(shards), "--out", str(tmp_path / "out"), "--no-onnx"])
     assert result.exit_code == 0, result.output
     fused = json.loads((tmp_path / "out" / "fuse.json").read_text())

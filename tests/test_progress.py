@@ -44,6 +44,7 @@ def test_disabled_prints_nothing(capsys):
 
 def test_under_dvc_the_first_line_names_the_stage_and_what_it_does(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "report")
-    result = CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "report", "--metrics",
-                                                       str(tmp_path), "--out", str(tmp_path / "r")])
+    (tmp_path / "params.yaml").write_text("{}\n")
+    result = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "report", "--metrics",
+                                       str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.stderr.splitlines()[0] == "report: Table + figure of every evaluated student."

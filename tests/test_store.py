@@ -107,7 +107,7 @@ def test_inspect_prints_size_mass_top1_and_completeness(tmp_path):
 
 
 def _cli(*args):
-    return CliRunner().invoke(main, ["--params", "/nonexistent.yaml", "store", *args])
+    return CliRunner().invoke(main, ["store", *args])  # no --params: the cwd's params.yaml has no store section
 
 
 def test_store_list_shows_every_store_under_a_root(tmp_path):
@@ -142,6 +142,6 @@ def test_inspect_text_shows_percents_and_flags_a_topk_mass_above_one(tmp_path):
     assert lines["mean_topk_mass"].endswith("%") and lines["teacher_top1_vs_labels"].endswith("%")
     assert "problems" not in lines
     values = zarr.open_group(tmp_path / "s.zarr", mode="r+")["values"]
-    values[:] = np.zeros(values.shape, np.float16)  # log p = 0 for each of K=3 classes: mass 3
+    values[:] = np.full(values.shape, -0.01, np.float16)  # p = 0.99 for each of K=3 classes: mass 2.97
     result = _cli("inspect", str(tmp_path / "s.zarr"))
     assert "problems" in result.output and "not log-probabilities" in result.output
