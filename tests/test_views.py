@@ -232,3 +232,18 @@ def test_crop_falls_back_to_timms_centre_crop():
         box = crop_box(view_params(ViewPlan(size=64), "y", v), ViewPlan(size=64), (600, 200))
         aspect = (box[2] - box[0]) / (box[3] - box[1])
         assert 3 / 4 - 0.02 < aspect < 4 / 3 + 0.02 and box[3] <= 200
+
+
+@pytest.mark.parametrize("renderer", ["reference", "fast"])
+def test_posterize_to_zero_bits_renders_black(renderer):
+    """timm's 'Posterize' level is 0 bits below magnitude 2.5 (rand-m3-mstd0.5 draws it); Pillow refuses
+    0 bits, so a plan with low magnitudes crashed mid-run. Both renderers give the TPU policy's black."""
+    plan = ViewPlan(size=32, auto_augment="rand-n1-m0-mstd0", re_prob=0.0, hflip=0.0, renderer=renderer)
+    from pipeline.data.views import LAYERS_SLOT, _rand_augment
+
+    ops = _rand_augment(plan.auto_augment, plan.size, plan.interpolation).ops
+    posterize = next(i for i, op in enumerate(ops) if op.name == "Posterize")
+    params = view_params(plan, "k", 0)
+    params[LAYERS_SLOT], params[LAYERS_SLOT + 1], params[LAYERS_SLOT + 2] = 1, 1 + 2 * posterize, 0
+    pixels = render(_image(), params, plan, 32)
+    assert pixels.shape == (32, 32, 3) and not pixels.any()

@@ -300,7 +300,10 @@ def _render_reference(image, params, plan, size, ops) -> np.ndarray:
     if params[FLIP_SLOT]:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     for op, args in ops:
-        img = op.aug_fn(img, *args, **op.kwargs)
+        if op.aug_fn in _LUT_OPS:  # the same tables as the fast path (Pillow refuses posterize to 0 bits)
+            img = Image.fromarray(_LUT_OPS[op.aug_fn](*args)[np.asarray(img)])
+        else:
+            img = op.aug_fn(img, *args, **op.kwargs)
     return np.asarray(img)
 
 
@@ -362,8 +365,9 @@ def _rotate_matrix(degrees: float, w: int, h: int) -> tuple:
 
 
 _LEVELS = np.arange(256)
-# timm's per-pixel-value ops as uint8 tables: the reference's exact values (PIL builds the same table
-# in Python for every call, a fifth of a fast view's time)
+# timm's per-pixel-value ops as uint8 tables: PIL's exact values (PIL builds the same table in Python for
+# every call, a fifth of a fast view's time). Posterize to 0 bits (timm's 'Posterize' level below 2.5) is
+# black, as in the TPU policy timm follows; Pillow >= 11 raises for it, so both renderers use the tables.
 _LUT_OPS = {
     auto_augment.invert: lambda: (255 - _LEVELS).astype(np.uint8),
     auto_augment.posterize: lambda bits: (_LEVELS if bits >= 8 else _LEVELS & ~(2 ** (8 - bits) - 1)).astype(np.uint8),
