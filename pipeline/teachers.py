@@ -8,7 +8,9 @@ different weights never share a store. Sources:
   ``weights_only=True``, never unpickled).
 
 - ``torchscript``: a ``torch.jit.save`` file, for a user's own teacher; its preprocessing (input_size,
-  mean, std) must be given in the spec. A TorchScript file is a program: only use files you trust.
+  mean, std) must be given in the spec. A TorchScript file is a program (PyTorch's security policy:
+  treat it as code; ``torch.jit.load`` has no safe mode), so it is loaded only when its spec says
+  ``trust_code: true``: the user vouches for a file they made, and a file merely named is never run.
 
 torch.export (``.pt2``) files are refused: torch 2.14's ``torch.export.load`` unpickles constants and
 example inputs and retries with ``weights_only=False``, so a crafted file runs code; it has no safe mode.
@@ -29,11 +31,12 @@ from pipeline.manifests import load_spec, spec_path
 
 SOURCES = ("timm", "torchscript")
 CODE_SOURCES = {"export": "torch.export.load"}  # refused: it unpickles with weights_only=False
-SAFE_FORMAT = ("save the weights as safetensors (safetensors.torch.save_file(model.state_dict(), PATH)) and give a "
-               "timm `model:` with `weights: PATH`, or save a model you trust with torch.jit.save (source: torchscript)")
+SAFE_WEIGHTS = ("save the weights as safetensors (safetensors.torch.save_file(model.state_dict(), PATH)) and give a "
+                "timm `model:` with `weights: PATH`")
+SAFE_FORMAT = f"{SAFE_WEIGHTS}, or save a model you made with torch.jit.save (source: torchscript, trust_code: true)"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a teacher name names files: {root}/{name}-{key}.zarr, {name}.json
 SPEC_KEYS = {"name", "model", "source", "pretrained", "weights", "model_kwargs", "input_size", "mean",
-             "std", "interpolation", "crop_pct", "num_classes", "description"}
+             "std", "interpolation", "crop_pct", "num_classes", "description", "trust_code"}
 
 
 def resolve_spec(name_or_spec) -> dict:
@@ -66,6 +69,9 @@ def resolve_spec(name_or_spec) -> dict:
                         f"the file and cannot load it safely; {SAFE_FORMAT}")
     if source not in SOURCES:
         raise UserError(f"teacher '{name}': source '{source}' is not one of {', '.join(SOURCES)}")
+    if source == "torchscript" and spec.get("trust_code") is not True:
+        raise UserError(f"teacher '{name}': a TorchScript file is a program that runs when loaded; if you made "
+                        f"{spec['model']} yourself add `trust_code: true` to its spec, else {SAFE_WEIGHTS}")
     import timm
 
     if source == "timm":

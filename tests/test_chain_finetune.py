@@ -78,7 +78,7 @@ def _script_teacher(tmp_path, num_classes=3):
     model = timm.create_model("resnet10t", num_classes=num_classes).eval()
     torch.jit.save(torch.jit.script(model), str(tmp_path / "own.pt"))
     spec = tmp_path / "own.yaml"
-    spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript",
+    spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript", "trust_code": True,
                                     "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
                                     "num_classes": num_classes}))
     return spec

@@ -87,11 +87,22 @@ class Own(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-def own_spec(tmp: Path, source: str, model_path: Path) -> Path:
+def own_spec(tmp: Path, source: str, model_path: Path, **extra) -> Path:
     spec = tmp / f"own-{source}.yaml"
     spec.write_text(yaml.safe_dump({"name": "own", "model": str(model_path), "source": source, "input_size": 48,
-                                    "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": NUM_CLASSES}))
+                                    "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": NUM_CLASSES, **extra}))
     return spec
+
+
+def evil_torchscript(tmp: Path, marker: Path) -> Path:
+    """A TorchScript archive whose pickled module (data.pkl) is a pickle that creates `marker`."""
+    good, evil = tmp / "good.pt", tmp / "evil.pt"
+    torch.jit.save(torch.jit.script(Own().eval()), str(good))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, payload_pickle(marker) if item.filename.endswith("/data.pkl") else data)
+    return evil
 
 
 def evil_pt2(tmp: Path, marker: Path) -> Path:
@@ -107,8 +118,8 @@ def evil_pt2(tmp: Path, marker: Path) -> Path:
 
 # ---------------------------------------------------------------- critical: no file a user names runs code
 
-@pytest.mark.parametrize("loader", ["teacher-weights", "export", "student-checkpoint",
-                                    "resume-checkpoint", "store-metadata"])
+@pytest.mark.parametrize("loader", ["teacher-weights", "export", "torchscript", "torchscript-trusted",
+                                    "student-checkpoint", "resume-checkpoint", "store-metadata"])
 def test_no_loader_runs_code_from_a_file(base, tmp_path, loader):
     tmp, spec, shards = base
     marker = tmp_path / "MARKER"
@@ -119,6 +130,13 @@ def test_no_loader_runs_code_from_a_file(base, tmp_path, loader):
     elif loader == "export":
         result = cli(*teach_args(own_spec(tmp_path, "export", evil_pt2(tmp_path, marker)), shards, tmp_path / "r"))
         assert_one_line_error(result, "refused", "safetensors")
+    elif loader == "torchscript":  # a program: never loaded unless its spec vouches for it
+        result = cli(*teach_args(own_spec(tmp_path, "torchscript", evil_torchscript(tmp_path, marker)), shards,
+                                 tmp_path / "r"))
+        assert_one_line_error(result, "trust_code: true", "safetensors")
+    elif loader == "torchscript-trusted":  # vouched for: torch.jit.load's own unpickler builds no Python objects
+        spec = own_spec(tmp_path, "torchscript", evil_torchscript(tmp_path, marker), trust_code=True)
+        assert_one_line_error(cli(*teach_args(spec, shards, tmp_path / "r")), "cannot load torchscript")
     elif loader == "student-checkpoint":
         from tests._chain_helpers import fake_student
 
@@ -141,7 +159,7 @@ def test_no_loader_runs_code_from_a_file(base, tmp_path, loader):
             "zarr_format": 2, "shape": [1], "chunks": [1], "dtype": "|O", "compressor": None, "fill_value": None,
             "filters": [{"id": "pickle", "protocol": 2}], "order": "C"}))
         (store / "values" / "0").write_bytes(payload_pickle(marker))
-        assert_one_line_error(cli("store", "inspect", str(store)), "not a teacher logit store")
+        assert_one_line_error(cli("store", "inspect", str(store)), "no teacher logit store")
     assert not marker.exists()
 
 

@@ -62,7 +62,7 @@ def test_own_data_path_on_a_cifar10_subset(tmp_path):
     # the user's own TorchScript teacher (random weights here), its spec without crop_pct
     torch.jit.save(torch.jit.script(timm.create_model("resnet10t", num_classes=10).eval()), str(tmp_path / "own.pt"))
     spec = tmp_path / "own.yaml"
-    spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript",
+    spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript", "trust_code": True,
                                     "input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 10}))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"teach": {"num_views": 2, "plan": PLAN}}))

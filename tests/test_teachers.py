@@ -54,6 +54,9 @@ def test_users_own_torchscript_teacher(tmp_path):
     path = tmp_path / "own.pt"
     torch.jit.save(torch.jit.script(model), str(path))
     spec = {"name": "own", "model": str(path), "source": "torchscript"}
+    with pytest.raises(UserError, match="trust_code: true"):  # a program: runs only when vouched for
+        load_teacher({**spec, "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1], "num_classes": 5})
+    spec["trust_code"] = True
     with pytest.raises(UserError, match="must state its preprocessing"):
         load_teacher(spec)
     loaded, digest = load_teacher({**spec, "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1], "num_classes": 5})
@@ -85,7 +88,7 @@ def test_bad_specs_are_user_errors(tmp_path):
 @pytest.mark.parametrize("source", ["torchscript"])  # export is refused (test_export_teacher_is_refused_before_loading)
 def test_file_teacher_without_crop_pct_gets_the_whole_image(source):
     """A user's own model states no crop: 1.0 (a silent 0.875 centre crop cost a 32-px teacher 6 points)."""
-    spec = resolve_spec({"name": "own", "model": "own.pt", "source": source, "input_size": 64,
-                         "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10})
+    spec = resolve_spec({"name": "own", "model": "own.pt", "source": source, "trust_code": True,
+                         "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10})
     assert spec["crop_pct"] == 1.0
     assert resolve_spec({**spec, "crop_pct": 0.9})["crop_pct"] == 0.9
