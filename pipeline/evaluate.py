@@ -239,7 +239,7 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     timing = speed(runners, size, runs=latency_runs, batch=batch)
     return {
         "student": info["student"], "model": info["model"], "stock_model": info["stock_model"],
-        "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
+        "deploy": (info.get("deploy") or {}).get("label", info["stock_model"]), "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
         "top1": acc[1], "top5": acc[5], "params": params, "macs": macs,
         "training_form": info.get("training_form"), "fused_check": info.get("fused_check"),
         "onnx_check": info.get("onnx_check"), **timing, "latency_runs": latency_runs,

@@ -13,7 +13,7 @@ from pipeline.io import atomic_write_bytes
 
 COLUMNS = (
     ("Student", lambda m: m["student"]),
-    ("Deploy model", lambda m: m["stock_model"]),
+    ("Deploy model (fuse.json `deploy`)", lambda m: m.get("deploy", m["stock_model"])),
     ("Params (M)", lambda m: f"{m['params'] / 1e6:.2f}"),
     ("MACs (M)", lambda m: f"{m['macs'] / 1e6:.1f}"),
     ("Latency torch (ms)", lambda m: _latency(m, "torch")),

@@ -515,12 +515,14 @@ def summarize(store: LogitStore) -> dict:
             "bytes_on_disk": bytes_on_disk(store.path), "bytes_per_view": round(store.bytes_per_view(), 2),
             "versions": p.get("versions"), "run": dict(store.group.attrs.get("run") or {})}
     info["temperatures"] = store.temperatures
+    # teacher top-1 in percent: teach's figures (whole split), else (unfinished store) over the done shards
     info["teacher_top1_views"] = p.get("teacher_top1_views")
     info["teacher_top1_clean_val"] = p.get("teacher_top1_clean_val")
     if len(rows):
         values = store.arrays["values"].get_orthogonal_selection((rows,)).astype(np.float32)
         info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
-        info["teacher_top1_vs_labels"] = round(top1_vs_labels(store, rows) / 100, 4)
+        if info["teacher_top1_views"] is None:
+            info["teacher_top1_views"] = top1_vs_labels(store, rows)
         if info["mean_topk_mass"] > 1 + MASS_SLACK:
             info["problems"] = [f"mean top-k mass {info['mean_topk_mass']} > 1: the stored values are not "
                                 "log-probabilities; re-run `pipeline teach` into a new --store-root"]

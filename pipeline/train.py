@@ -204,7 +204,7 @@ def check_replay(store, shard_dir, plan: ViewPlan, stored_params: np.ndarray) ->
         now = ", ".join(f"{k} {v}" for k, v in here.items())
         raise UserError(
             f"view {mismatch[1]} of sample {mismatch[0]} in teacher store {store.path} is not the view this environment "
-            f"derives from its plan (views drawn with {then}; here {now}): a numpy/timm/Pillow version mismatch is "
+            f"derives from its plan (views drawn with {then}; here {now}): a numpy/timm/Pillow/OpenCV version mismatch is "
             f"the likely cause; install the store's versions or re-run `pipeline teach` here")
 
 

@@ -36,6 +36,8 @@ def inspect(path, as_json, verify):
     for key, value in info.items():
         if key in FRACTIONS:
             value = f"{100 * value:.2f}%"
+        elif key in PERCENTS and value is not None:
+            value = f"{value:.2f}%"
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         elif isinstance(value, list) and key == "problems":
@@ -82,8 +84,9 @@ def audit(path, shards, samples, teacher, weights, device, batch_size, seed, max
                         "teacher are not what this environment reproduces; re-run `pipeline teach` here")
 
 
-# summarize() gives these as fractions (JSON); the text shows them as percents, like every other top-1.
-FRACTIONS = ("mean_topk_mass", "teacher_top1_vs_labels")
+# summarize() gives this as a fraction (JSON); the text shows it as a percent, like the top-1 figures.
+FRACTIONS = ("mean_topk_mass",)
+PERCENTS = ("teacher_top1_views", "teacher_top1_clean_val")
 
 
 def _the_store_under(folder: Path) -> Path:

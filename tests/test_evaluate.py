@@ -66,6 +66,7 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
     assert m["teacher_agreement"] == {"ghost-teacher": None}
     assert "pipeline teach" in m["teacher_notes"]["ghost-teacher"]
     assert m["throughput_batch"] == 2 and m["torch_threads"] == 1 and m["stock_model"] == "ghostnetv2_050"
+    assert m["deploy"].startswith("timm GhostNet(width=0.5")  # what the report names: a call timm has
 
 
 def test_latency_is_interleaved_with_median_and_spread():

@@ -11,7 +11,8 @@ from stages.cli import main
 
 
 def _metrics(student, top1, latency, **extra):
-    return {"student": student, "stock_model": "ghostnetv2_050", "params": 1_500_000, "macs": 4_900_000,
+    return {"student": student, "stock_model": "ghostnetv2_050",
+            "deploy": 'timm GhostNet(width=0.5, version="v2", cfgs from fuse.json)', "params": 1_500_000, "macs": 4_900_000,
             "latency_ms": {"torch": latency * 10, "onnx": latency}, "top1": top1, "top5": 99.5,
             "teachers": ["demo-resnet10t"], "teacher_agreement": {"demo-resnet10t": 97.25},
             "recipe_summary": "demo: KD a=0.5 tau=1, N=3+1x1, 6 ep lamb", "input_size": 64, "dataset": "digits",
@@ -28,7 +29,8 @@ def test_report_table_and_figure(tmp_path):
     assert result.exit_code == 0, result.output
     md = (tmp_path / "r" / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| Student | Deploy model | Params (M) | MACs (M)")
+    assert rows[0].startswith("| Student | Deploy model (fuse.json `deploy`) | Params (M) | MACs (M)")
+    assert "| timm GhostNet(width=0.5" in rows[1] and "ghostnetv2_050" not in md  # not a timm model name
     assert rows[1].startswith("| plain |") and rows[2].startswith("| fast |")  # sorted by latency
     assert "| 1.50 | 4.9 |" in rows[2] and "demo-resnet10t (97.2)" in rows[2] and "| none |" in rows[1]
     assert "| fast | 2.10 | 1.50 | 10.4 | 4.9 | 3.7e-07 | - |" in md

@@ -101,7 +101,7 @@ def test_inspect_prints_size_mass_top1_and_completeness(tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["complete"] and info["shards_done"] == "3/3" and info["shape"] == [5, 2, 3]
-    assert 0 < info["mean_topk_mass"] <= 1 and 0 <= info["teacher_top1_vs_labels"] <= 1 and info["bytes_per_view"] > 0
+    assert 0 < info["mean_topk_mass"] <= 1 and 0 <= info["teacher_top1_views"] <= 100 and info["bytes_per_view"] > 0
     text = CliRunner().invoke(main, ["--params", EMPTY_PARAMS, "store", "inspect", str(tmp_path / "s.zarr")])
     assert "bytes_per_view" in text.output and "complete: True" in text.output
 
@@ -139,7 +139,7 @@ def test_inspect_text_shows_percents_and_flags_a_topk_mass_above_one(tmp_path):
 
     make_store(tmp_path / "s.zarr")
     lines = dict(line.strip().split(": ", 1) for line in _cli("inspect", str(tmp_path / "s.zarr")).output.splitlines())
-    assert lines["mean_topk_mass"].endswith("%") and lines["teacher_top1_vs_labels"].endswith("%")
+    assert lines["mean_topk_mass"].endswith("%") and lines["teacher_top1_views"].endswith("%")
     assert "problems" not in lines
     values = zarr.open_group(tmp_path / "s.zarr", mode="r+")["values"]
     values[:] = np.full(values.shape, -0.01, np.float16)  # p = 0.99 for each of K=3 classes: mass 2.97

@@ -123,7 +123,8 @@ def count_params_macs(model: nn.Module, size: int = 224) -> tuple[int, int]:
 def deploy_spec(name: str, num_classes: int) -> dict:
     """How to build the stock architecture of `name` with timm or torchvision alone (fuse.json's "deploy").
 
-    {"call": dotted callable, "args": [...], "kwargs": {...}, "python": the same call as one line of code}.
+    {"call": dotted callable, "args": [...], "kwargs": {...}, "python": the same call as one line of code,
+    "label": the call without the block table, for tables}.
     timm registers no GhostNetV2 0.5x and its ghostnetv2_* entry points fix the width, so that one is
     timm's public `GhostNet` class with the block table carried in the kwargs.
     """
@@ -136,10 +137,13 @@ def deploy_spec(name: str, num_classes: int) -> dict:
         kwargs = {"cfgs": GHOSTNET_CFGS, "width": 0.5, "version": "v2", **kwargs}
         python = f'timm.models.ghostnet.GhostNet(cfgs=fuse["deploy"]["kwargs"]["cfgs"], width=0.5, version="v2", ' \
                  f'num_classes={num_classes})'
+        label = 'timm GhostNet(width=0.5, version="v2", cfgs from fuse.json)'
     elif stock in shufflenetv2.STOCK.values():
         call, args = f"torchvision.models.{stock}", []
         python = f"torchvision.models.{stock}(num_classes={num_classes})"
+        label = f"torchvision {stock}"
     else:
         call, args = "timm.create_model", [stock]
         python = f'timm.create_model("{stock}", num_classes={num_classes})'
-    return {"call": call, "args": args, "kwargs": kwargs, "python": python}
+        label = f"timm {stock}"
+    return {"call": call, "args": args, "kwargs": kwargs, "python": python, "label": label}
