@@ -1,7 +1,7 @@
 """Why eager torch batch-1 latency of the deployed GhostNet is far above onnxruntime's, and what helps.
 
 Prints one JSON object: per --threads value, the median and p10-p90 (ms, interleaved runs via
-pipeline.evaluate.interleaved_latency) of stock timm ghostnetv2_100 (the deploy form of rep_ghostnetv3_100)
+pipeline.metrics.interleaved_latency) of stock timm ghostnetv2_100 (the deploy form of rep_ghostnetv3_100)
 at batch 1 in: eager torch, eager channels_last, TorchScript frozen (torch.jit.optimize_for_inference),
 and onnxruntime; plus the share of self CPU time of the top torch ops under torch.profiler, eager.
 On a shared machine the thread count dominates: OpenMP threads that wait for busy cores inflate every
@@ -17,7 +17,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.evaluate import interleaved_latency, onnx_runner, torch_runner
+from pipeline.metrics import interleaved_latency, onnx_runner, torch_runner
 
 
 def op_shares(model, x, top: int = 6) -> dict:

@@ -28,8 +28,8 @@ from pipeline.data.loaders import eval_loader, student_loader
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
-from pipeline.evaluate import predict, topk_accuracy
 from pipeline.io import atomic_write_bytes, atomic_write_json, stable_hash
+from pipeline.metrics import predict, topk_accuracy
 from pipeline.progress import progress
 from pipeline.teachers import check_num_classes, load_teacher, read_state_dict, resolve_spec
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from pipeline.data.loaders import eval_loader
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, umask_mode
+from pipeline.metrics import onnx_runner
 
 _logger = logging.getLogger(__name__)
 
@@ -137,7 +138,6 @@ def export_onnx(model, size: int, path) -> None:
 def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", check_images: int = 64,
                  atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
     """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content."""
-    from pipeline.evaluate import onnx_runner
     from pipeline.models import count_params_macs, deploy_spec, stock_model_name, to_stock
 
     student_dir, out_dir = Path(student_dir), Path(out_dir)

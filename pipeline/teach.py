@@ -244,7 +244,7 @@ def clean_val_top1(forward: Forward, spec, shards, batch_size, workers) -> float
     """The teacher's top-1 (%) on clean val images: timm's eval render at its input size and crop_pct
     (what finetune and evaluate score), with the teach pass's device and autocast."""
     from pipeline.data.loaders import eval_loader
-    from pipeline.evaluate import topk_hits
+    from pipeline.metrics import topk_hits
 
     loader = eval_loader(shards, "val", size=spec["input_size"], crop_pct=spec.get("crop_pct", 1.0), mean=spec["mean"],
                          std=spec["std"], interpolation=spec.get("interpolation", "bicubic"), batch_size=batch_size,

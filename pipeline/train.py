@@ -47,8 +47,8 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import ensemble_target, kd_loss
 from pipeline.errors import UserError
-from pipeline.evaluate import topk_hits
 from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.metrics import topk_hits
 from pipeline.models.rep import rep_settings
 from pipeline.progress import progress
 from pipeline.recipes import Recipe

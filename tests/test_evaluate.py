@@ -6,8 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.evaluate import agreement, latency_ms, recipe_summary, topk_accuracy
+from pipeline.evaluate import recipe_summary
 from pipeline.fuse import fuse_student
+from pipeline.metrics import agreement, latency_ms, topk_accuracy
 from stages.cli import main
 from tests._chain_helpers import fake_student, tiny_shards
 
@@ -71,7 +72,7 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
 
 def test_latency_is_interleaved_with_median_and_spread():
     """Call i of every runner runs back to back, so load changes hit all runners alike."""
-    from pipeline.evaluate import interleaved_latency
+    from pipeline.metrics import interleaved_latency
 
     calls = []
     runners = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}

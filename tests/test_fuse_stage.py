@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import pipeline.models
-from pipeline.evaluate import onnx_runner
+from pipeline.metrics import onnx_runner
 from pipeline.fuse import compare_outputs, export_onnx, fuse_student, load_trained_student
 from stages.cli import main
 from tests._chain_helpers import fake_student, tiny_shards
