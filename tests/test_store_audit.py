@@ -15,8 +15,9 @@ from pipeline.teach import view_cost_warning
 from pipeline.teachers import load_teacher, resolve_spec
 from stages.cli import main
 from tests._teach_helpers import teach_args, tiny_shards, tiny_teacher
+from tests.conftest import EMPTY_PARAMS
 
-NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+NO_PARAMS = ["--params", EMPTY_PARAMS]
 
 
 def run_cli(*args):

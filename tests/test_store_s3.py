@@ -19,9 +19,10 @@ from pipeline.recipes import load_recipe  # noqa: E402
 from pipeline.store import ARRAYS, open_pointer  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from tests._teach_helpers import teach_args, tiny_shards, tiny_teacher  # noqa: E402
+from tests.conftest import EMPTY_PARAMS  # noqa: E402
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
-NO_PARAMS = ["--params", "/nonexistent/params.yaml"]
+NO_PARAMS = ["--params", EMPTY_PARAMS]
 BUCKET = "team-stores"
 
 
