@@ -15,7 +15,6 @@ load, so modes run round-robin and report medians, and the KD overhead is also t
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -35,6 +34,7 @@ from pipeline.data import sources
 from pipeline.data.loaders import student_loader
 from pipeline.data.views import ViewPlan
 from pipeline.distill import dense_target, kd_loss
+from pipeline.runtime import autocast, student_amp
 from pipeline.store import open_pointer
 from pipeline.teach import teach
 from pipeline.train import Targets
@@ -55,12 +55,6 @@ def make_data(root: Path, samples: int, num_classes: int, plan: ViewPlan):
     teach(teacher=spec, shards=root / "shards", plan=plan, num_views=1, k=10, batch_size=32, weights=weights,
           store_root=root / "stores", out=root / "teach", quiet=True, log=lambda *a: None)
     return open_pointer(root / "teach" / "bench.json")
-
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Stepper:
@@ -85,7 +79,7 @@ class Stepper:
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         y = batch["label"].to(device)
-        with _autocast(device):
+        with autocast(device, student_amp(device)):
             if mode == "ce":
                 target, alpha = None, 0.0
             elif mode == "offline_kd":
@@ -125,7 +119,7 @@ def forward_ms(model, x, device, reps):
     times = []
     for i in range(reps + 1):  # the first one is a warmup
         start = time.perf_counter()
-        with _autocast(device):
+        with autocast(device, student_amp(device)):
             model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()

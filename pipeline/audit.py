@@ -20,7 +20,8 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import bucket_kl, teacher_target
 from pipeline.errors import UserError
-from pipeline.teach import Forward, resolve_device, teacher_spec
+from pipeline.runtime import resolve_device
+from pipeline.teach import Forward, teacher_spec
 from pipeline.teachers import load_teacher
 
 MAX_KL = 1e-2  # nats: f16/BitRound storage costs ~1e-4; a view rendered differently costs far more

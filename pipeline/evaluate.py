@@ -11,6 +11,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
 from pipeline.fuse import ONNX, load_fused
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
+from pipeline.runtime import set_threads
 
 
 def recipe_summary(info: dict) -> str:
@@ -100,13 +101,19 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
                    batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> dict:
     """Every figure of one deployed student, as the DVC metrics dict `pipeline evaluate` writes.
 
-    `threads` fixes the CPU threads of torch and onnxruntime for the speed figures (1 gives steady
-    numbers on a shared machine); None keeps the libraries' defaults (all cores).
+    Args:
+        fused_dir, shard_dir: a `pipeline fuse` output and the shards whose val split it is scored on.
+        teach_dir, teacher_dir: the teacher pointers and fine-tuned teachers, for the agreement with each
+            teacher (None: no agreement figures).
+        latency_runs, batch: interleaved batch-1 latency calls, and the batch of the throughput figure.
+        batch_size: the accuracy pass's batch.
+        threads: CPU threads of torch and onnxruntime for the speed figures (1 gives steady numbers on a
+            shared machine); None keeps the libraries' defaults (all cores).
+        quiet: no progress bars.
     """
     from pipeline.models import count_params_macs
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     model, info = load_fused(fused_dir)
     manifest = read_manifest(shard_dir)
     if manifest["num_classes"] != info["num_classes"]:

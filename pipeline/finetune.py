@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, stable_hash
 from pipeline.metrics import predict, topk_accuracy
 from pipeline.progress import progress
+from pipeline.runtime import set_threads
 from pipeline.teachers import check_num_classes, load_teacher, read_state_dict, resolve_spec
 
 _logger = logging.getLogger(__name__)
@@ -99,15 +100,23 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
                      plan: ViewPlan | None = None, num_views: int | None = None, threads: int | None = None) -> dict:
     """Train, write {out}/weights.safetensors (or teacher.pt) + teacher.yaml + metrics.json; return the metrics.
 
-    plan / num_views: the view plan and V of `pipeline teach` (then scale_min, hflip, auto_augment and
-    re_prob are unused): the teacher trains on the views it will label. threads: torch CPU threads.
+    Args:
+        teacher: a manifests/teachers spec (name, path or dict); its weights are the start.
+        shard_dir, out_dir: the `pipeline shard` output; where the fine-tuned teacher goes (resumable).
+        epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed: the schedule (AdamW,
+            cosine with warmup, as timm's train.py).
+        size: training input size [default: the spec's input_size].
+        scale_min, hflip, auto_augment, re_prob: timm's training transform, when no `plan` is given.
+        pretrained: override the spec's `pretrained` (None keeps it).
+        plan / num_views: the view plan and V of `pipeline teach` (then scale_min, hflip, auto_augment and
+            re_prob are unused): the teacher trains on the views it will label.
+        workers, quiet, threads: DataLoader workers, no progress bars, torch CPU threads (None: torch's choice).
     """
     from safetensors.torch import save
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     spec = resolve_spec(teacher)
     manifest = read_manifest(shard_dir)
     num_classes = manifest["num_classes"]

@@ -11,9 +11,7 @@ multi-process run stores exactly what one uninterrupted process stores.
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,45 +19,10 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.progress import progress
+from pipeline.runtime import amp_dtype, autocast, barrier, close_distributed, init_distributed, resolve_device
 from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_temperatures, create_or_open,
                             encode_lse_tau, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _dist(device: torch.device):
-    """(rank, world, initialised here) from torchrun's environment; gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def resolve_device(device: str) -> torch.device:
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise UserError(f"--device '{device}' is not one of auto, cpu, cuda, cuda:N")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{device}' asked for but no CUDA device is visible; use --device cpu")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(device)
-
 
 def aligned_shard_rows(requested: int, num_views: int, batch_size: int) -> int:
     """Round the rows per shard up so a shard holds a whole number of batches."""
@@ -76,16 +39,13 @@ class Forward:
         self.model = model.to(device, memory_format=self.memory_format) if channels_last else model.to(device)
         self.mean = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1) * 255
-        if amp not in AMP_DTYPES:
-            raise UserError(f"--amp '{amp}' is not one of {', '.join(AMP_DTYPES)}")
-        self.amp = AMP_DTYPES[amp]
+        self.amp = amp_dtype(amp)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=self.memory_format)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-        with ctx:
+        with autocast(self.device, self.amp):
             return self.model(x).float()
 
 
@@ -100,7 +60,19 @@ def teacher_spec(teacher, weights=None) -> dict:
 def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size=64, device="auto", amp="none",
           workers=0, store_root="stores", out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
           channels_last=False, temperatures=DEFAULT_TEMPERATURES, quiet=False, log=print) -> dict:
-    """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict."""
+    """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict.
+
+    Args:
+        teacher: a manifests/teachers spec (name, path or dict); `weights` (a file) overrides its own.
+        shards, split: the `pipeline shard` output and the split to label.
+        plan, num_views: the ViewPlan and V views per sample the teacher sees (the student replays them).
+        k, values, temperatures: what is kept per view: the top-k logits (values: their encoding) and the
+            logsumexp at each KD temperature.
+        batch_size, device, amp, channels_last, workers: how the teacher runs (pipeline.runtime).
+        store_root, shard_rows: where the content-addressed store lives, and rows per zarr shard.
+        out: a directory for the `{name}.json` pointer the student stage reads (None: no pointer).
+        quiet, log: no progress bar; where the summary lines go.
+    """
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.shards import verified_manifest
 
@@ -120,7 +92,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     temperatures = check_temperatures(temperatures)
     model, digest = load_teacher(spec)
     dev = resolve_device(device)
-    rank, world, own_group = _dist(dev)
+    rank, world, own_group = init_distributed(dev)
     if spec.get("weights"):
         spec = {**spec, "weights": Path(spec["weights"]).name}
     # where the weights came from is not an input of the numbers (the digest of the weights is)
@@ -143,11 +115,11 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
             log(f"{path}: {len(damaged)} shard(s) marked done lost their data ({next(iter(damaged.values()))}); "
                 "recomputing them")
             writer.forget_shards(damaged)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         writer = create_or_open(path, provenance, **layout)
     pending = [int(s) for s in np.flatnonzero(~writer.done_mask())]
-    _barrier(world)  # every rank has read the same done-mask before anyone writes
+    barrier(world)  # every rank has read the same done-mask before anyone writes
     start = time.perf_counter()
     mine = pending[rank::world]
     if not pending:
@@ -159,7 +131,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
         _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size,
                     workers, values, quiet or rank != 0, num_classes=manifest["num_classes"],
                     temperatures=temperatures)
-    _barrier(world)
+    barrier(world)
     seconds = time.perf_counter() - start
     summary = {"store": str(path), "key": key, "views": num_samples * num_views,
                "computed_views": sum(len(writer.shard_rows_range(s)) for s in pending) * num_views,
@@ -186,10 +158,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
             warning = view_cost_warning(quality, plan)
             if warning:
                 log(warning)
-    if own_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    close_distributed(own_group)
     return summary
 
 
@@ -251,8 +220,7 @@ def clean_val_top1(forward: Forward, spec, shards, batch_size, workers) -> float
                          workers=workers)
     forward.model.eval()
     hits = total = 0
-    ctx = torch.autocast(forward.device.type, dtype=forward.amp) if forward.amp else nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), autocast(forward.device, forward.amp):
         for batch in loader:
             x = batch["image"].to(forward.device).contiguous(memory_format=forward.memory_format)
             logits = forward.model(x).float().cpu()

@@ -16,21 +16,18 @@ unless recipe.sync_bn (CUDA only: torch has no CPU SyncBatchNorm). CUDA: bf16 au
 channels_last.
 """
 
-import contextlib
 import csv
 import hashlib
 import inspect
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 from safetensors.torch import save
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
@@ -52,6 +49,7 @@ from pipeline.metrics import topk_hits
 from pipeline.models.rep import rep_settings
 from pipeline.progress import progress
 from pipeline.recipes import Recipe
+from pipeline.runtime import autocast, barrier, init_distributed, mean_across_ranks, resolve_device, set_threads, student_amp
 from pipeline.teachers import state_digest
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -218,26 +216,6 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
 
 
-def _distributed():
-    """(rank, world_size, device) from torchrun's environment; initialises the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def _reduce_mean(values: dict, world: int, device) -> dict:
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world).tolist()))
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) of `model` over `loader`."""
@@ -248,7 +226,7 @@ def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
         x = batch["image"].to(device, non_blocking=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        with _autocast(device):
+        with autocast(device, student_amp(device)):
             logits = model(x)
         hits = topk_hits(logits.float().cpu(), batch["label"])
         correct1 += hits[1]
@@ -256,12 +234,6 @@ def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
         total += len(batch["label"])
     model.train(was_training)
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
-
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _safetensors_bytes(state_dict) -> bytes:
@@ -282,20 +254,30 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
           val_samples: int | None = None, views_from=None, flat_tail: bool = False, curves_dir=None) -> dict:
     """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
 
-    stores: opened LogitStores (pipeline.store.open_store) in the order of `teacher_names`.
-    init: pretrained weights (pipeline.models.pretrained_overlay). threads: torch CPU threads (None: torch's
-    choice). Validation runs every `val_every` epochs on `val_samples` fixed seeded images (None: all);
-    the last epoch is always validated on the whole split.
-    views_from: for a labels-only student (alpha 0), a store whose views (plan, V, stored params) it replays,
-    so that it sees exactly what the KD students see. flat_tail: accept a tau the stores do not keep.
+    Args:
+        student, recipe: the resolved manifests/students spec and the Recipe.
+        shard_dir, out_dir: the `pipeline shard` output and the student's output directory.
+        stores, teacher_names, teacher_weights: opened LogitStores (pipeline.store.open_store) in the order
+            of `teacher_names`, and their weights in the ensemble target (None: equal).
+        resume: continue from out_dir's checkpoint.safetensors.
+        workers, quiet, eval_batch_size: DataLoader workers, no progress bars, the validation batch.
+        init: pretrained weights (pipeline.models.pretrained_overlay).
+        threads: torch CPU threads (None: torch's choice).
+        val_every, val_samples: validate every `val_every` epochs on `val_samples` fixed seeded images
+            (None: all); the last epoch is always validated on the whole split.
+        views_from: for a labels-only student (alpha 0), a store whose views (plan, V, stored params) it
+            replays, so that it sees exactly what the KD students see.
+        flat_tail: accept a tau the stores do not keep.
+        curves_dir: where metrics.json and plots.csv go [default: out_dir].
+
     Returns the last epoch's metrics. Outputs: checkpoint.safetensors (every epoch), model.safetensors,
     ema.safetensors, student.json, state.json, metrics.json, plots.csv (those two per epoch, in `curves_dir`
     when given: dvc.yaml declares them as metrics and plots, which may not lie inside another output).
     """
     out = Path(out_dir)
-    if threads:
-        torch.set_num_threads(threads)
-    rank, world, device = _distributed()
+    set_threads(threads)
+    device = resolve_device("auto")
+    rank, world, _ = init_distributed(device)  # torchrun tears the group down with the process
     manifest = read_manifest(shard_dir)
     num_classes = int(manifest["num_classes"])
     size = student_size(student, recipe)
@@ -388,7 +370,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                 lam = mixup._mix_batch(x)  # mixes x in place with its flip; returns the (area-corrected) lam
                 labels = mixup_target(labels, num_classes, lam, recipe.label_smoothing)
                 target = target.mix(lam) if target else None
-            with _autocast(device):
+            with autocast(device, student_amp(device)):
                 logits = model(x)
             losses = kd_loss(logits, labels, target, recipe.alpha, recipe.tau, recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -405,7 +387,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
                 _check_finite(losses["loss"], epoch, step)
                 bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               **_reduce_mean({k: float(v) / steps_per_epoch for k, v in sums.items()}, world, device)}
+               **mean_across_ranks({k: float(v) / steps_per_epoch for k, v in sums.items()}, world, device)}
         last = epoch + 1 == recipe.epochs
         if rank == 0 and (last or (epoch + 1) % val_every == 0):
             loader = val if last else val_subset
@@ -424,7 +406,7 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
         else:
             history.append(row)
         if world > 1:
-            dist.barrier()
+            barrier(world)
 
     if rank == 0:
         _save_final(out, core, ema, history, {

@@ -87,13 +87,11 @@ def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp,
     Resumable: rerun the same command after an interruption. A finished store is reported as up to
     date without running the teacher. Under torchrun, ranks share the work.
     """
-    import torch
-
     from pipeline.data.views import ViewPlan
+    from pipeline.runtime import set_threads
     from pipeline.teach import teach
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
     teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=num_views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
