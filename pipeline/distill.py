@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
+
 
 @dataclass
 class SoftTarget:
@@ -108,7 +110,8 @@ def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None, fl
     """
     weights = [1.0] * len(stored) if weights is None else list(weights)
     if len(weights) != len(stored) or sum(weights) <= 0 or min(weights) < 0:
-        raise ValueError(f"need one non-negative weight per teacher, got {weights} for {len(stored)} teachers")
+        raise UserError(f"--teacher-weights {','.join(map(str, weights))}: give one non-negative weight per teacher "
+                        f"({len(stored)} teachers), not all zero")
     targets = [teacher_target(*t[:3], num_classes=num_classes, tau=tau, lse_tau=t[3] if len(t) > 3 else None,
                               flat_tail=flat_tail) for t in stored]
     total = sum(weights)

@@ -137,7 +137,17 @@ def export_onnx(model, size: int, path) -> None:
 
 def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", check_images: int = 64,
                  atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
-    """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content."""
+    """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content.
+
+    Args:
+        student_dir, shard_dir, out_dir: a finished `pipeline student` output, its shards (the check images
+            are their first val images), and the output directory.
+        checkpoint: best, ema or model (see load_trained_student).
+        check_images, atol: how many val images the fused and ONNX forms are compared on, and the allowed
+            max |logit difference|.
+        onnx: also export and check model.onnx.
+        name: the student name in fuse.json and the report [default: the student directory's name].
+    """
     from pipeline.models import count_params_macs, deploy_spec, stock_model_name, to_stock
 
     student_dir, out_dir = Path(student_dir), Path(out_dir)

@@ -19,7 +19,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.progress import progress
-from pipeline.runtime import amp_dtype, autocast, barrier, close_distributed, init_distributed, resolve_device
+from pipeline.runtime import (Normalize, amp_dtype, autocast, barrier, close_distributed, init_distributed,
+                              resolve_device)
 from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_temperatures, create_or_open,
                             encode_lse_tau, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
@@ -37,14 +38,12 @@ class Forward:
         self.device, self.channels_last = device, channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format) if channels_last else model.to(device)
-        self.mean = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1) * 255
+        self.normalize = Normalize(spec["mean"], spec["std"], device)
         self.amp = amp_dtype(amp)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=self.memory_format)
+        x = self.normalize(images).contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.amp):
             return self.model(x).float()
 

@@ -3,39 +3,11 @@
 import click
 from click.core import ParameterSource
 
-from pipeline.errors import UserError
 from pipeline.manifests import load_spec
 
+# spelt here for a fast --help (pipeline.data.sources owns them; tests/test_cli.py checks they match)
 SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
-RENDERED_SIZE = 64  # digits / synthetic images when --image-size is not given
-
-
-def source_paths(source) -> list[str]:
-    """The files or folders a source reads, which the output must not overlap."""
-    kind, _, arg = (source or "").partition(":")
-    if kind == "imagefolder" and arg:
-        return [arg]
-    if kind == "webdataset" and arg:
-        import webdataset as wds
-
-        return list(wds.shardlists.expand_urls(arg))
-    return []
-
-
-def _read_source(source, val_fraction, seed, image_size, num_classes, per_class, image_format):
-    from pipeline.data import sources
-
-    kind, _, arg = (source or "").partition(":")
-    if kind in ("imagefolder", "webdataset") and arg:
-        read = sources.imagefolder if kind == "imagefolder" else sources.webdataset_shards
-        name, classes, splits = read(arg, val_fraction, seed)
-        return name, classes, sources.resized(splits, image_size) if image_size else splits
-    if kind == "digits" and not arg:
-        return sources.digits(image_size or RENDERED_SIZE, val_fraction, seed)
-    if kind == "synthetic" and not arg:
-        return sources.synthetic(num_classes, per_class, image_size or RENDERED_SIZE, image_format, val_fraction, seed)
-    raise UserError(f"unknown --source '{source}'; use imagefolder:DIR, webdataset:PATTERN, digits or synthetic"
-                    " (or --dataset NAME from manifests/datasets/)")
+RENDERED_SIZE = 64
 
 
 @click.command(context_settings={"show_default": True})
@@ -72,23 +44,20 @@ def _read_source(source, val_fraction, seed, image_size, num_classes, per_class,
 @click.pass_context
 def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image_format, quiet, **options):
     """Write a dataset as webdataset shards + manifest.json (same input -> byte-identical output)."""
-    from pipeline.data import shards
+    from pipeline.data import shards, sources
 
-    expected_classes = None
     if dataset:
         spec = load_spec("datasets", dataset)
-        expected_classes = spec.get("num_classes")
-        for key in SPEC_OPTIONS:
-            if key in spec and ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
-                options[key] = spec[key]
-    name, classes, splits = _read_source(options["source"], options["val_fraction"], seed, options["image_size"],
-                                         num_classes, per_class, image_format)
-    if expected_classes is not None and len(classes) != expected_classes:
-        raise UserError(f"dataset {dataset} expects {expected_classes} classes but {options['source']} has "
-                        f"{len(classes)}; check the source path or the spec's num_classes")
+        options = sources.dataset_options(spec, options,
+                                          lambda key: ctx.get_parameter_source(key) != ParameterSource.DEFAULT)
+    name, classes, splits = sources.read_source(options["source"], val_fraction=options["val_fraction"], seed=seed,
+                                                image_size=options["image_size"], num_classes=num_classes,
+                                                per_class=per_class, image_format=image_format)
+    if dataset:
+        sources.check_num_classes(spec, dataset, options["source"], classes)
     manifest = shards.write_shards(splits, out, options["name"] or name, classes, options["source"],
                                    maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet,
-                                   crop_pct=options["crop_pct"], inputs=source_paths(options["source"]))
+                                   crop_pct=options["crop_pct"], inputs=sources.source_paths(options["source"]))
     if not quiet:
         counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
         skipped = sum(len(v["skipped"]) for v in manifest["splits"].values())

@@ -62,12 +62,15 @@ def test_help_imports_no_heavy_library(command):
 
 def test_constants_spelt_for_fast_help_match_their_owners():
     import stages.fuse
+    import stages.shard
     import stages.teach
+    from pipeline.data import sources
     from pipeline.fuse import CHECKPOINTS
     from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES
 
     assert stages.fuse.CHECKPOINTS == CHECKPOINTS and stages.teach.DEFAULT_VALUES == DEFAULT_VALUES
     assert stages.teach.DEFAULT_TEMPERATURES == DEFAULT_TEMPERATURES
+    assert (stages.shard.SPEC_OPTIONS, stages.shard.RENDERED_SIZE) == (sources.SPEC_OPTIONS, sources.RENDERED_SIZE)
 
 
 def test_help_names_where_a_default_comes_from_and_does_not_print_a_dict(tmp_path):

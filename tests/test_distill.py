@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distill import bucket_kl, ensemble_target, kd_loss, teacher_target, topk_kd_loss
+from pipeline.errors import UserError
 
 
 def dense_kd(student, teacher, tau):
@@ -155,6 +156,14 @@ def test_ensemble_full_k_is_mean_of_probabilities(logits):
     assert torch.allclose(target.probs, mean, atol=1e-6)
     ref = (mean * (mean.log() - F.log_softmax(student, 1))).sum(1).mean()
     assert torch.allclose(bucket_kl(student, target), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0]])
+def test_bad_teacher_weights_are_a_user_error(logits, weights):
+    """--teacher-weights reaches ensemble_target as given: a wrong count or sign is the user's to fix."""
+    _, t1 = logits
+    with pytest.raises(UserError, match="one non-negative weight per teacher"):
+        ensemble_target([stored(t1, 3), stored(t1, 3)], 12, weights=weights)
 
 
 def test_ensemble_of_one_is_single_teacher(logits):

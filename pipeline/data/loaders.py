@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.data.shards import MANIFEST, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
+from pipeline.runtime import Normalize
 
 
 class _Batches(Dataset):
@@ -121,9 +122,7 @@ class _StudentBatch:
 
     def __call__(self, reader, rows):
         images, _ = _render_views(reader, rows, self.plan, self.size, self.stored)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        return {**_index_view(rows), "image": images.float().sub_(mean).div_(std),  # in place: no temporaries
+        return {**_index_view(rows), "image": Normalize(self.mean, self.std)(images),
                 "label": torch.from_numpy(reader.labels[rows[:, 0]])}
 
 
@@ -164,7 +163,7 @@ def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
 
 def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, mean, std,
                    batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                   workers: int = 0, interpolation: str | None = None, drop_last: bool = False,
+                   workers: int = 0, drop_last: bool = False,
                    stored_params: np.ndarray | None = None) -> DataLoader:
     """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
     global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees).
@@ -180,8 +179,6 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
     rows = _chunks(np.stack([perm, views], 1), batch_size)
     if drop_last and rows and len(rows[-1]) < batch_size:
         rows = rows[:-1]
-    if interpolation:
-        plan = dataclasses.replace(plan, interpolation=interpolation)
     return _loader(reader, rows, _StudentBatch(plan, size, tuple(mean), tuple(std), stored_params), workers)
 
 

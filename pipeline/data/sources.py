@@ -223,3 +223,64 @@ def synthetic(num_classes: int, per_class: int, size: int, fmt: str, val_fractio
             key = f"c{c:03d}_{j:05d}"
             samples.append(Sample(key, c, fmt, f"synthetic[{key}]", partial(_const, _encode(img, fmt))))
     return "synthetic", [f"class{c}" for c in range(num_classes)], stratified_split(samples, val_fraction, seed)
+
+
+RENDERED_SIZE = 64  # digits / synthetic images when --image-size is not given
+# The `pipeline shard` options a manifests/datasets spec sets, unless given on the command line.
+SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
+
+
+def _read_files(read, arg, *, val_fraction, seed, image_size, **_):
+    name, classes, splits = read(arg, val_fraction, seed)
+    return name, classes, resized(splits, image_size) if image_size else splits
+
+
+def _read_digits(arg, *, val_fraction, seed, image_size, **_):
+    return digits(image_size or RENDERED_SIZE, val_fraction, seed)
+
+
+def _read_synthetic(arg, *, val_fraction, seed, image_size, num_classes, per_class, image_format):
+    return synthetic(num_classes, per_class, image_size or RENDERED_SIZE, image_format, val_fraction, seed)
+
+
+# `--source KIND[:ARG]`: KIND -> (whether it takes ARG, reader). A new source is one entry here.
+SOURCES = {"imagefolder": (True, partial(_read_files, imagefolder)),
+           "webdataset": (True, partial(_read_files, webdataset_shards)),
+           "digits": (False, _read_digits), "synthetic": (False, _read_synthetic)}
+
+
+def read_source(source, *, val_fraction: float, seed: int, image_size: int | None, num_classes: int,
+                per_class: int, image_format: str):
+    """(dataset name, class names, {split: [Sample]}) of a `--source` string; image_size re-renders every
+    image (default for the rendered sources: RENDERED_SIZE); the synthetic options apply to synthetic only."""
+    kind, _, arg = (source or "").partition(":")
+    takes_arg, read = SOURCES.get(kind, (None, None))
+    if read is None or takes_arg != bool(arg):
+        raise UserError(f"unknown --source '{source}'; use imagefolder:DIR, webdataset:PATTERN, digits or synthetic"
+                        " (or --dataset NAME from manifests/datasets/)")
+    return read(arg, val_fraction=val_fraction, seed=seed, image_size=image_size, num_classes=num_classes,
+                per_class=per_class, image_format=image_format)
+
+
+def source_paths(source) -> list[str]:
+    """The files or folders a source reads, which the output must not overlap."""
+    kind, _, arg = (source or "").partition(":")
+    if kind == "imagefolder" and arg:
+        return [arg]
+    if kind == "webdataset" and arg:
+        return list(wds.shardlists.expand_urls(arg))
+    return []
+
+
+def dataset_options(spec: dict, options: dict, given) -> dict:
+    """`options` with a dataset spec's SPEC_OPTIONS filled in: an option the user gave (`given(name)`: on the
+    command line or in params.yaml) wins over the spec, the spec over the option's default."""
+    return {**options, **{key: spec[key] for key in SPEC_OPTIONS if key in spec and not given(key)}}
+
+
+def check_num_classes(spec: dict, dataset: str, source: str, classes) -> None:
+    """The source has the number of classes the dataset spec promises (when it gives one)."""
+    expected = spec.get("num_classes")
+    if expected is not None and len(classes) != expected:
+        raise UserError(f"dataset {dataset} expects {expected} classes but {source} has "
+                        f"{len(classes)}; check the source path or the spec's num_classes")
