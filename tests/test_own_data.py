@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from pipeline.io import sha256_file
 from pipeline.models import create_stock_model
 from stages.cli import main
+from tests.conftest import EMPTY_PARAMS
 
 HERE = Path(__file__).resolve()
 CIFAR = next((p / "data" / "cifar10" / "train.tar" for p in (HERE.parents[2] / "shared", HERE.parents[3] / "shared")
@@ -43,7 +44,7 @@ def _subset(dest: Path) -> Path:
 
 
 def _cli(*args, params=None):
-    result = CliRunner().invoke(main, ["--params", str(params or "/nonexistent.yaml"), *map(str, args)])
+    result = CliRunner().invoke(main, ["--params", str(params or EMPTY_PARAMS), *map(str, args)])
     assert result.exit_code == 0, result.output
     return result.output
 
