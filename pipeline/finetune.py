@@ -94,7 +94,7 @@ def _load_resume(path: Path, model, optimizer, config_key: str) -> int:
 
 def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_size: int = 64, lr: float = 2e-3,
                      weight_decay: float = 0.05, warmup_epochs: float = 1.0, label_smoothing: float = 0.1,
-                     size: int | None = None, scale_min: float = 0.35, hflip: float = 0.5,
+                     img_size: int | None = None, scale=(0.35, 1.0), hflip: float = 0.5,
                      auto_augment: str | None = "rand-m9-mstd0.5", re_prob: float = 0.0, seed: int = 0,
                      pretrained: bool | None = None, workers: int = 0, quiet: bool = False,
                      plan: ViewPlan | None = None, num_views: int | None = None, threads: int | None = None) -> dict:
@@ -105,10 +105,10 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         shard_dir, out_dir: the `pipeline shard` output; where the fine-tuned teacher goes (resumable).
         epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed: the schedule (AdamW,
             cosine with warmup, as timm's train.py).
-        size: training input size [default: the spec's input_size].
-        scale_min, hflip, auto_augment, re_prob: timm's training transform, when no `plan` is given.
+        img_size: training input size [default: the spec's input_size].
+        scale, hflip, auto_augment, re_prob: timm's training transform, when no `plan` is given.
         pretrained: override the spec's `pretrained` (None keeps it).
-        plan / num_views: the view plan and V of `pipeline teach` (then scale_min, hflip, auto_augment and
+        plan / num_views: the view plan and V of `pipeline teach` (then scale, hflip, auto_augment and
             re_prob are unused): the teacher trains on the views it will label.
         workers, quiet, threads: DataLoader workers, no progress bars, torch CPU threads (None: torch's choice).
     """
@@ -120,7 +120,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     spec = resolve_spec(teacher)
     manifest = read_manifest(shard_dir)
     num_classes = manifest["num_classes"]
-    size = int(size or spec["input_size"])
+    size = int(img_size or spec["input_size"])
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     out_dir = Path(out_dir)
@@ -130,7 +130,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     use_pretrained = spec.get("pretrained", False) if pretrained is None else pretrained
     model, origin = build_model(spec, num_classes, bool(use_pretrained))
     if plan is None:
-        plan = ViewPlan(seed=seed, size=size, scale=(scale_min, 1.0), hflip=hflip, auto_augment=auto_augment,
+        plan = ViewPlan(seed=seed, size=size, scale=tuple(scale), hflip=hflip, auto_augment=auto_augment,
                         re_prob=re_prob, interpolation=spec["interpolation"])
     num_views = num_views or epochs
     val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],

@@ -25,6 +25,9 @@ from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk,
                             encode_lse_tau, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
 
+STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores
+
+
 def aligned_shard_rows(requested: int, num_views: int, batch_size: int) -> int:
     """Round the rows per shard up so a shard holds a whole number of batches."""
     step = batch_size // math.gcd(batch_size, num_views)
@@ -57,7 +60,7 @@ def teacher_spec(teacher, weights=None) -> dict:
 
 
 def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size=64, device="auto", amp="none",
-          workers=0, store_root="stores", out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
+          workers=0, store_root=STORE_ROOT, out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
           channels_last=False, temperatures=DEFAULT_TEMPERATURES, quiet=False, log=print) -> dict:
     """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict.
 
@@ -87,7 +90,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     if not 1 <= k <= manifest["num_classes"]:
         raise UserError(f"--k {k} must lie in 1..{manifest['num_classes']} (the number of classes)")
     if num_views < 1 or batch_size < 1:
-        raise UserError(f"--views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
+        raise UserError(f"--num-views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
     temperatures = check_temperatures(temperatures)
     model, digest = load_teacher(spec)
     dev = resolve_device(device)

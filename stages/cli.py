@@ -1,8 +1,10 @@
 """The `pipeline` console command: a click group over the stage modules.
 
 Stage modules are imported only when their command runs, so `pipeline --help` stays fast.
-Every option can also come from params.yaml: the section named after the command (e.g. `teach:`)
-is click's default_map for that command, and command-line options override it.
+Every option can also come from params.yaml: the section named after the command (e.g. `teach:`,
+`finetune-teacher:`) is click's default_map for that command, and command-line options override it.
+Keys are spelt as the options are typed (`num-views: 4` for --num-views), like the per-student options
+that dvc.yaml unpacks into flags: one spelling in the whole file.
 """
 
 import errno
@@ -63,7 +65,7 @@ class StageGroup(click.Group):
 
 
 def load_params(path: Path, explicit: bool = False) -> dict:
-    """Sections of params.yaml keyed by command name; option keys may use dashes or underscores.
+    """Sections of params.yaml keyed by command name, keys as written (option names: see `default_map`).
 
     The default params.yaml may be absent; a file named with --params must exist. A section named after
     a command must be a mapping (other top-level keys are dvc.yaml's and are left alone)."""
@@ -79,25 +81,35 @@ def load_params(path: Path, explicit: bool = False) -> dict:
     if not isinstance(params, dict):
         raise UserError(f"{path} must be a mapping of sections (e.g. `teach:`), not a {type(params).__name__}")
     for section, options in params.items():
-        if str(section).replace("_", "-") in STAGES and not isinstance(options, dict):
+        if str(section).replace("_", "-") not in STAGES:
+            continue
+        if "_" in str(section):
+            raise UserError(f"{path}: section '{section}' is spelt '{section.replace('_', '-')}' (the command's name)")
+        if not isinstance(options, dict):
             raise UserError(f"{path}: section '{section}' must be a mapping of option: value, "
                             f"not {type(options).__name__}")
-    return {
-        section.replace("_", "-"): {key.replace("-", "_"): value for key, value in options.items()}
-        for section, options in params.items()
-        if isinstance(options, dict)
-    }
+    return {section: options for section, options in params.items() if section in STAGES}
 
 
-def check_section(path: Path, name: str, command: click.Command, section: dict) -> None:
-    """A misspelt key in params.yaml would silently be ignored by click: refuse it instead."""
-    known = {param.name for param in command.params}
-    unknown = sorted(set(section) - known)
+def default_map(path: Path, name: str, command: click.Command, section: dict) -> dict:
+    """A section's keys are the option names as typed (`num-views` for --num-views): -> click's param names.
+
+    A misspelt key would silently be ignored by click, and a second spelling would make two names for one
+    setting: refuse both, naming the right key."""
+    by_option = {opt.lstrip("-"): param.name for param in command.params for opt in param.opts if opt.startswith("--")}
+    unknown = []
+    for key in section:
+        if key not in by_option and str(key).replace("_", "-") in by_option:
+            raise UserError(f"{path}: section '{name}' key '{key}' is spelt '{key.replace('_', '-')}' "
+                            f"(as the option --{key.replace('_', '-')} is typed)")
+        if key not in by_option:
+            unknown.append(str(key))
     if unknown:
         raise UserError(
-            f"{path}: section '{name}' has unknown option(s) {', '.join(unknown)}; "
+            f"{path}: section '{name}' has unknown option(s) {', '.join(sorted(unknown))}; "
             f"`pipeline {name} --help` lists the valid ones"
         )
+    return {by_option[key]: value for key, value in section.items()}
 
 
 @click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,8 +118,8 @@ def check_section(path: Path, name: str, command: click.Command, section: dict) 
               help="YAML file whose section per command (e.g. `teach:`) gives that command's defaults.")
 @click.pass_context
 def main(ctx, params_path):
-    """Offline teacher-logit distillation: shard -> (finetune-teacher) -> teach -> student -> fuse -> evaluate
-    -> report.
+    """Offline teacher-logit distillation: shard -> finetune-teacher (optional) -> teach -> student -> fuse ->
+    evaluate -> report.
 
     A command's --help shows the defaults in effect: "from params.yaml `SECTION:`" marks a value from
     the --params file, the others are built in.
@@ -119,10 +131,9 @@ def main(ctx, params_path):
         click.echo(f"{os.environ['DVC_STAGE']}: {STAGES[name][2]}", err=True)
     command = ctx.command.get_command(ctx, name) if name else None
     if command is not None and not isinstance(command, click.Group):
-        section = ctx.default_map.get(name, {})
-        if name in ctx.default_map:
-            check_section(params_path, name, command, section)
-        show_default_sources(command, section, f"{params_path} `{name.replace('-', '_')}:`")
+        section = default_map(params_path, name, command, ctx.default_map.get(name, {}))
+        ctx.default_map[name] = section
+        show_default_sources(command, section, f"{params_path} `{name}:`")
 
 
 def _brief(value) -> str:

@@ -5,36 +5,34 @@ from pathlib import Path
 import click
 
 from pipeline.io import atomic_write_json, significant
+from stages import options
 
 
 @click.command("evaluate")
 @click.option("--fused-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory of `pipeline fuse` (fused.safetensors, model.onnx, fuse.json).")
-@click.option("--shards", "shard_dir", default="data/shards", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Shard directory; its val split is scored.")
+@options.shards
 @click.option("--teach-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of the teacher pointer files (pipeline teach --out), for top-1 agreement with each "
                    "teacher; a teacher that cannot be loaded (e.g. offline) is skipped with a note.")
-@click.option("--teacher-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--finetune-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output root of `pipeline finetune-teacher` ({dir}/{teacher}/teacher.yaml): where fine-tuned "
                    "teachers' weights are found; other teachers are rebuilt from their store's provenance.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Metrics JSON to write (DVC metrics; `pipeline report` reads it).")
 @click.option("--latency-runs", default=100, show_default=True, type=click.IntRange(min=1),
               help="Batch-1 forward passes whose median is the reported latency (ms).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--latency-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Batch size of the throughput measurement (images/s).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1),
               help="Batch size of the accuracy pass.")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="CPU threads of torch and onnxruntime for every measurement (1 = steady single-thread "
-                   "latency) [default: the libraries' defaults, all cores].")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(fused_dir, shard_dir, out_path, **options):
+@options.threads
+@options.quiet
+def command(fused_dir, shards, out_path, finetune_dir, latency_batch, **kwargs):
     """Score FUSED_DIR on the val split; write top-1/top-5, agreement, params, MACs, latency to OUT."""
     from pipeline.evaluate import evaluate_fused
 
-    metrics = evaluate_fused(fused_dir, shard_dir, **options)
+    metrics = evaluate_fused(fused_dir, shards, teacher_dir=finetune_dir, batch=latency_batch, **kwargs)
     metrics = significant(metrics)  # 4 significant digits, not fixed decimals: small figures stay visible
     atomic_write_json(out_path, metrics)
     lat = metrics["latency_ms"]

@@ -4,9 +4,21 @@ from pathlib import Path
 
 import click
 
+from pipeline.errors import UserError
+from stages import options
 from stages.teach import PlanParam
 
-FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num_views:`)
+FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num-views:`)
+
+
+def _scale(value) -> tuple[float, float]:
+    """'0.35,1' or [0.35, 1] (params.yaml) -> (0.35, 1.0), as the student's --scale."""
+    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]").split(",")
+    try:
+        low, high = (float(v) for v in items)
+    except ValueError:
+        raise UserError(f"--scale must be MIN,MAX area fractions like 0.35,1.0, got {value!r}") from None
+    return low, high
 
 
 def _teach_section() -> dict:
@@ -16,8 +28,7 @@ def _teach_section() -> dict:
 
 @click.command("finetune-teacher")
 @click.option("--teacher", required=True, help="Teacher spec: a name under manifests/teachers/ or a YAML path.")
-@click.option("--shards", "shard_dir", default="data/shards", show_default=True, type=click.Path(path_type=Path),
-              help="Shard directory written by `pipeline shard` (train split trains, val split scores).")
+@options.shards
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output directory: weights.safetensors, teacher.yaml (give it to `pipeline teach --teacher`), "
                    "metrics.json; an interrupted run resumes from its resume.safetensors.")
@@ -27,17 +38,18 @@ def _teach_section() -> dict:
 @click.option("--weight-decay", default=0.05, show_default=True, help="AdamW weight decay.")
 @click.option("--warmup-epochs", default=1.0, show_default=True, help="Epochs of linear learning-rate warmup.")
 @click.option("--label-smoothing", default=0.1, show_default=True, help="Cross-entropy label smoothing.")
-@click.option("--size", type=int, default=None, help="Training/eval resolution in px [default: the spec's input_size].")
+@click.option("--img-size", type=click.IntRange(min=8), default=None,
+              help="Training/eval resolution in px [default: the spec's input_size].")
 @click.option("--plan", default=FROM_TEACH, show_default=True,
               help="View plan to train on: 'teach' = params.yaml's `teach: plan:` (the views `pipeline teach` "
                    "stores, so the teacher is fitted to what it will label; falls back to 'flags' without one), "
-                   "a YAML file of ViewPlan fields, or 'flags' = --scale-min/--hflip/--auto-augment/--re-prob.")
-@click.option("--views", "num_views", type=click.IntRange(min=1), default=None,
-              help="Views per image (V) the epochs cycle through [default: params.yaml's teach num_views with "
+                   "a YAML file of ViewPlan fields, or 'flags' = --scale/--hflip/--auto-augment/--re-prob.")
+@click.option("--num-views", type=click.IntRange(min=1), default=None,
+              help="Views per image (V) the epochs cycle through [default: params.yaml's teach num-views with "
                    "--plan teach, else --epochs].")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (recorded in metrics.json) [default: torch's choice].")
-@click.option("--scale-min", default=0.35, show_default=True, help="Smallest RandomResizedCrop area fraction.")
+@options.threads
+@click.option("--scale", default="0.35,1.0", show_default=True,
+              help="RandomResizedCrop area range MIN,MAX (as the student's --scale).")
 @click.option("--hflip", default=0.5, show_default=True, help="Horizontal flip probability (0 for digits, text).")
 @click.option("--auto-augment", default="rand-m9-mstd0.5", show_default=True,
               help="timm RandAugment spec; 'none' turns it off.")
@@ -46,9 +58,9 @@ def _teach_section() -> dict:
 @click.option("--pretrained/--scratch", default=None,
               help="Start from the hub weights (falls back to scratch when they cannot be had) or from scratch "
                    "[default: the spec's `pretrained`].")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(teacher, shard_dir, out_dir, auto_augment, plan, num_views, **options):
+@options.workers
+@options.quiet
+def command(teacher, shards, out_dir, auto_augment, plan, num_views, scale, **kwargs):
     """Fine-tune TEACHER on the train shards (timm or TorchScript); write weights + a teacher spec for `pipeline teach`."""
     from pipeline.finetune import finetune_teacher
 
@@ -56,11 +68,11 @@ def command(teacher, shard_dir, out_dir, auto_augment, plan, num_views, **option
     view_plan = None
     if plan == FROM_TEACH and _teach_section().get("plan"):
         view_plan = PlanParam().convert(_teach_section()["plan"], None, None)
-        num_views = num_views or _teach_section().get("num_views")
+        num_views = num_views or _teach_section().get("num-views")
     elif plan not in (FROM_TEACH, "flags"):
         view_plan = PlanParam().convert(plan, None, None)
-    metrics = finetune_teacher(teacher, shard_dir, out_dir, auto_augment=auto_augment, plan=view_plan,
-                               num_views=num_views, **options)
+    metrics = finetune_teacher(teacher, shards, out_dir, auto_augment=auto_augment, plan=view_plan,
+                               num_views=num_views, scale=_scale(scale), **kwargs)
     before, after = metrics["before"], metrics["after"]
     click.echo(f"teacher {metrics['teacher']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "
                f"on views {before['views']:.2f}% -> {after['views']:.2f}% after {metrics['epochs']} epochs from "

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from stages import options
+
 # pipeline.fuse.CHECKPOINTS, spelt here so that --help does not import torch (tests/test_cli.py checks they agree)
 CHECKPOINTS = ("best", "ema", "model")
 
@@ -11,9 +13,7 @@ CHECKPOINTS = ("best", "ema", "model")
 @click.command("fuse")
 @click.option("--student-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory of `pipeline student` (student.json, ema.safetensors, model.safetensors).")
-@click.option("--shards", "shard_dir", default="data/shards", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Shard directory; the check runs on the first images of its val split.")
+@options.shards
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: fused.safetensors (stock architecture), model.onnx, fuse.json.")
 @click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="best", show_default=True,
@@ -25,11 +25,11 @@ CHECKPOINTS = ("best", "ema", "model")
               help="Largest allowed |logit difference|; beyond it (or on a clear top-1 flip) the stage fails.")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and check model.onnx.")
 @click.option("--name", default=None, help="Student name in fuse.json and the report [default: the student dir name].")
-def command(student_dir, shard_dir, out_dir, **options):
+def command(student_dir, shards, out_dir, **kwargs):
     """Fold STUDENT_DIR's re-parameterized branches into the stock inference model, check it, save it."""
     from pipeline.fuse import fuse_student
 
-    info = fuse_student(student_dir, shard_dir, out_dir, **options)
+    info = fuse_student(student_dir, shards, out_dir, **kwargs)
     check = info["fused_check"]
     onnx = f", ONNX max |diff| {info['onnx_check']['max_abs_diff']:.2e}" if "onnx_check" in info else ""
     click.echo(f"{info['student']}: {info['model']} -> {info['stock_model']}; fused max |diff| "

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from stages import options
+
 
 @click.group()
 def group():
@@ -47,8 +49,7 @@ def inspect(path, as_json, verify):
 
 @group.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--shards", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The shard directory the store was made from (its dataset fingerprint is checked).")
+@options.shards
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
               help="Random stored (sample, view) pairs to re-render and re-run.")
 @click.option("--teacher", default=None,
@@ -56,7 +57,7 @@ def inspect(path, as_json, verify):
                    "(e.g. a fine-tuned teacher: outputs/teachers/NAME/teacher.yaml). Default: the provenance's.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Teacher weights file overriding the spec's; must match the store's weights digest.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@options.device
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Views per forward.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample drawn.")
 @click.option("--max-kl", default=None, type=float,
@@ -105,7 +106,7 @@ def _the_store_under(folder: Path) -> Path:
 
 
 @group.command("list")
-@click.argument("root", default="outputs/stores", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", default=options.STORE_ROOT, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_stores(root, as_json):
     """Every store under ROOT [default: outputs/stores, where dvc.yaml puts them]: teacher, dataset, plan hash,

@@ -15,6 +15,7 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.manifests import load_spec
 from pipeline.recipes import FIELDS, TYPES, Recipe, load_recipe, parse_overrides
+from stages import options
 
 RECIPE_OPTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")]
 
@@ -75,8 +76,7 @@ def _command(func):
               help="Comma-separated ensemble weights, one per teacher (default: equal).")
 @click.option("--recipe", default="ghostnetv3-paper", show_default=True,
               help="Training recipe: manifests/recipes/NAME.yaml or a YAML path.")
-@click.option("--shards", "shard_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Shard directory (pipeline shard --out) with the train and val splits.")
+@options.shards
 @click.option("--teach-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory holding the teacher pointer files NAME.json (pipeline teach --out).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -92,8 +92,7 @@ def _command(func):
                    "the tempered tail (6-79 % off at tau 2-4; prints a warning). Default: refuse.")
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue from OUT/checkpoint.safetensors (same recipe, teachers, student and shards).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader worker processes per rank (0 = decode in the training process).")
+@options.workers
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Batch size of the per-epoch validation.")
 @click.option("--init", default=None,
@@ -101,18 +100,16 @@ def _command(func):
                    "mobilenetv2_100, torchvision shufflenet_v2_x1_0, timm ghostnetv2_100 / ghostnetv3_100) or of "
                    "a rep student, or a timm pretrained tag (mobilenetv2_100.ra_in1k). The training form starts "
                    "as exactly that model; a new classifier when the class count differs. [default: random init]")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (recorded in student.json) [default: torch's choice; on a shared machine "
-                   "1-2 are often faster].")
+@options.threads
 @click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Validate every N epochs; the last epoch is always validated on the whole val split.")
 @click.option("--val-samples", type=click.IntRange(min=1), default=None,
               help="Per-epoch validation on this many images (a fixed seeded subset) [default: all].")
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
               help="Any recipe field, value in YAML (e.g. --set ema_decay=null). Repeatable.")
-@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@options.quiet
 @_command
-def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, out, curves_dir, views_from, flat_tail,
+def command(student, teachers, teacher_weights, recipe, shards, teach_dir, out, curves_dir, views_from, flat_tail,
             resume, workers, eval_batch_size, init, threads, val_every, val_samples, set_items, quiet, **recipe_values):
     """Train STUDENT with RECIPE against the stored logits of TEACHERS (the student stage)."""
     from pipeline.store import open_pointer
@@ -131,7 +128,7 @@ def command(student, teachers, teacher_weights, recipe, shard_dir, teach_dir, ou
         if teach_dir is None:
             raise UserError("--views-from needs --teach-dir (the `pipeline teach --out` directory)")
         view_store = open_pointer(teach_dir / f"{views_from}.json")
-    train(spec, recipe, shard_dir, out, stores, names, _weights(teacher_weights), resume=resume,
+    train(spec, recipe, shards, out, stores, names, _weights(teacher_weights), resume=resume,
           workers=workers, quiet=quiet, eval_batch_size=eval_batch_size, init=init, threads=threads,
           val_every=val_every, val_samples=val_samples, views_from=view_store, flat_tail=flat_tail,
           curves_dir=curves_dir)

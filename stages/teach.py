@@ -6,6 +6,7 @@ import click
 import yaml
 
 from pipeline.errors import UserError
+from stages import options
 
 # pipeline.store's DEFAULT_VALUES / DEFAULT_TEMPERATURES, spelt here so that --help does not import
 # zarr/torch (tests/test_cli.py checks they agree)
@@ -48,21 +49,20 @@ def _temperatures(value) -> list[float]:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--teacher", required=True, help="Teacher spec: a name under manifests/teachers/ or a YAML path.")
-@click.option("--shards", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Shard directory written by `pipeline shard` (holds manifest.json).")
+@options.shards
 @click.option("--split", default="train", help="Split of the shards to run over.")
 @click.option("--plan", "plan", type=PlanParam(), default=None,
               help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
                    "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
-@click.option("--views", "--num-views", "num_views", default=4, type=click.IntRange(min=1),
+@click.option("--num-views", default=4, type=click.IntRange(min=1),
               help="Views per sample (V).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
+@options.device
 @click.option("--amp", default="none", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast dtype.")
 @click.option("--channels-last/--no-channels-last", default=False, help="channels_last memory format (GPU CNNs).")
-@click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader processes rendering views.")
-@click.option("--store-root", default="stores",
+@options.workers
+@click.option("--store-root", default=options.STORE_ROOT,
               help="Directory or fsspec URL (s3://bucket/prefix, gs://..., a shared path) holding the stores; "
                    "each lives at {root}/{teacher}-{key}.zarr.")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -77,9 +77,8 @@ def _temperatures(value) -> list[float]:
 @click.option("--shard-rows", default=256, type=click.IntRange(min=1),
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (recorded in the store's run attributes) [default: torch's choice].")
-@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@options.threads
+@options.quiet
 def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
             out, weights, values, temperatures, shard_rows, threads, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.

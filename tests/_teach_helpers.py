@@ -32,6 +32,6 @@ def tiny_shards(tmp: Path) -> Path:
 
 def teach_args(spec, shards, root, *extra):
     """CLI arguments of a small, fast teach run (V=2, K=3, shards of 2 rows)."""
-    return ["teach", "--teacher", str(spec), "--shards", str(shards), "--views", "2", "--k", "3", "--batch-size", "2",
+    return ["teach", "--teacher", str(spec), "--shards", str(shards), "--num-views", "2", "--k", "3", "--batch-size", "2",
             "--shard-rows", "2", "--device", "cpu", "--store-root", str(root), "--out", str(root / "out"),
             "--values", "f16", "--quiet", *extra]

@@ -24,18 +24,18 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "launch": {"teach": "pipeline", "student": "pipeline"},
-    "shard": {"source": "synthetic", "num_classes": 4, "per_class": 12, "image_size": 64, "val_fraction": 0.25},
-    "finetune_teacher": {"epochs": 1, "batch_size": 16, "hflip": 0.0, "auto_augment": "none", "quiet": True},
+    "shard": {"source": "synthetic", "num-classes": 4, "per-class": 12, "image-size": 64, "val-fraction": 0.25},
+    "finetune-teacher": {"epochs": 1, "batch-size": 16, "hflip": 0.0, "auto-augment": "none", "quiet": True},
     "finetune": {"demo-resnet10t": {"teacher": "demo-resnet10t"}},
     "teachers": {"demo-resnet10t": {"spec": "outputs/teachers/demo-resnet10t/teacher.yaml"}},
-    "teach": {"num_views": 2, "k": 3, "batch_size": 32, "quiet": True,
+    "teach": {"num-views": 2, "k": 3, "batch-size": 32, "quiet": True,
               "plan": {"seed": 0, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": None,
                        "re_prob": 0.0}},
     "student": {"recipe": "demo", "quiet": True},
     "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t", "alpha": 0.5, "epochs": 1,
                           "batch-size": 16}},
-    "fuse": {"check_images": 8},
-    "evaluate": {"latency_runs": 5, "batch": 4, "threads": 1, "quiet": True},
+    "fuse": {"check-images": 8},
+    "evaluate": {"latency-runs": 5, "latency-batch": 4, "threads": 1, "quiet": True},
     "report": {},
 }
 

@@ -88,7 +88,7 @@ def test_torchscript_teacher_is_fitted_to_the_teach_plan(tmp_path, shards):
     """Default plan: params.yaml's teach.plan; summary: clean and views top-1 before -> after; TorchScript out."""
     params = tmp_path / "params.yaml"
     plan = {"seed": 3, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": "rand-m5", "re_prob": 0.25}
-    params.write_text(yaml.safe_dump({"teach": {"num_views": 2, "plan": plan}}))
+    params.write_text(yaml.safe_dump({"teach": {"num-views": 2, "plan": plan}}))
     result = CliRunner().invoke(main, ["--params", str(params), "finetune-teacher", "--teacher",
                                        str(_script_teacher(tmp_path)), "--shards", str(shards), "--out",
                                        str(tmp_path / "t"), "--epochs", "1", "--batch-size", "8", "--quiet",

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -26,7 +27,7 @@ def test_misspelt_params_key_is_refused_with_exit_2(tmp_path):
     assert "unknown option(s) nmu_views" in result.output
 
 
-def test_params_section_gives_defaults_with_dashes_or_underscores(tmp_path):
+def test_params_section_gives_defaults_with_dashes(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("shard:\n  val-fraction: 0.5\n")
     result = CliRunner().invoke(main, ["--params", str(params), "shard", "--help"])
@@ -81,3 +82,67 @@ def test_help_names_where_a_default_comes_from_and_does_not_print_a_dict(tmp_pat
     assert f"7 from {params} `teach:`" in result.output
     assert f"a mapping of 3 fields from {params} `teach:`" in result.output and "'seed'" not in result.output
     assert "[default: 64;" in result.output  # --batch-size: not in the section, the built-in default
+
+
+def _all_commands():
+    """(name, click command) of every leaf command, store subcommands included."""
+    group = main
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        if isinstance(command, click.Group):
+            yield from ((f"{name} {sub}", command.commands[sub]) for sub in command.commands)
+        else:
+            yield name, command
+
+
+# a concept -> the one option name for it, and the names that once spelt it in some command
+ALIASES = {"--img-size": ("--size", "--image-px"), "--scale": ("--scale-min", "--scale-max"),
+           "--num-views": ("--views", "-V"), "--latency-batch": ("--batch",),
+           "--finetune-dir": ("--teacher-dir",), "--shards": ("--shard-dir",), "--workers": ("--num-workers",),
+           "--threads": ("--num-threads",)}
+
+
+def test_no_command_spells_a_concept_by_a_retired_alias():
+    used = {opt: name for name, command in _all_commands() for param in command.params for opt in param.opts}
+    retired = {alias: (right, used[alias]) for right, aliases in ALIASES.items() for alias in aliases if alias in used}
+    assert not retired, f"retired alias -> (the one name, the command using it): {retired}"
+
+
+@pytest.mark.parametrize("name", ["shards", "workers", "quiet", "threads", "device"])
+def test_shared_options_are_one_definition_in_every_command(name):
+    """--shards, --workers, --quiet, --threads, --device: one decorator each (stages/options.py): the same
+    param name, default, type and help wherever a command has the option."""
+    import stages.options
+
+    reference = getattr(stages.options, name)(lambda: None).__click_params__[0]
+    found = [(cmd, p) for cmd, command in _all_commands() for p in command.params if f"--{name}" in p.opts]
+    assert len(found) >= 2, found
+    for cmd, param in found:
+        assert (param.name, param.default, param.help, param.show_default, repr(param.type)) == (
+            reference.name, reference.default, reference.help, reference.show_default, repr(reference.type)), cmd
+
+
+def test_params_keys_have_one_spelling_and_the_other_is_refused_naming_the_right_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("teach:\n  num_views: 3\n")
+    result = CliRunner().invoke(main, ["--params", str(params), "teach", "--help"])
+    assert result.exit_code == 2 and "key 'num_views' is spelt 'num-views'" in result.output, result.output
+    params.write_text("finetune_teacher:\n  epochs: 1\n")
+    result = CliRunner().invoke(main, ["--params", str(params), "report", "--help"])
+    assert result.exit_code == 2 and "is spelt 'finetune-teacher'" in result.output, result.output
+    for shipped in ("params.yaml", "params-imagenet.yaml"):  # the files we ship use the one spelling
+        result = CliRunner().invoke(main, ["--params", str(REPO / shipped), "teach", "--help"])
+        assert result.exit_code == 0, (shipped, result.output)
+
+
+def test_top_level_help_describes_the_whole_chain():
+    result = CliRunner().invoke(main, ["--help"], terminal_width=200)
+    assert "shard -> finetune-teacher (optional) -> teach -> student -> fuse -> evaluate -> report" in result.output
+
+
+def test_teach_store_root_default_is_where_dvc_yaml_puts_the_stores():
+    import stages.teach
+    from pipeline.teach import STORE_ROOT
+
+    default = next(p.default for p in stages.teach.command.params if p.name == "store_root")
+    assert default == STORE_ROOT == "outputs/stores" and "--store-root outputs/stores/" in (REPO / "dvc.yaml").read_text()

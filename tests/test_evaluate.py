@@ -58,7 +58,7 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
     out = tmp_path / "eval" / "student.json"
     result = CliRunner().invoke(main, ["evaluate", "--fused-dir", str(tmp_path / "fused"), "--shards", str(shards),
                                        "--teach-dir", str(tmp_path / "teach"), "--out", str(out),
-                                       "--latency-runs", "3", "--batch", "2", "--threads", "1", "--quiet"])
+                                       "--latency-runs", "3", "--latency-batch", "2", "--threads", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     m = json.loads(out.read_text())
     assert m["val_samples"] == 12 and 0 <= m["top1"] <= m["top5"] <= 100

@@ -174,7 +174,7 @@ def test_fused_weights_and_onnx_are_checked_before_loading(fused_dir, tmp_path, 
         (fused / "fuse.json").write_text(json.dumps(info))
         (fused / name).write_bytes(payload_pickle(marker))
         result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"),
-                     "--out", str(tmp_path / "m.json"), "--latency-runs", "1", "--batch", "1", "--quiet")
+                     "--out", str(tmp_path / "m.json"), "--latency-runs", "1", "--latency-batch", "1", "--quiet")
         assert_one_line_error(result, name, "re-run `pipeline fuse")
     assert not marker.exists() and not (tmp_path / "m.json").exists()
 
@@ -456,7 +456,7 @@ def test_finetuned_teacher_spec_works_from_any_directory(base, tmp_path, monkeyp
     _, spec, shards = base
     monkeypatch.chdir(tmp_path)
     result = cli("finetune-teacher", "--teacher", str(spec), "--shards", str(shards), "--out", "tuned",
-                 "--epochs", "1", "--batch-size", "8", "--size", "32", "--quiet")
+                 "--epochs", "1", "--batch-size", "8", "--img-size", "32", "--quiet")
     assert result.exit_code == 0, result.output
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -522,7 +522,7 @@ def test_user_errors_are_one_line(base, tmp_path, monkeypatch, fused_dir, case):
         info["sha256"]["model.onnx"] = __import__("hashlib").sha256(b"garbage").hexdigest()
         (fused / "fuse.json").write_text(json.dumps(info))
         result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"), "--out",
-                     str(tmp_path / "m.json"), "--latency-runs", "1", "--batch", "1", "--quiet")
+                     str(tmp_path / "m.json"), "--latency-runs", "1", "--latency-batch", "1", "--quiet")
         words = ("model.onnx",)
     else:  # disk full while writing the manifest of a re-shard: the old shards stay as they were
         out = tmp_path / "o"

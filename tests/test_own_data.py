@@ -66,14 +66,14 @@ def test_own_data_path_on_a_cifar10_subset(tmp_path):
     spec.write_text(yaml.safe_dump({"name": "own", "model": str(tmp_path / "own.pt"), "source": "torchscript", "trust_code": True,
                                     "input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 10}))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"teach": {"num_views": 2, "plan": PLAN}}))
+    params.write_text(yaml.safe_dump({"teach": {"num-views": 2, "plan": PLAN}}))
     out = _cli("finetune-teacher", "--teacher", spec, "--shards", shards, "--out", tmp_path / "teacher",
                "--epochs", "1", "--batch-size", "32", "--threads", "1", "--quiet", params=params)
     assert "on views" in out
     tuned = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     assert tuned["plan"]["auto_augment"] == PLAN["auto_augment"] and tuned["before"] != tuned["after"]
 
-    _cli("teach", "--teacher", tmp_path / "teacher" / "teacher.yaml", "--shards", shards, "--views", "2", "--k", "5",
+    _cli("teach", "--teacher", tmp_path / "teacher" / "teacher.yaml", "--shards", shards, "--num-views", "2", "--k", "5",
          "--batch-size", "64", "--device", "cpu", "--store-root", tmp_path / "stores", "--out", tmp_path / "teach",
          "--quiet", params=params)
 
@@ -88,7 +88,7 @@ def test_own_data_path_on_a_cifar10_subset(tmp_path):
     _cli("fuse", "--student-dir", tmp_path / "student", "--shards", shards, "--out", tmp_path / "fused",
          "--check-images", "8")
     _cli("evaluate", "--fused-dir", tmp_path / "fused", "--shards", shards, "--teach-dir", tmp_path / "teach",
-         "--teacher-dir", tmp_path, "--out", tmp_path / "eval" / "s.json", "--latency-runs", "3", "--batch", "2",
+         "--finetune-dir", tmp_path, "--out", tmp_path / "eval" / "s.json", "--latency-runs", "3", "--latency-batch", "2",
          "--threads", "1", "--quiet")
     metrics = json.loads((tmp_path / "eval" / "s.json").read_text())
     assert metrics["val_samples"] == 40 and 0 <= metrics["top1"] <= 100

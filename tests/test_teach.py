@@ -151,8 +151,8 @@ def test_offline_without_cached_weights_exits_2_with_one_line(setup):
 def test_options_and_view_plan_come_from_params_yaml(setup):
     tmp, spec, shards, _ = setup
     params = tmp / "params.yaml"
-    params.write_text(f"teach:\n  teacher: {spec}\n  shards: {shards}\n  num_views: 1\n  k: 2\n  device: cpu\n"
-                      f"  store_root: {tmp / 'from-params'}\n  out: {tmp / 'from-params'}\n  quiet: true\n"
+    params.write_text(f"teach:\n  teacher: {spec}\n  shards: {shards}\n  num-views: 1\n  k: 2\n  device: cpu\n"
+                      f"  store-root: {tmp / 'from-params'}\n  out: {tmp / 'from-params'}\n  quiet: true\n"
                       "  plan:\n    seed: 3\n    size: 64\n    auto_augment: rand-m5\n")
     result = CliRunner().invoke(main, ["--params", str(params), "teach"])
     assert result.exit_code == 0, result.output

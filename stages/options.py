@@ -1,0 +1,26 @@
+"""Options that several commands share: one decorator each, so each has one name, default, help and check.
+
+tests/test_cli.py checks that every command spells them through these decorators (identical help and
+default) and that no command uses a retired alias (e.g. --views for --num-views).
+"""
+
+from pathlib import Path
+
+import click
+
+SHARDS = "data/shards"  # where dvc.yaml's shard stage writes
+STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores (pipeline.teach.STORE_ROOT)
+
+
+shards = click.option("--shards", default=SHARDS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
+                      help="Shard directory written by `pipeline shard` (manifest.json + {split}-NNNNNN.tar).")
+
+
+workers = click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+                       help="DataLoader worker processes (per rank; 0 = decode in the main process).")
+quiet = click.option("--quiet", is_flag=True, help="No progress bar or per-epoch/summary lines.")
+threads = click.option("--threads", default=None, type=click.IntRange(min=1),
+                       help="CPU threads of torch (and onnxruntime), recorded in the outputs; 1 = steady, and "
+                            "often faster on a shared machine [default: the libraries' choice, all cores].")
+device = click.option("--device", default="auto", show_default=True,
+                      help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")
