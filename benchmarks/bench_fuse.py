@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--runs", type=int, default=50, help="timed forwards per model and batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first")
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=224, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,9 +48,9 @@ def main():
     models = {"train_form": train_form, "fused": fused, "stock": to_stock(fused)}
     result = {}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        x = torch.randn(bs, 3, args.size, args.size)
+        x = torch.randn(bs, 3, args.img_size, args.img_size)
         result[f"batch{bs}_ms"] = median_ms(models, x, args.runs, args.warmup)
-    result.update(model=args.model, runs=args.runs, size=args.size, threads=args.threads,
+    result.update(model=args.model, runs=args.runs, size=args.img_size, threads=args.threads,
                   torch=torch.__version__)
     print(json.dumps(result))
 

@@ -146,9 +146,9 @@ def bf16_teacher_kl(model_name, batch, size, batches):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=4096, help="samples per teacher store (x --views views)")
+    parser.add_argument("--samples", type=int, default=4096, help="samples per teacher store (x --num-views views)")
     parser.add_argument("--loss-samples", type=int, default=256, help="of which the losses are measured on")
-    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--num-views", type=int, default=4)
     parser.add_argument("--values", default=DEFAULT_VALUES, help="value encoding of the store (pipeline teach --values)")
     parser.add_argument("--bf16-model", default="resnet18")
     parser.add_argument("--bf16-batches", type=int, default=4, help="batches of 16 images at 224 px")
@@ -159,17 +159,17 @@ def main():
     cases, shapes, sizes = {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for t, (name, shape) in enumerate(TEACHERS.items()):
-            teacher, labels = teacher_logits(args.samples, args.views, shape, seed=t)
+            teacher, labels = teacher_logits(args.samples, args.num_views, shape, seed=t)
             probs = F.softmax(teacher, 1)
             shapes[name] = {"top1_p": round(float(probs.max(1).values.mean()), 3),
                             "top10_mass": round(float(probs.topk(K).values.sum(1).mean()), 3)}
-            store, per_view, per_array = through_store(tmp, name, teacher, labels, args.views, args.values)
+            store, per_view, per_array = through_store(tmp, name, teacher, labels, args.num_views, args.values)
             sizes.append(per_view)
             shapes[name]["bytes_by_array"] = per_array
             n = min(args.loss_samples, args.samples)
-            index = torch.arange(n).repeat_interleave(args.views)
-            view = torch.arange(args.views).repeat(n)
-            teacher = teacher[: n * args.views]
+            index = torch.arange(n).repeat_interleave(args.num_views)
+            view = torch.arange(args.num_views).repeat(n)
+            teacher = teacher[: n * args.num_views]
             for tau in DEFAULT_TEMPERATURES:
                 stored = store.lookup_tau(index, view, tau)
                 for s, stage in enumerate(("early", "mid", "late")):

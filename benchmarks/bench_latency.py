@@ -35,11 +35,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="Comma-separated torch / onnxruntime thread counts.")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args()
     model = timm.create_model("ghostnetv2_100").eval()
-    x = torch.randn(1, 3, args.size, args.size)
-    out = {"model": "ghostnetv2_100", "size": args.size, "runs": args.runs}
+    x = torch.randn(1, 3, args.img_size, args.img_size)
+    out = {"model": "ghostnetv2_100", "size": args.img_size, "runs": args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         onnx = Path(tmp) / "m.onnx"
         torch.onnx.export(model, (x,), dynamo=True, verbose=False).save(str(onnx))

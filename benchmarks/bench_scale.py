@@ -13,7 +13,7 @@ then in fresh subprocesses (peak RSS = the process's ru_maxrss):
 Throughput is per CPU second of the process (per core) with 1 thread; a stage's time at N is its
 open time + N x views / throughput, and growth is t(largest)/t(second largest). Prints one JSON object.
 
-    python benchmarks/bench_scale.py [--sizes 2000,8000,32000] [--sample 512] [--views 2] [--threads 1]
+    python benchmarks/bench_scale.py [--sizes 2000,8000,32000] [--sample 512] [--num-views 2] [--threads 1]
 """
 
 import argparse
@@ -163,7 +163,7 @@ STAGES = {"shard": stage_shard, "open": stage_open, "teach": stage_teach, "stude
 def _run(stage: str, out: Path, n: int, args, renderer: str = "fast") -> dict:
     """One stage in a fresh process: its result plus its peak RSS."""
     cmd = [sys.executable, __file__, "--stage", stage, "--dir", str(out), "--n", str(n), "--sample", str(args.sample),
-           "--views", str(args.views), "--threads", str(args.threads), "--renderer", renderer]
+           "--num-views", str(args.num_views), "--threads", str(args.threads), "--renderer", renderer]
     return json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -194,7 +194,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2000,8000,32000", help="comma-separated N (images)")
     parser.add_argument("--sample", type=int, default=512, help="images rendered per teach/student measurement")
-    parser.add_argument("--views", type=int, default=2, help="views per image in the teach measurement")
+    parser.add_argument("--num-views", type=int, default=2, help="views per image in the teach measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -205,7 +205,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     if args.stage:
-        kwargs = {} if args.stage in ("shard", "open") else dict(sample=args.sample, views=args.views,
+        kwargs = {} if args.stage in ("shard", "open") else dict(sample=args.sample, views=args.num_views,
                                                                    renderer=args.renderer)
         result = STAGES[args.stage](args.dir, args.n, **kwargs)
         print(json.dumps({**result, "peak_rss_mb": _rss_mb()}))
@@ -236,7 +236,7 @@ def main():
     a, b = (-1, -2) if len(sizes) > 1 else (-1, -1)
 
     def teach_t(i):
-        return r["open_s"][i] + sizes[i] * args.views / r["teach_views_per_s_core"][i]
+        return r["open_s"][i] + sizes[i] * args.num_views / r["teach_views_per_s_core"][i]
 
     def epoch_t(i):
         return r["open_s"][i] + sizes[i] / r["student_views_per_s_core"][i]
@@ -247,7 +247,7 @@ def main():
     r["rss_flatness"] = {k: round(max(v) / min(v), 3) for k, v in r["peak_rss_mb"].items()}
     r["speedup_student_loader"] = round(r["student_views_per_s_core"][-1] / r["baseline_student_views_per_s_core"][-1], 3)
     r["imagenet_estimate"] = _estimate(r)
-    r["settings"] = {"sample": args.sample, "views": args.views, "threads": args.threads, "shard_maxcount": 1000,
+    r["settings"] = {"sample": args.sample, "views": args.num_views, "threads": args.threads, "shard_maxcount": 1000,
                      "pool_distinct_images": POOL}
     print(json.dumps(r))
 

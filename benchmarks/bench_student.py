@@ -6,7 +6,7 @@ data loading included (student_loader replaying RandAugment + RandomErasing view
 teacher's forward on the same batch in every step (timm resnet101 and deit_base_patch16_224, random
 weights: the timing does not depend on them). Plus each teacher's bare forward on the same batch.
 
-    python benchmarks/bench_student.py [--batch 8] [--steps 4] [--threads 1] [--device cpu|cuda]
+    python benchmarks/bench_student.py [--batch-size 8] [--steps 4] [--threads 1] [--device cpu|cuda]
 
 Prints one JSON object. On CUDA the student and teachers run under bf16 autocast, channels_last.
 About 4-5 minutes on 2 busy CPU cores with the defaults. Whole-step times swing with the machine's
@@ -130,7 +130,7 @@ def forward_ms(model, x, device, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warmup step), round-robin over modes")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (more than the idle cores makes OpenMP spin: 10-40x slower)")
@@ -140,7 +140,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     plan = ViewPlan(size=224)  # the paper's views: RandomResizedCrop + flip + rand-m9-mstd0.5 + RE 0.25
-    count = max(args.batch * (args.steps + 1), args.classes)
+    count = max(args.batch_size * (args.steps + 1), args.classes)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = make_data(root, count, args.classes, plan)
@@ -157,7 +157,7 @@ def main():
         ema = ModelEmaV3(student, decay=0.9999)
 
         def loader():
-            return student_loader(root / "shards", "train", plan, 1, 224, MEAN, STD, args.batch, seed=0, epoch=0)
+            return student_loader(root / "shards", "train", plan, 1, 224, MEAN, STD, args.batch_size, seed=0, epoch=0)
 
         step = Stepper(student, optimizer, ema, loader, targets, device)
         modes = {"ce": None, "offline_kd": None, **{f"online_kd_{k}": t for k, t in teachers.items()}}
@@ -181,7 +181,7 @@ def main():
         "loss_ms": {k: round(v, 3) for k, v in loss.items()},
         "offline_over_ce_from_parts": round((step_ms["ce"] + loss["offline_kd"] - loss["ce"]) / step_ms["ce"], 4),
         "online_over_offline": {k: round(step_ms[f"online_kd_{k}"] / step_ms["offline_kd"], 3) for k in TEACHERS},
-        "config": {"student": "rep_ghostnetv3_100 (N=3 + 1x1 DW, training form)", "size": 224, "batch": args.batch,
+        "config": {"student": "rep_ghostnetv3_100 (N=3 + 1x1 DW, training form)", "size": 224, "batch": args.batch_size,
                    "timed_steps": args.steps, "threads": args.threads, "device": str(device),
                    "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "classes": args.classes,
                    "store_k": 10, "torch": torch.__version__,

@@ -70,7 +70,7 @@ def store_bytes(tmp, logits, params, labels, k, encoding, num_views):
 
 
 def size_and_fidelity(args, tmp):
-    plan, n, v = ViewPlan(), args.samples, args.views
+    plan, n, v = ViewPlan(), args.samples, args.num_views
     params = np.stack([[view_params(plan, f"n{i:07d}", j) for j in range(v)] for i in range(n)])
     labels = np.random.default_rng(0).integers(0, 1000, n)
     logits = synthetic_logits(n * v, 1000, args.logit_std, args.boost)
@@ -118,7 +118,7 @@ def throughput(args, tmp):
     forward = Forward(model, spec, torch.device("cpu"))
     batches = [torch.randint(0, 256, (args.batch_size, 3, 224, 224), dtype=torch.uint8) for _ in range(2)]
     forward(batches[0])  # warm-up (kernel selection), excluded from both measurements
-    n_batches = args.teach_samples * args.views // args.batch_size
+    n_batches = args.teach_samples * args.num_views // args.batch_size
 
     def bare():
         start = time.perf_counter()
@@ -129,7 +129,7 @@ def throughput(args, tmp):
     jpeg_shards(Path(tmp) / "shards", args.teach_samples)
     bare_runs, result = [bare()], {}
     for workers in args.workers:  # bare runs between teach runs: a shared machine's load drifts
-        summary = teach(teacher=spec, shards=Path(tmp) / "shards", plan=ViewPlan(), num_views=args.views, k=10,
+        summary = teach(teacher=spec, shards=Path(tmp) / "shards", plan=ViewPlan(), num_views=args.num_views, k=10,
                         batch_size=args.batch_size, device="cpu", workers=workers,
                         store_root=Path(tmp) / f"stores{workers}", shard_rows=64, quiet=True)
         result[workers] = summary["views_per_s"]
@@ -145,7 +145,7 @@ def throughput(args, tmp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4096, help="samples of the size/KL stores")
-    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--num-views", type=int, default=4)
     parser.add_argument("--logit-std", type=float, default=1.5)
     parser.add_argument("--boost", type=float, default=8.0)
     parser.add_argument("--model", default="resnet50")

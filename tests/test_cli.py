@@ -112,14 +112,16 @@ def test_no_command_spells_a_concept_by_a_retired_alias():
 def test_shared_options_are_one_definition_in_every_command(name):
     """--shards, --workers, --quiet, --threads, --device: one decorator each (stages/options.py): the same
     param name, default, type and help wherever a command has the option."""
+    def spelling(param):
+        return param.name, param.default, param.help, param.show_default, repr(param.type)
+
+    found = {cmd: spelling(p) for cmd, command in _all_commands() for p in command.params if f"--{name}" in p.opts}
+    assert len(found) >= 2, found
+    assert len(set(found.values())) == 1, found
+
     import stages.options
 
-    reference = getattr(stages.options, name)(lambda: None).__click_params__[0]
-    found = [(cmd, p) for cmd, command in _all_commands() for p in command.params if f"--{name}" in p.opts]
-    assert len(found) >= 2, found
-    for cmd, param in found:
-        assert (param.name, param.default, param.help, param.show_default, repr(param.type)) == (
-            reference.name, reference.default, reference.help, reference.show_default, repr(reference.type)), cmd
+    assert set(found.values()) == {spelling(getattr(stages.options, name)(lambda: None).__click_params__[0])}
 
 
 def test_params_keys_have_one_spelling_and_the_other_is_refused_naming_the_right_key(tmp_path):
