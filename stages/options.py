@@ -11,11 +11,8 @@ import click
 SHARDS = "data/shards"  # where dvc.yaml's shard stage writes
 STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores (pipeline.teach.STORE_ROOT)
 
-
 shards = click.option("--shards", default=SHARDS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
                       help="Shard directory written by `pipeline shard` (manifest.json + {split}-NNNNNN.tar).")
-
-
 workers = click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
                        help="DataLoader worker processes (per rank; 0 = decode in the main process).")
 quiet = click.option("--quiet", is_flag=True, help="No progress bar or per-epoch/summary lines.")
