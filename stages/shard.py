@@ -4,7 +4,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline.manifests import load_spec
-from stages import options
+from stages import options as shared  # `options` is the command's keyword dict below
 
 # spelt here for a fast --help (pipeline.data.sources owns them; tests/test_cli.py checks they match)
 SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
@@ -41,7 +41,7 @@ RENDERED_SIZE = 64
 @click.option("--per-class", default=32, type=click.IntRange(min=1), help="Synthetic source: images per class.")
 @click.option("--image-format", type=click.Choice(["jpg", "png"]), default="jpg",
               help="Synthetic source: encoding of the images.")
-@options.quiet
+@shared.quiet
 @click.pass_context
 def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image_format, quiet, **options):
     """Write a dataset as webdataset shards + manifest.json (same input -> byte-identical output)."""
