@@ -95,7 +95,7 @@ def test_student_refuses_a_store_whose_params_this_environment_does_not_derive(d
     other = ViewPlan.from_dict({**PLAN.to_dict(), "seed": 7})
     params = np.stack([[view_params(other, reader.key(i), v) for v in range(2)] for i in range(len(reader))])
     drifted = make_store(root / "shards", tmp_path / "teach", name="drift", plan=PLAN, k=3, params=params)
-    with pytest.raises(UserError, match="numpy/timm/Pillow version mismatch") as err:
+    with pytest.raises(UserError, match="numpy/timm/Pillow/OpenCV version mismatch") as err:
         train(STUDENT, load_recipe("demo", QUICK), root / "shards", tmp_path / "out", [drifted], ["drift"], quiet=True)
     assert "\n" not in str(err.value) and "timm" in str(err.value)
     assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
