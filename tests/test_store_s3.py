@@ -18,7 +18,8 @@ moto_server = pytest.importorskip("moto.server")
 from pipeline.recipes import load_recipe  # noqa: E402
 from pipeline.store import ARRAYS, open_pointer  # noqa: E402
 from pipeline.train import train  # noqa: E402
-from tests._teach_helpers import teach_args, tiny_shards, tiny_teacher  # noqa: E402
+from tests._data_helpers import synthetic_shards  # noqa: E402
+from tests._teach_helpers import NUM_CLASSES, teach_args, tiny_teacher  # noqa: E402
 from tests.conftest import EMPTY_PARAMS  # noqa: E402
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -71,7 +72,10 @@ def _objects(fs, url: str) -> dict:
 def test_two_ranks_into_s3_killed_and_resumed_equal_local_and_a_student_trains(s3, tmp_path):
     import s3fs
 
-    spec, shards = tiny_teacher(tmp_path), tiny_shards(tmp_path)
+    # enough store shards (2 rows each) that a rank is still writing when the first done flag shows
+    # (with the tiny set a loaded machine finished every shard before the kill landed)
+    spec, shards = tiny_teacher(tmp_path), tmp_path / "shards"
+    synthetic_shards(shards, num_classes=NUM_CLASSES, per_class=16, size=48, shard_size=16)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     local = subprocess.run([PIPELINE, *NO_PARAMS, *teach_args(spec, shards, tmp_path / "local")], env=env,
                            capture_output=True, text=True, timeout=300)
