@@ -300,10 +300,7 @@ def _render_reference(image, params, plan, size, ops) -> np.ndarray:
     if params[FLIP_SLOT]:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     for op, args in ops:
-        if op.aug_fn in _LUT_OPS:  # the same tables as the fast path (Pillow refuses posterize to 0 bits)
-            img = Image.fromarray(_LUT_OPS[op.aug_fn](*args)[np.asarray(img)])
-        else:
-            img = op.aug_fn(img, *args, **op.kwargs)
+        img = Image.fromarray(_colour_op(np.asarray(img), op, args))
     return np.asarray(img)
 
 
@@ -331,11 +328,17 @@ def _render_fast(image, params, plan, size, ops) -> np.ndarray:
         if pending:
             pixels = _warp(pixels, to_source, geometry, size, affine)
             to_source, geometry, affine, pending = None, np.eye(3), False, False
-        if op.aug_fn in _LUT_OPS:
-            pixels = _LUT_OPS[op.aug_fn](*args)[pixels]
-        else:
-            pixels = np.asarray(op.aug_fn(Image.fromarray(pixels), *args, **op.kwargs))
+        pixels = _colour_op(pixels, op, args)
     return _warp(pixels, to_source, geometry, size, affine) if pending else pixels
+
+
+def _colour_op(pixels: np.ndarray, op, args) -> np.ndarray:
+    """One RandAugment op on uint8 pixels, the same in both renderers (the fast one sends only the
+    non-affine ops here): a lookup table where there is one (Pillow refuses posterize to 0 bits), else
+    timm's op function."""
+    if op.aug_fn in _LUT_OPS:
+        return _LUT_OPS[op.aug_fn](*args)[pixels]
+    return np.asarray(op.aug_fn(Image.fromarray(pixels), *args, **op.kwargs))
 
 
 def _warp(pixels: np.ndarray, to_source, geometry: np.ndarray, size: int, affine: bool) -> np.ndarray:
