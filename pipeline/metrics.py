@@ -1,6 +1,7 @@
 """The figures every student is measured by, computed the same way everywhere: predictions over a loader,
-top-k accuracy, agreement between two models, and CPU speed (eager torch and onnxruntime). Training,
-fine-tuning, teaching, fusing and evaluation all count with these, so their numbers compare.
+top-k accuracy (the one accuracy loop of training and fine-tuning: `accuracy`), agreement between two models,
+and CPU speed (eager torch and onnxruntime). Training, fine-tuning, teaching, fusing and evaluation all count
+with these, so their numbers compare.
 """
 
 import statistics
@@ -11,6 +12,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.progress import progress
+from pipeline.runtime import autocast
 
 
 @torch.inference_mode()
@@ -36,6 +38,27 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """Percent of samples whose label is among the k highest logits (k capped at the class count)."""
     return {k: 100.0 * n / max(len(labels), 1) for k, n in topk_hits(logits, labels, ks).items()}
+
+
+@torch.no_grad()
+def accuracy(model, loader, device="cpu", channels_last: bool = False, amp: torch.dtype | None = None,
+             ks=(1, 5)) -> dict[int, float]:
+    """Top-k accuracy (%) of `model` over a loader, counted batch by batch (no logits kept), in eval mode
+    (the model's mode is restored); images go to `device` (channels_last on request) under `amp` autocast."""
+    was_training = model.training
+    model.eval()
+    hits, total = dict.fromkeys(ks, 0), 0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with autocast(torch.device(device), amp):
+            logits = model(x)
+        for k, n in topk_hits(logits.float().cpu(), batch["label"], ks).items():
+            hits[k] += n
+        total += len(batch["label"])
+    model.train(was_training)
+    return {k: 100.0 * n / max(total, 1) for k, n in hits.items()}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

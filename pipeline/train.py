@@ -2,13 +2,14 @@
 
 Per epoch: student_loader replays, for every sample, one of the V views the teachers saw (at the
 student's own resolution and normalisation), the stores give the teacher targets of exactly those
-(sample, view) pairs, and the loss is pipeline.distill.kd_loss. timm provides the optimizer
-(weight decay filtered off norms and biases), the per-update schedule and the weight EMA.
+(sample, view) pairs, and the loss is pipeline.distill.kd_loss. The epochs run in pipeline.loop.fit, the
+training loop a fine-tuned teacher shares: timm's optimizer (weight decay filtered off norms and biases),
+per-update schedule and weight EMA, the objective (loop.KDLoss) and the validation.
 
-Exact resume: every epoch ends with one atomic checkpoint (model, EMA, optimizer, counters,
-history); the learning rate is a pure function of the update count and every random stream
-(loader order, views, dropout, Mixup) is reseeded from (seed, epoch, rank), so a resumed run
-replays the uninterrupted one.
+Exact resume (explicit, `--resume`; the policy is pipeline.loop's): every epoch ends with one atomic
+checkpoint (model, EMA, optimizer, counters, history); the learning rate is a pure function of the update
+count and every random stream (loader order, views, dropout, Mixup) is reseeded from (seed, epoch, rank), so
+a resumed run replays the uninterrupted one.
 
 More than one process: run under torchrun; each rank takes a strided share of every global batch
 (the recipe's batch_size is global) and DDP averages gradients. BatchNorm statistics are per rank
@@ -17,47 +18,33 @@ channels_last.
 """
 
 import csv
-import hashlib
-import inspect
 import io
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 from safetensors.torch import save
-from timm.data import Mixup
-from timm.data.mixup import mixup_target
-from timm.optim import create_optimizer_v2, get_optimizer_class
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.models import pretrained_overlay  # (importing pipeline.models registers the rep_* students in timm)
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.data.loaders import eval_loader, replay_mismatch, student_loader, view_environment
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
-from pipeline.distill import ensemble_target, kd_loss
+from pipeline.distill import ensemble_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json
-from pipeline.metrics import topk_hits
+from pipeline.loop import KDLoss, fit
 from pipeline.models.rep import rep_settings
-from pipeline.progress import progress
 from pipeline.recipes import Recipe
-from pipeline.runtime import autocast, barrier, init_distributed, mean_across_ranks, resolve_device, set_threads, student_amp
+from pipeline.runtime import init_distributed, resolve_device, set_threads
 from pipeline.teachers import state_digest
 
-CHECKPOINT = "checkpoint.safetensors"
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
 # Recipe fields that describe the views: with a store they must agree with its plan (or be None).
 PLAN_FIELDS = ("auto_augment", "re_prob", "re_mode", "hflip", "scale")
 MIN_GHOSTNET_SIZE = 64
-LOG_EVERY = 20  # steps between progress-bar updates and NaN checks (each one waits for the device)
 
 
 def student_size(student: dict, recipe: Recipe) -> int:
@@ -108,33 +95,6 @@ def build_student(student: dict, recipe: Recipe, num_classes: int, init: str | N
     if record is not None:
         record["init_state_sha256"] = state_digest(model.state_dict())
     return model, {**kwargs, **rep_settings(model)}, record
-
-
-def create_optimizer(model, recipe: Recipe):
-    """timm's optimizer for the recipe, with no clipping of its own: recipe.grad_clip is the only one that holds.
-
-    (timm's Lamb family clips the global gradient norm at 1.0 by default; the paper mentions no clipping.)
-    """
-    extra = {}
-    if "max_grad_norm" in inspect.signature(get_optimizer_class(recipe.opt, bind_defaults=False)).parameters:
-        extra["max_grad_norm"] = None
-    return create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                               momentum=recipe.momentum, **extra)
-
-
-def create_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
-    """timm's per-update schedule: linear warmup that ends AT recipe.lr, then the decay over the remaining updates.
-
-    Counted in updates (timm's warmup_prefix starts the decay at the peak; without it the cosine starts during
-    warmup and the peak is never reached). A run no longer than its warmup is all warmup.
-    """
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=recipe.sched, num_epochs=max(1, recipe.epochs * steps_per_epoch - warmup),
-        decay_epochs=recipe.decay_epochs * steps_per_epoch, decay_rate=recipe.decay_rate, min_lr=recipe.min_lr,
-        warmup_lr=recipe.warmup_lr, warmup_epochs=warmup, warmup_prefix=True, step_on_epochs=False,
-        updates_per_epoch=1)
-    return scheduler
 
 
 def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_classes: int, size: int,
@@ -204,36 +164,6 @@ def check_replay(store, shard_dir, plan: ViewPlan, stored_params: np.ndarray) ->
             f"view {mismatch[1]} of sample {mismatch[0]} in teacher store {store.path} is not the view this environment "
             f"derives from its plan (views drawn with {then}; here {now}): a numpy/timm/Pillow/OpenCV version mismatch is "
             f"the likely cause; install the store's versions or re-run `pipeline teach` here")
-
-
-def _check_finite(loss, epoch, step) -> None:
-    if not torch.isfinite(loss):
-        raise UserError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower the learning rate "
-                        f"(--lr) or check the teacher store")
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "little")
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, channels_last: bool) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `model` over `loader`."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        with autocast(device, student_amp(device)):
-            logits = model(x)
-        hits = topk_hits(logits.float().cpu(), batch["label"])
-        correct1 += hits[1]
-        correct5 += hits[5]
-        total += len(batch["label"])
-    model.train(was_training)
-    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
 
 def _safetensors_bytes(state_dict) -> bytes:
@@ -310,106 +240,39 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     model, model_kwargs, init_record = build_student(student, recipe, num_classes, init)
     if world > 1 and recipe.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, recipe)
-    scheduler = create_scheduler(optimizer, recipe, steps_per_epoch)
-    ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup) if recipe.ema_decay else None
-    mixup = None
-    if recipe.mixup > 0 or recipe.cutmix > 0:
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, mode="batch",
-                      label_smoothing=recipe.label_smoothing, num_classes=num_classes)
 
-    # What a resumed run must share with the interrupted one (JSON round-trip: tuples compare as lists).
-    run_id = json.loads(json.dumps({"recipe": recipe.to_dict(), "teachers": list(teacher_names),
-                                    "teacher_weights": teacher_weights, "student": student,
-                                    "shards": manifest["fingerprint"], "init": init_record,
-                                    "flat_tail": flat_tail,
-                                    "views_from": views_from.key if views_from is not None else None}))
-    start_epoch, step, history = 0, 0, []
-    if resume and (out / CHECKPOINT).is_file():
-        ckpt = load_checkpoint(out / CHECKPOINT)
-        if ckpt["state"]["run"] != run_id:
-            raise UserError(f"{out / CHECKPOINT} was written by a different run (recipe, teachers, student, "
-                            f"or shards differ); drop --resume to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema:
-            ema.module.load_state_dict(ckpt["ema"])
-        start_epoch, step, history = ckpt["state"]["epoch"], ckpt["state"]["step"], ckpt["state"]["history"]
+    # What a resumed run must share with the interrupted one.
+    run_id = {"recipe": recipe.to_dict(), "teachers": list(teacher_names), "teacher_weights": teacher_weights,
+              "student": student, "shards": manifest["fingerprint"], "init": init_record, "flat_tail": flat_tail,
+              "views_from": views_from.key if views_from is not None else None}
 
-    core = model
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def epoch_loader(epoch):
+        return student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
+                              local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True,
+                              stored_params=stored_params)
 
     val_args = (shard_dir, "val", size, crop_pct, student["mean"], student["std"],
                 interpolation, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
-    for epoch in range(start_epoch, recipe.epochs):
-        started = time.perf_counter()
-        torch.manual_seed(_seed(recipe.seed, epoch, rank))
-        np.random.seed(_seed("mixup", recipe.seed, epoch, rank))
-        loader = student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
-                                local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True,
-                                stored_params=stored_params)
-        model.train()
-        sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd")}
-        bar = progress(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
-                   disable=quiet or rank != 0, leave=False)
-        for batch in bar:
-            scheduler.step_update(step)  # lr of this update: a pure function of the update count
-            x = batch["image"].to(device, non_blocking=True)
-            if channels_last:
-                x = x.to(memory_format=torch.channels_last)
-            labels = batch["label"].to(device)
-            target = targets(batch["index"], batch["view"], device) if targets else None
-            if mixup:
-                lam = mixup._mix_batch(x)  # mixes x in place with its flip; returns the (area-corrected) lam
-                labels = mixup_target(labels, num_classes, lam, recipe.label_smoothing)
-                target = target.mix(lam) if target else None
-            with autocast(device, student_amp(device)):
-                logits = model(x)
-            losses = kd_loss(logits, labels, target, recipe.alpha, recipe.tau, recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if recipe.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
-            step += 1
-            if ema:
-                ema.update(core, step=step)
-            for k in sums:
-                sums[k] += losses[k].detach()
-            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:  # syncs the device: not every step
-                _check_finite(losses["loss"], epoch, step)
-                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               **mean_across_ranks({k: float(v) / steps_per_epoch for k, v in sums.items()}, world, device)}
-        last = epoch + 1 == recipe.epochs
-        if rank == 0 and (last or (epoch + 1) % val_every == 0):
-            loader = val if last else val_subset
-            row["top1"], row["top5"] = evaluate(core, loader, device, channels_last)
-            if ema:
-                row["ema_top1"], row["ema_top5"] = evaluate(ema.module, loader, device, channels_last)
-            full = manifest["splits"]["val"]["count"]
-            row["val_images"] = full if loader is val else min(val_samples, full)
-        if rank == 0:
-            row["seconds"] = round(time.perf_counter() - started, 3)
-            history.append(row)
-            _save_epoch(out, Path(curves_dir or out), core, optimizer, ema,
-                        {"epoch": epoch + 1, "step": step, "world_size": world, "history": history, "run": run_id})
-            if not quiet:
-                tqdm.write(_summary(row))
-        else:
-            history.append(row)
-        if world > 1:
-            barrier(world)
+    full = manifest["splits"]["val"]["count"]
+
+    def validation(last):
+        """The last epoch sees the whole val split, the others the fixed subset (if any)."""
+        loader = val if last else val_subset
+        return loader, full if loader is val else min(val_samples, full)
+
+    def epoch_outputs(state):
+        _write_epoch(out, Path(curves_dir or out), state)
+        if not quiet:
+            tqdm.write(_summary(state["history"][-1]))
+
+    history, ema = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes, targets), epoch_loader,
+                       steps_per_epoch, out, run_id, device=device, rank=rank, world=world, resume=resume,
+                       val=validation, val_every=val_every, on_epoch=epoch_outputs, quiet=quiet)
 
     if rank == 0:
-        _save_final(out, core, ema, history, {
+        _save_final(out, model, ema, history, {
             "model": student["model"], "model_kwargs": model_kwargs, "num_classes": num_classes,
             "input_size": size, "mean": list(student["mean"]), "std": list(student["std"]),
             "crop_pct": crop_pct, "interpolation": interpolation,
@@ -421,12 +284,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     return history[-1] if history else {}
 
 
-def _save_epoch(out: Path, curves: Path, core, optimizer, ema, state: dict) -> None:
-    """The resume point (one atomic file) and the per-epoch outputs: state.json, metrics.json, plots.csv."""
-    parts = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-    if ema:
-        parts["ema"] = ema.module.state_dict()
-    save_checkpoint(out / CHECKPOINT, parts)
+def _write_epoch(out: Path, curves: Path, state: dict) -> None:
+    """The per-epoch outputs beside the loop's checkpoint: state.json, metrics.json, plots.csv."""
     atomic_write_json(out / "state.json", {k: v for k, v in state.items() if k != "history"})
     curves.mkdir(parents=True, exist_ok=True)
     atomic_write_json(curves / "metrics.json", _metrics(state["history"]))

@@ -31,7 +31,7 @@ def _teach_section() -> dict:
 @options.shards
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output directory: weights.safetensors, teacher.yaml (give it to `pipeline teach --teacher`), "
-                   "metrics.json; an interrupted run resumes from its resume.safetensors.")
+                   "metrics.json; checkpoint.safetensors after each epoch until the run finishes (--resume).")
 @click.option("--epochs", default=10, show_default=True, help="Passes over the train split.")
 @click.option("--batch-size", default=64, show_default=True, help="Images per optimizer step.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay, linear warmup).")
@@ -58,6 +58,7 @@ def _teach_section() -> dict:
 @click.option("--pretrained/--scratch", default=None,
               help="Start from the hub weights (falls back to scratch when they cannot be had) or from scratch "
                    "[default: the spec's `pretrained`].")
+@options.resume
 @options.workers
 @options.quiet
 def command(teacher, shards, out_dir, auto_augment, plan, num_views, scale, **kwargs):

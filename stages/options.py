@@ -19,5 +19,8 @@ quiet = click.option("--quiet", is_flag=True, help="No progress bar or per-epoch
 threads = click.option("--threads", default=None, type=click.IntRange(min=1),
                        help="CPU threads of torch (and onnxruntime), recorded in the outputs; 1 = steady, and "
                             "often faster on a shared machine [default: the libraries' choice, all cores].")
+resume = click.option("--resume/--no-resume", default=False, show_default=True,
+                      help="Continue an interrupted run from OUT/checkpoint.safetensors after its last finished epoch "
+                           "(one written with other settings is refused); without it the run starts over.")
 device = click.option("--device", default="auto", show_default=True,
                       help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")

@@ -90,8 +90,7 @@ def _command(func):
 @click.option("--flat-tail", is_flag=True,
               help="Allow a KD tau that the teacher stores do not keep, with the flat-tail approximation of "
                    "the tempered tail (6-79 % off at tau 2-4; prints a warning). Default: refuse.")
-@click.option("--resume/--no-resume", default=False, show_default=True,
-              help="Continue from OUT/checkpoint.safetensors (same recipe, teachers, student and shards).")
+@options.resume
 @options.workers
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Batch size of the per-epoch validation.")

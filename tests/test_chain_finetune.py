@@ -34,7 +34,7 @@ def test_finetuned_spec_is_a_teacher_for_the_shards(tmp_path, shards):
     assert model.num_classes == 3 and len(digest) == 64
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["init"] == "scratch" and 0 <= metrics["val_top1"] <= 100
-    assert not (tmp_path / "t" / "resume.safetensors").exists()
+    assert not (tmp_path / "t" / "checkpoint.safetensors").exists()
 
 
 def test_interrupted_run_resumes_after_the_last_finished_epoch(tmp_path, shards, monkeypatch):
@@ -52,11 +52,11 @@ def test_interrupted_run_resumes_after_the_last_finished_epoch(tmp_path, shards,
     with pytest.raises(KeyboardInterrupt):
         finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8,
                                   auto_augment=None, quiet=True)
-    assert (tmp_path / "t" / "resume.safetensors").is_file() and not (tmp_path / "t" / "weights.safetensors").exists()
+    assert (tmp_path / "t" / "checkpoint.safetensors").is_file() and not (tmp_path / "t" / "weights.safetensors").exists()
     finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8, auto_augment=None,
-                              quiet=True)
+                              quiet=True, resume=True)
     assert epochs == [0, 1, 1]
-    assert (tmp_path / "t" / "weights.safetensors").is_file() and not (tmp_path / "t" / "resume.safetensors").exists()
+    assert (tmp_path / "t" / "weights.safetensors").is_file() and not (tmp_path / "t" / "checkpoint.safetensors").exists()
 
 
 def test_pretrained_weights_fall_back_to_scratch_offline(monkeypatch):

@@ -108,9 +108,9 @@ def test_no_command_spells_a_concept_by_a_retired_alias():
     assert not retired, f"retired alias -> (the one name, the command using it): {retired}"
 
 
-@pytest.mark.parametrize("name", ["shards", "workers", "quiet", "threads", "device"])
+@pytest.mark.parametrize("name", ["shards", "workers", "quiet", "threads", "device", "resume"])
 def test_shared_options_are_one_definition_in_every_command(name):
-    """--shards, --workers, --quiet, --threads, --device: one decorator each (stages/options.py): the same
+    """--shards, --workers, --quiet, --threads, --device, --resume: one decorator each (stages/options.py): the same
     param name, default, type and help wherever a command has the option."""
     def spelling(param):
         return param.name, param.default, param.help, param.show_default, repr(param.type)

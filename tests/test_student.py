@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import pipeline.loop as loop_mod
 import pipeline.train as train_mod
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
@@ -63,17 +64,17 @@ def test_resume_replays_the_uninterrupted_run(data, tmp_path, monkeypatch):
     recipe = load_recipe("demo", {**QUICK, "epochs": 3, "mixup": 0.4})
     train(STUDENT, recipe, root / "shards", tmp_path / "full", [store], ["t1"], quiet=True)
 
-    real_save, calls = train_mod.save_checkpoint, []
+    real_save, calls = loop_mod.save_checkpoint, []
 
     def crash_after_first_epoch(*args):
         real_save(*args)
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(STUDENT, recipe, root / "shards", tmp_path / "cut", [store], ["t1"], quiet=True)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["state"]["epoch"] == 1
     train(STUDENT, recipe, root / "shards", tmp_path / "cut", [store], ["t1"], resume=True, quiet=True)
 

@@ -8,7 +8,7 @@ from timm.optim import create_optimizer_v2
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.recipes import load_recipe, parse_overrides
-from pipeline.train import create_optimizer, create_scheduler
+from pipeline.loop import create_optimizer, create_scheduler
 
 
 def test_paper_recipe_holds_the_papers_values():
