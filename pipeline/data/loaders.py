@@ -84,8 +84,9 @@ class _SampleMajorRows:
 
 
 def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int, stored=None):
-    """uint8 [B, 3, H, W] images and int32 [B, P] params of the (index, view) rows: the params are
-    `stored[index, view]` when given (the store's, [N, V, P]), else derived from the plan."""
+    """uint8 [B, 3, H, W] images (channels-last memory: the renders' own layout, no copy) and int32 [B, P]
+    params of the (index, view) rows: the params are `stored[index, view]` when given (the store's,
+    [N, V, P]), else derived from the plan."""
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     params = np.empty((len(rows), plan.params_dim), dtype=np.int32)
     last, image = -1, None
@@ -94,7 +95,7 @@ def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: i
             last, image = i, reader.source(int(i))
         params[j] = view_params(plan, reader.key(int(i)), int(v)) if stored is None else stored[i, v]
         images[j] = render(image, params[j], plan, size)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(params)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(params)
 
 
 def _index_view(rows: np.ndarray) -> dict:

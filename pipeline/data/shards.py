@@ -153,8 +153,9 @@ class Source:
     def pixels(self, reduce: int = 1) -> np.ndarray:
         """uint8 RGB [H, W, 3] decoded by OpenCV (libjpeg-turbo, ~1.5x faster than PIL's decode here),
         a JPEG at 1/`reduce` scale (2, 4, 8) in the DCT; EXIF orientation ignored, as PIL does."""
-        import cv2
+        from pipeline.runtime import opencv
 
+        cv2 = opencv()
         if ("cv", reduce) not in self._decoded:
             flags = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                      8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]

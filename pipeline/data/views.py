@@ -32,6 +32,7 @@ from timm.data.transforms import str_to_pil_interp
 
 from pipeline.errors import UserError
 from pipeline.io import stable_hash
+from pipeline.runtime import opencv
 
 GRID = 1023  # erase-box fractions are stored as q / GRID: 10 bits, < 0.5 px at 500 px
 MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degrees of rotation a step
@@ -46,9 +47,10 @@ CROP_TRIES = 10  # timm RandomResizedCrop's attempts before its centre-crop fall
 # Renderers a plan can name, with their versions (in the plan hash: new pixels never mix into an old store).
 # reference: PIL all the way (resize of the crop box, timm's op functions). fast: a JPEG decoded at
 # reduced size when the crop is >= 2x the output, crop + flip + affine ops (Rotate, Shear, Translate)
-# in one bilinear OpenCV warp (PIL's bicubic affine alone costs ~7 ms at 224 px), timm's colour ops,
-# the same erasing. Same views, pixels within a few levels of the reference (tests/test_views.py).
-RENDERERS = {"reference": 1, "fast": 1}
+# in one bilinear OpenCV resampling (PIL's bicubic affine alone costs ~7 ms at 224 px), the colour ops
+# in OpenCV (histogram ops exact, blends within a level of PIL's), the same erasing. Same views, pixels
+# within a few levels of the reference (tests/test_views.py). 2: OpenCV colour ops, resize without warp.
+RENDERERS = {"reference": 1, "fast": 2}
 
 # timm level functions that flip the sign of their argument with a coin toss, with the centre they
 # flip around; we draw the coin ourselves and apply it to timm's unsigned value.
@@ -305,9 +307,9 @@ def _render_reference(image, params, plan, size, ops) -> np.ndarray:
 
 
 def _render_fast(image, params, plan, size, ops) -> np.ndarray:
-    """The reference's crop, flip and affine ops composed into one bilinear OpenCV warp from the
+    """The reference's crop, flip and affine ops composed into one bilinear OpenCV resampling from the
     source (decoded at 1/2..1/8 scale while the crop still spans >= `size` pixels there), so a view
-    costs one JPEG decode and one resampling; colour ops are timm's, between warps."""
+    costs one JPEG decode and one resampling; colour ops in OpenCV, between resamplings."""
     full = image.size
     box = crop_box(params, plan, full)
     if isinstance(image, Image.Image):
@@ -320,33 +322,36 @@ def _render_fast(image, params, plan, size, ops) -> np.ndarray:
     to_source = np.array([[w / size * sx, 0, box[0] * sx], [0, h / size * sy, box[1] * sy], [0, 0, 1]])
     geometry = np.array([[-1.0, 0, size], [0, 1, 0], [0, 0, 1]]) if params[FLIP_SLOT] else np.eye(3)
     pixels, affine, pending = src, False, True
+    crop = box if (sx, sy) == (1, 1) else None  # whole source pixels: a plain resize of the box will do
     for op, args in ops:
         if op.name in _AFFINE_OPS:
             geometry = geometry @ np.vstack([np.reshape(_AFFINE_OPS[op.name](args[0], size, size), (2, 3)), [0, 0, 1]])
             affine = pending = True
             continue
         if pending:
-            pixels = _warp(pixels, to_source, geometry, size, affine)
-            to_source, geometry, affine, pending = None, np.eye(3), False, False
-        pixels = _colour_op(pixels, op, args)
-    return _warp(pixels, to_source, geometry, size, affine) if pending else pixels
+            pixels = _warp(pixels, to_source, geometry, size, affine, crop)
+            to_source, geometry, affine, pending, crop = None, np.eye(3), False, False, None
+        pixels = _FAST_OPS[op.aug_fn](pixels, *args) if op.aug_fn in _FAST_OPS else _colour_op(pixels, op, args)
+    return _warp(pixels, to_source, geometry, size, affine, crop) if pending else pixels
 
 
 def _colour_op(pixels: np.ndarray, op, args) -> np.ndarray:
-    """One RandAugment op on uint8 pixels, the same in both renderers (the fast one sends only the
-    non-affine ops here): a lookup table where there is one (Pillow refuses posterize to 0 bits), else
-    timm's op function."""
+    """One RandAugment op on uint8 pixels as the reference renders it: a lookup table where there is
+    one (Pillow refuses posterize to 0 bits), else timm's op function."""
     if op.aug_fn in _LUT_OPS:
-        return _LUT_OPS[op.aug_fn](*args)[pixels]
+        return opencv().LUT(pixels, _LUT_OPS[op.aug_fn](*args))
     return np.asarray(op.aug_fn(Image.fromarray(pixels), *args, **op.kwargs))
 
 
-def _warp(pixels: np.ndarray, to_source, geometry: np.ndarray, size: int, affine: bool) -> np.ndarray:
+def _warp(pixels: np.ndarray, to_source, geometry: np.ndarray, size: int, affine: bool, crop=None) -> np.ndarray:
     """Resample `pixels` through `to_source @ geometry` (continuous coordinates, output -> input,
     PIL's pixel-centre convention); with `affine` ops in `geometry`, the output pixels it maps
-    outside the size x size view get timm's fill colour, as PIL's transform gives them."""
-    import cv2
-
+    outside the size x size view get timm's fill colour, as PIL's transform gives them. Without
+    affine ops, a `crop` box in whole pixels is resized (the same bilinear map, a third of the cost)."""
+    cv2 = opencv()
+    if crop is not None and not affine:
+        out = cv2.resize(pixels[crop[1]:crop[3], crop[0]:crop[2]], (size, size), interpolation=cv2.INTER_LINEAR)
+        return cv2.flip(out, 1) if geometry[0, 0] < 0 else out
     m = geometry if to_source is None else to_source @ geometry
     cv_m = np.hstack([m[:2, :2], (m[:2, :2].sum(1) / 2 + m[:2, 2] - 0.5)[:, None]])
     out = cv2.warpAffine(pixels, cv_m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -377,6 +382,69 @@ _LUT_OPS = {
     auto_augment.solarize: lambda thresh: np.where(_LEVELS < thresh, _LEVELS, 255 - _LEVELS).astype(np.uint8),
     auto_augment.solarize_add: lambda add, thresh=128: np.where(
         _LEVELS < thresh, np.minimum(255, _LEVELS + add), _LEVELS).astype(np.uint8),
+}
+
+
+def _per_channel_lut(pixels: np.ndarray, make) -> np.ndarray:
+    """Apply `make(histogram) -> uint8 [256]` per channel: how PIL's autocontrast and equalize work."""
+    cv2 = opencv()
+    hists = [cv2.calcHist([pixels], [c], None, [256], [0, 256]).reshape(-1).astype(np.int64) for c in range(3)]
+    return cv2.LUT(pixels, np.stack([make(h) for h in hists], 1).reshape(1, 256, 3))
+
+
+def _auto_contrast_lut(hist: np.ndarray) -> np.ndarray:
+    """PIL ImageOps.autocontrast's table (no cutoff): [lo, hi] stretched to [0, 255], truncated."""
+    used = np.flatnonzero(hist)
+    lo, hi = used[0], used[-1]
+    if hi <= lo:
+        return _LEVELS.astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    return np.clip((_LEVELS * scale + -lo * scale).astype(np.int64), 0, 255).astype(np.uint8)
+
+
+def _equalize_lut(hist: np.ndarray) -> np.ndarray:
+    """PIL ImageOps.equalize's table: the cumulative histogram in steps of (total - last bin) // 255."""
+    used = hist[hist > 0]
+    step = (used.sum() - used[-1]) // 255 if len(used) > 1 else 0
+    if not step:
+        return _LEVELS.astype(np.uint8)
+    return np.clip((step // 2 + np.cumsum(hist) - hist) // step, 0, 255).astype(np.uint8)
+
+
+_TRUNCATE = 0.499  # OpenCV rounds; minus just under half a level, it truncates as PIL does
+
+
+def _blend(pixels: np.ndarray, degenerate, factor: float) -> np.ndarray:
+    """PIL's Image.blend(degenerate, image, factor) (what ImageEnhance does), truncated as PIL does;
+    OpenCV's float32 and fixed-point grey leave a few pixels one level off. `degenerate` is an image or
+    a grey level."""
+    cv2 = opencv()
+    if np.isscalar(degenerate):
+        return cv2.addWeighted(pixels, factor, pixels, 0.0, (1.0 - factor) * degenerate - _TRUNCATE)
+    return cv2.addWeighted(pixels, factor, degenerate, 1.0 - factor, -_TRUNCATE)
+
+
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    return opencv().cvtColor(pixels, opencv().COLOR_RGB2GRAY)
+
+
+def _smoothed(pixels: np.ndarray) -> np.ndarray:
+    """PIL's ImageFilter.SMOOTH (3x3, centre 5, sum 13), whose border pixels stay as they are."""
+    out = opencv().filter2D(pixels, -1, _SMOOTH)
+    out[[0, -1]], out[:, [0, -1]] = pixels[[0, -1]], pixels[:, [0, -1]]
+    return out
+
+
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
+# The fast renderer's colour ops, on uint8 RGB pixels with timm's arguments (tests/test_views.py bounds
+# each against timm's PIL function).
+_FAST_OPS = {
+    auto_augment.auto_contrast: lambda px: _per_channel_lut(px, _auto_contrast_lut),
+    auto_augment.equalize: lambda px: _per_channel_lut(px, _equalize_lut),
+    auto_augment.brightness: lambda px, f: _blend(px, 0, f),
+    auto_augment.color: lambda px, f: _blend(px, opencv().cvtColor(_grey(px), opencv().COLOR_GRAY2RGB), f),
+    auto_augment.contrast: lambda px, f: _blend(px, int(_grey(px).mean() + 0.5), f),
+    auto_augment.sharpness: lambda px, f: _blend(px, _smoothed(px), f),
 }
 # timm's affine RandAugment ops as PIL inverse maps (output -> input) of their argument and the size
 _AFFINE_OPS = {
