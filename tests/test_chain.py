@@ -41,7 +41,7 @@ TINY = {
 
 
 # The README's experiment commands, verbatim (the test checks the README spells them so).
-EXP_RUN = ["exp", "run", "--temp", "--copy-paths", "outputs/stores"]
+EXP_RUN = ["exp", "run", "--temp"]
 EXP_SHOW = ["exp", "show", "--no-pager", "--only-changed", "--drop", "Created", "--keep",
             "'.*:top1|.*:latency_ms.torch'"]
 
