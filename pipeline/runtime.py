@@ -4,7 +4,6 @@ Every stage that runs a model (teach, audit, student, finetune-teacher, evaluate
 these up here, so `--device auto` or a torchrun launch means the same thing in each of them.
 """
 
-import functools
 import os
 from contextlib import nullcontext
 
@@ -19,17 +18,6 @@ def set_threads(threads: int | None) -> None:
     """torch's CPU threads (`--threads`); None keeps torch's choice (all cores)."""
     if threads:
         torch.set_num_threads(threads)
-
-
-@functools.cache
-def opencv():
-    """OpenCV with its own thread pool off: views are decoded and rendered in parallel, one per loader
-    worker and core, and OpenCV's threads on top of those only cost CPU (measured: 5.9 -> 5.1 ms of CPU
-    per fast-rendered view)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    return cv2
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -30,9 +30,9 @@ from timm.data import auto_augment
 from timm.data.auto_augment import LEVEL_TO_ARG, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
+from pipeline.data.shards import opencv
 from pipeline.errors import UserError
 from pipeline.io import stable_hash
-from pipeline.runtime import opencv
 
 GRID = 1023  # erase-box fractions are stored as q / GRID: 10 bits, < 0.5 px at 500 px
 MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degrees of rotation a step
