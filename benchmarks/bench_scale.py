@@ -8,8 +8,9 @@ then in fresh subprocesses (peak RSS = the process's ru_maxrss):
   teach    teacher loader (every view of a sample decoded once) + a tiny teacher (one 16x16-stride
            conv + linear to 1000 classes, so rendering dominates) + top-k, over `--sample` images spread
            across the whole split; the bare forward alone; the store's bytes/view for those views;
-  student  the student loader at 224 px (render + normalisation, no model), reference renderer
-           (today's) and fast renderer, over `--sample` images of an epoch's global shuffle.
+  student  the student loader at 224 px (render, then the trainer's normalisation on the CPU; no
+           model), reference renderer (today's) and fast renderer, over `--sample` images of an epoch's
+           global shuffle; also without the normalisation (on a GPU node it runs on the GPU).
 Throughput is per CPU second of the process (per core) with 1 thread; a stage's time at N is its
 open time + N x views / throughput, and growth is t(largest)/t(second largest). Prints one JSON object.
 
@@ -141,20 +142,27 @@ def _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outpu
 
 
 def stage_student(out: Path, n: int, sample: int, views: int, renderer: str) -> dict:
+    """The loader's uint8 views, then the trainer's normalisation on the CPU (on a GPU node it runs on
+    the GPU: `render_views_per_s_core` is then the loader workers' whole share)."""
     from pipeline.data.loaders import student_loader
     from pipeline.data.views import ViewPlan
+    from pipeline.runtime import Normalize
 
     plan = ViewPlan(renderer=renderer)
-    loader = student_loader(out, "train", plan, views, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                            batch_size=64, seed=0, epoch=0)
-    batches, seen = iter(loader), 0
-    next(batches)  # warm-up: the first batch pays one-off imports
+    loader = student_loader(out, "train", plan, views, 224, batch_size=64, seed=0, epoch=0)
+    normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    batches, seen, normalising = iter(loader), 0, 0.0
+    normalize(next(batches)["image"])  # warm-up: the first batch pays one-off imports
     start = time.process_time()
     for batch in batches:
+        tick = time.process_time()
+        normalize(batch["image"])
+        normalising += time.process_time() - tick
         seen += len(batch["index"])
         if seen >= sample:
             break
-    return {"views_per_s_core": seen / (time.process_time() - start)}
+    cpu = time.process_time() - start
+    return {"views_per_s_core": seen / cpu, "render_views_per_s_core": seen / (cpu - normalising)}
 
 
 STAGES = {"shard": stage_shard, "open": stage_open, "teach": stage_teach, "student": stage_student}
@@ -212,7 +220,8 @@ def main():
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     keys = ("shard_s", "open_s", "scan_s", "teach_views_per_s_core", "teach_forward_views_per_s_core",
-            "student_views_per_s_core", "baseline_student_views_per_s_core", "store_bytes_per_view")
+            "student_views_per_s_core", "baseline_student_views_per_s_core", "student_render_views_per_s_core",
+            "baseline_student_render_views_per_s_core", "store_bytes_per_view")
     r = {"n": sizes, **{k: [] for k in keys}, "peak_rss_mb": {"shard": [], "teach": [], "student": []}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -228,6 +237,8 @@ def main():
                              ("teach_forward_views_per_s_core", teach["forward_views_per_s_core"]),
                              ("student_views_per_s_core", student["views_per_s_core"]),
                              ("baseline_student_views_per_s_core", baseline["views_per_s_core"]),
+                             ("student_render_views_per_s_core", student["render_views_per_s_core"]),
+                             ("baseline_student_render_views_per_s_core", baseline["render_views_per_s_core"]),
                              ("store_bytes_per_view", teach["store_bytes_per_view"])):
                 r[k].append(round(value, 3))
             for k, res in (("shard", shard), ("teach", teach), ("student", student)):
@@ -246,6 +257,8 @@ def main():
                    "student_epoch": round(epoch_t(a) / epoch_t(b), 3)}
     r["rss_flatness"] = {k: round(max(v) / min(v), 3) for k, v in r["peak_rss_mb"].items()}
     r["speedup_student_loader"] = round(r["student_views_per_s_core"][-1] / r["baseline_student_views_per_s_core"][-1], 3)
+    r["speedup_student_render"] = round(r["student_render_views_per_s_core"][-1]
+                                        / r["baseline_student_render_views_per_s_core"][-1], 3)
     r["imagenet_estimate"] = _estimate(r)
     r["settings"] = {"sample": args.sample, "views": args.num_views, "threads": args.threads, "shard_maxcount": 1000,
                      "pool_distinct_images": POOL}

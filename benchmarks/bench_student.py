@@ -34,7 +34,7 @@ from pipeline.data import sources
 from pipeline.data.loaders import student_loader
 from pipeline.data.views import ViewPlan
 from pipeline.distill import dense_target, kd_loss
-from pipeline.runtime import autocast, student_amp
+from pipeline.runtime import Normalize, autocast, student_amp
 from pipeline.store import open_pointer
 from pipeline.teach import teach
 from pipeline.train import Targets
@@ -63,6 +63,7 @@ class Stepper:
     def __init__(self, student, optimizer, ema, loader_fn, targets, device):
         self.student, self.optimizer, self.ema, self.loader_fn = student, optimizer, ema, loader_fn
         self.targets, self.device, self.iters, self.updates = targets, device, {}, 0
+        self.normalize = Normalize(MEAN, STD, device)  # the loader's uint8 images, as the trainer does
 
     def _batch(self, mode):
         try:
@@ -75,7 +76,7 @@ class Stepper:
         device = self.device
         start = time.perf_counter()
         batch = self._batch(mode)
-        x = batch["image"].to(device)
+        x = self.normalize(batch["image"])
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         y = batch["label"].to(device)
@@ -157,7 +158,7 @@ def main():
         ema = ModelEmaV3(student, decay=0.9999)
 
         def loader():
-            return student_loader(root / "shards", "train", plan, 1, 224, MEAN, STD, args.batch_size, seed=0, epoch=0)
+            return student_loader(root / "shards", "train", plan, 1, 224, args.batch_size, seed=0, epoch=0)
 
         step = Stepper(student, optimizer, ema, loader, targets, device)
         modes = {"ce": None, "offline_kd": None, **{f"online_kd_{k}": t for k, t in teachers.items()}}
@@ -170,7 +171,7 @@ def main():
                 samples[mode].append(step(mode, teacher))
         step_ms = {mode: 1000 * statistics.median(v) for mode, v in samples.items()}
         batch = next(iter(loader()))
-        fwd = {name: forward_ms(t, batch["image"].to(device), device, args.steps) for name, t in teachers.items()}
+        fwd = {name: forward_ms(t, Normalize(MEAN, STD, device)(batch["image"]), device, args.steps) for name, t in teachers.items()}
         loss = {mode: loss_ms(mode, targets, batch, args.classes, device) for mode in ("ce", "offline_kd")}
     result = {
         "step_ms": {k: round(v, 1) for k, v in step_ms.items()},

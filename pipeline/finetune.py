@@ -36,7 +36,7 @@ from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.loop import CHECKPOINT, KDLoss, fit
 from pipeline.metrics import accuracy
 from pipeline.recipes import Recipe
-from pipeline.runtime import set_threads
+from pipeline.runtime import Normalize, set_threads
 from pipeline.teachers import check_num_classes, load_teacher, read_state_dict, resolve_spec
 
 _logger = logging.getLogger(__name__)
@@ -120,16 +120,17 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     num_views = num_views or epochs
     val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
                       interpolation=spec["interpolation"], batch_size=128, workers=workers)
+    normalize = Normalize(spec["mean"], spec["std"])  # of the view loaders' uint8 images (finetuning is on the CPU)
 
     def views_top1() -> float:
         """top-1 on one view per val image (the plan at the teacher's size)."""
-        views = student_loader(shard_dir, "val", plan, num_views=num_views, size=size, mean=spec["mean"],
-                               std=spec["std"], batch_size=128, seed=plan.seed, epoch=0, workers=workers)
-        return accuracy(model, views)[1]
+        views = student_loader(shard_dir, "val", plan, num_views=num_views, size=size, batch_size=128,
+                               seed=plan.seed, epoch=0, workers=workers)
+        return accuracy(model, views, normalize=normalize)[1]
 
     def epoch_loader(epoch):
-        return student_loader(shard_dir, "train", plan, num_views=num_views, size=size, mean=spec["mean"],
-                              std=spec["std"], batch_size=batch_size, seed=seed, epoch=epoch, workers=workers)
+        return student_loader(shard_dir, "train", plan, num_views=num_views, size=size, batch_size=batch_size,
+                              seed=seed, epoch=epoch, workers=workers)
 
     before = {"clean": accuracy(model, val)[1], "views": views_top1()}  # the start weights
     recipe = finetune_recipe(epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed)
@@ -137,7 +138,8 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
               "plan": plan.to_dict(), "num_views": num_views}
     started = time.time()
     history, _ = fit(model, recipe, KDLoss(label_smoothing=label_smoothing), epoch_loader,
-                     -(-manifest["splits"]["train"]["count"] // batch_size), out_dir, run_id, resume=resume,
+                     -(-manifest["splits"]["train"]["count"] // batch_size), out_dir, run_id, normalize=normalize,
+                     resume=resume,
                      val=lambda last: (val, manifest["splits"]["val"]["count"]), val_every=epochs, quiet=quiet,
                      name=f"finetune {spec['name']}")
     last = history[-1]  # validated on clean val: the last epoch always is

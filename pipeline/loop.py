@@ -130,7 +130,7 @@ def _resume_point(path: Path, run_id: dict) -> dict:
 
 
 def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int, out_dir, run_id: dict, *,
-        device=torch.device("cpu"), rank: int = 0, world: int = 1, resume: bool = False, val=None,
+        normalize, device=torch.device("cpu"), rank: int = 0, world: int = 1, resume: bool = False, val=None,
         val_every: int = 1, on_epoch=None, quiet: bool = False, name: str = ""):
     """Train `model` for recipe.epochs epochs; return (history, ema): the per-epoch rows and the EMA (or None).
 
@@ -138,7 +138,9 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
         model: on the CPU or already on `device`; moved there (channels_last on CUDA), DDP-wrapped when world > 1.
         recipe: optimizer, schedule, epochs, grad clip, EMA and seed (Recipe fields).
         loss: the batch objective (KDLoss).
-        epoch_loader: epoch -> this rank's loader of {"image", "label", "index", "view"} batches.
+        epoch_loader: epoch -> this rank's loader of {"image", "label", "index", "view"} batches, images uint8
+            (pipeline.data.loaders.student_loader).
+        normalize: a runtime.Normalize for `device`: the images become float there, not in the loader.
         steps_per_epoch: updates per epoch (the schedule counts them).
         out_dir, run_id: where checkpoint.safetensors goes, and what a resumed run must share with the
             interrupted one (JSON-able; compared after a JSON round trip).
@@ -185,7 +187,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
                        disable=quiet or rank != 0, leave=False)
         for batch in bar:
             scheduler.step_update(step)  # lr of this update: a pure function of the update count
-            x = batch["image"].to(device, non_blocking=True)
+            x = normalize(batch["image"])
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             losses = loss(model, x, batch)

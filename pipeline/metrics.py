@@ -42,14 +42,15 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 @torch.no_grad()
 def accuracy(model, loader, device="cpu", channels_last: bool = False, amp: torch.dtype | None = None,
-             ks=(1, 5)) -> dict[int, float]:
+             ks=(1, 5), normalize=None) -> dict[int, float]:
     """Top-k accuracy (%) of `model` over a loader, counted batch by batch (no logits kept), in eval mode
-    (the model's mode is restored); images go to `device` (channels_last on request) under `amp` autocast."""
+    (the model's mode is restored); images go to `device` (channels_last on request) under `amp` autocast.
+    `normalize` (a runtime.Normalize on `device`) turns a view loader's uint8 images into the model's input."""
     was_training = model.training
     model.eval()
     hits, total = dict.fromkeys(ks, 0), 0
     for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
+        x = normalize(batch["image"]) if normalize else batch["image"].to(device, non_blocking=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         with autocast(torch.device(device), amp):

@@ -38,7 +38,7 @@ from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.loop import KDLoss, fit
 from pipeline.models.rep import rep_settings
 from pipeline.recipes import Recipe
-from pipeline.runtime import init_distributed, resolve_device, set_threads
+from pipeline.runtime import Normalize, init_distributed, resolve_device, set_threads
 from pipeline.teachers import state_digest
 
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
@@ -247,8 +247,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
               "views_from": views_from.key if views_from is not None else None}
 
     def epoch_loader(epoch):
-        return student_loader(shard_dir, "train", plan, num_views, size, student["mean"], student["std"],
-                              local_batch, recipe.seed, epoch, rank, world, workers, drop_last=True,
+        return student_loader(shard_dir, "train", plan, num_views, size, local_batch, recipe.seed, epoch, rank,
+                              world, workers, drop_last=True,
                               stored_params=stored_params)
 
     val_args = (shard_dir, "val", size, crop_pct, student["mean"], student["std"],
@@ -268,7 +268,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             tqdm.write(_summary(state["history"][-1]))
 
     history, ema = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes, targets), epoch_loader,
-                       steps_per_epoch, out, run_id, device=device, rank=rank, world=world, resume=resume,
+                       steps_per_epoch, out, run_id, normalize=Normalize(student["mean"], student["std"], device),
+                       device=device, rank=rank, world=world, resume=resume,
                        val=validation, val_every=val_every, on_epoch=epoch_outputs, quiet=quiet)
 
     if rank == 0:

@@ -80,7 +80,7 @@ def test_student_views_cover_all_views_over_epochs(shard_dir):
     per_sample = collections.defaultdict(list)
     for epoch in range(views):
         order = []
-        for batch in student_loader(shard_dir, "train", PLAN, views, 64, MEAN, STD, 8, seed=1, epoch=epoch):
+        for batch in student_loader(shard_dir, "train", PLAN, views, 64, 8, seed=1, epoch=epoch):
             order += batch["index"].tolist()
             for i, v in zip(batch["index"].tolist(), batch["view"].tolist()):
                 per_sample[i].append(v)
@@ -90,19 +90,26 @@ def test_student_views_cover_all_views_over_epochs(shard_dir):
 
 
 def test_student_ranks_split_global_batches(shard_dir):
-    args = dict(plan=PLAN, num_views=4, size=64, mean=MEAN, std=STD, seed=3, epoch=2)
+    args = dict(plan=PLAN, num_views=4, size=64, seed=3, epoch=2)
     single = [b["index"].tolist() for b in student_loader(shard_dir, "train", batch_size=4, **args)]
     ranks = [[b["index"].tolist() for b in student_loader(shard_dir, "train", batch_size=2, rank=r, world_size=2,
                                                           **args)] for r in range(2)]
     assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(b) for b in single]
 
 
-def test_student_images_are_normalised_renders(shard_dir):
+def test_student_images_are_the_renders_normalised_on_the_device(shard_dir):
+    """The loader hands uint8 renders (no float pass in its workers); runtime.Normalize makes the input."""
+    from pipeline.runtime import Normalize
+
     reader = ShardReader(shard_dir, "train")
-    batch = next(iter(student_loader(shard_dir, "train", PLAN, 2, 48, MEAN, STD, 3, seed=0, epoch=0)))
+    batch = next(iter(student_loader(shard_dir, "train", PLAN, 2, 48, 3, seed=0, epoch=0)))
     i, v = int(batch["index"][0]), int(batch["view"][0])
     pixels = render(reader.image(i), view_params(PLAN, reader.key(i), v), PLAN, 48)
-    back = batch["image"][0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 48, 48)
+    np.testing.assert_array_equal(batch["image"][0].permute(1, 2, 0).numpy(), pixels)
+    x = Normalize(MEAN, STD)(batch["image"])
+    assert x.is_contiguous() and x.dtype == torch.float32
+    back = x[0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     np.testing.assert_allclose(back.permute(1, 2, 0).numpy() * 255, pixels, atol=1e-3)
 
 
@@ -125,11 +132,10 @@ def test_fast_renderer_student_replays_the_teachers_pixels(tmp_path):
     for batch in teacher_loader(out, "train", plan, 2, range(18), 64, 6):
         for i, v, img in zip(batch["index"].tolist(), batch["view"].tolist(), batch["image"]):
             teacher[i, v] = img
-    mean, std = torch.tensor(MEAN).view(3, 1, 1) * 255, torch.tensor(STD).view(3, 1, 1) * 255
     seen = 0
     for epoch in range(2):
-        for batch in student_loader(out, "train", plan, 2, 64, MEAN, STD, 5, seed=3, epoch=epoch):
+        for batch in student_loader(out, "train", plan, 2, 64, 5, seed=3, epoch=epoch):
             for i, v, img in zip(batch["index"].tolist(), batch["view"].tolist(), batch["image"]):
-                torch.testing.assert_close(img, (teacher[i, v].float() - mean) / std, rtol=0, atol=0)
+                torch.testing.assert_close(img, teacher[i, v], rtol=0, atol=0)
                 seen += 1
     assert seen == 36

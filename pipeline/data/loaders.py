@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.data.shards import MANIFEST, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
-from pipeline.runtime import Normalize
 
 
 class _Batches(Dataset):
@@ -117,14 +116,11 @@ class _TeacherBatch:
 class _StudentBatch:
     plan: ViewPlan
     size: int
-    mean: tuple
-    std: tuple
     stored: np.ndarray | None = None
 
     def __call__(self, reader, rows):
         images, _ = _render_views(reader, rows, self.plan, self.size, self.stored)
-        return {**_index_view(rows), "image": Normalize(self.mean, self.std)(images),
-                "label": torch.from_numpy(reader.labels[rows[:, 0]])}
+        return {**_index_view(rows), "image": images, "label": torch.from_numpy(reader.labels[rows[:, 0]])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +158,14 @@ def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
     return (offsets + phase) % num_views
 
 
-def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, mean, std,
+def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int,
                    batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                    workers: int = 0, drop_last: bool = False,
                    stored_params: np.ndarray | None = None) -> DataLoader:
     """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
     global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees).
+    Images are uint8, as the teacher's: the trainer normalises them on its device (runtime.Normalize),
+    which keeps a float pass and 4x the bytes out of the loader workers and the host-to-GPU copy.
 
     `stored_params` [N, V, P] (a teacher store's `params`): replay exactly those views (the store is the
     truth about what the teacher saw); without it the params are derived from the plan."""
@@ -180,7 +178,7 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int, 
     rows = _chunks(np.stack([perm, views], 1), batch_size)
     if drop_last and rows and len(rows[-1]) < batch_size:
         rows = rows[:-1]
-    return _loader(reader, rows, _StudentBatch(plan, size, tuple(mean), tuple(std), stored_params), workers)
+    return _loader(reader, rows, _StudentBatch(plan, size, stored_params), workers)
 
 
 def replay_mismatch(shard_dir, split, plan: ViewPlan, stored_params: np.ndarray, samples: int = 64, seed: int = 0):
