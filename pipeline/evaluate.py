@@ -9,36 +9,30 @@ import torch
 from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
-from pipeline.fuse import ONNX, load_fused
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
+from pipeline.records import ONNX, FusedStudent, load_fused
 from pipeline.runtime import set_threads
 
 
-def recipe_summary(info: dict) -> str:
+def recipe_summary(info: FusedStudent) -> str:
     """One line saying exactly what the student's recipe had on: KD (alpha, tau, teachers) or labels only,
     the re-parameterized branches (N, 1x1, identity) or the plain stock network, and the schedule."""
-    recipe, kwargs = info.get("recipe") or {}, info.get("model_kwargs") or {}
-    teachers = info.get("teachers") or []
-    alpha = recipe.get("alpha", 0)
-    kd = (f"KD a={alpha:g} tau={recipe.get('tau', 1):g} from {'+'.join(teachers)}" if alpha and teachers
-          else "labels only")
-    parts = [kd, _branches(kwargs)]
-    if recipe.get("epochs"):
-        parts.append(f"{recipe['epochs']} ep {recipe.get('opt', '')}".strip())
-    init = info.get("init")
-    if init:  # pretrained start (student --init): where from, and the file's digest
-        digest = init.get("sha256") or init.get("init_state_sha256") or ""
-        parts.append(f"init {Path(init['source']).name}" + (f" sha256 {digest[:12]}" if digest else ""))
-    return f"{recipe.get('name', '?')}: " + ", ".join(parts)
+    recipe = info.recipe
+    kd = (f"KD a={recipe['alpha']:g} tau={recipe['tau']:g} from {'+'.join(info.teachers)}"
+          if recipe["alpha"] and info.teachers else "labels only")
+    parts = [kd, _branches(info.model_kwargs), f"{recipe['epochs']} ep {recipe['opt']}"]
+    if info.init:  # pretrained start (student --init): where from, and the file's digest
+        digest = info.init["sha256"] or info.init["init_state_sha256"]  # a file's digest, else the loaded state's
+        parts.append(f"init {Path(info.init['source']).name} sha256 {digest[:12]}")
+    return f"{recipe['name']}: " + ", ".join(parts)
 
 
 def _branches(kwargs: dict) -> str:
     """'re-param N=3 + 1x1 + identity', 'plain (stock network)' (N=1, no 1x1, no identity), or 'stock model'."""
-    if "num_branches" not in kwargs:
+    if "num_branches" not in kwargs:  # student.json records the three knobs of every rep model as built
         return "stock model"
-    # a record without a branch key predates the option: that branch was always built
     branches = (("scale_branch", "1x1"), ("identity_branch", "identity"))
-    on = [f"N={kwargs['num_branches']}"] + [name for key, name in branches if kwargs.get(key, True)]
+    on = [f"N={kwargs['num_branches']}"] + [name for key, name in branches if kwargs[key]]
     return "plain (stock network)" if on == ["N=1"] else "re-param " + " + ".join(on)
 
 
@@ -116,29 +110,29 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     set_threads(threads)
     model, info = load_fused(fused_dir)
     manifest = read_manifest(shard_dir)
-    if manifest["num_classes"] != info["num_classes"]:
-        raise UserError(f"{fused_dir} predicts {info['num_classes']} classes but {shard_dir} has "
+    if manifest["num_classes"] != info.num_classes:
+        raise UserError(f"{fused_dir} predicts {info.num_classes} classes but {shard_dir} has "
                         f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
-    size = int(info["input_size"])
-    val = eval_loader(shard_dir, "val", size=size, crop_pct=info["crop_pct"], mean=info["mean"], std=info["std"],
-                      interpolation=info["interpolation"], batch_size=batch_size)
-    logits, labels = predict(model, val, quiet=quiet, desc=info["student"])
+    size = info.input_size
+    val = eval_loader(shard_dir, "val", size=size, crop_pct=info.crop_pct, mean=info.mean, std=info.std,
+                      interpolation=info.interpolation, batch_size=batch_size)
+    logits, labels = predict(model, val, quiet=quiet, desc=info.student)
     acc = topk_accuracy(logits, labels)
     params, macs = count_params_macs(model, size)
-    scores, notes = teacher_agreement(logits, shard_dir, info["teachers"], teach_dir, teacher_dir,
-                                     batch_size, quiet)
+    teachers = list(info.teachers)
+    scores, notes = teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch_size, quiet)
     runners = {"torch": torch_runner(model)}
     onnx_path = Path(fused_dir) / ONNX
     if onnx_path.is_file():
         runners["onnx"] = onnx_runner(onnx_path, threads)
     timing = speed(runners, size, runs=latency_runs, batch=batch)
     return {
-        "student": info["student"], "model": info["model"], "stock_model": info["stock_model"],
-        "deploy": (info.get("deploy") or {}).get("label", info["stock_model"]), "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
+        "student": info.student, "model": info.model, "stock_model": info.stock_model,
+        "deploy": info.deploy["label"], "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
         "top1": acc[1], "top5": acc[5], "params": params, "macs": macs,
-        "training_form": info.get("training_form"), "fused_check": info.get("fused_check"),
-        "onnx_check": info.get("onnx_check"), **timing, "latency_runs": latency_runs,
-        "torch_threads": torch.get_num_threads(), "teachers": info["teachers"], "teacher_agreement": scores,
-        "teacher_top1": teacher_top1(info["teachers"], teach_dir),
+        "training_form": info.training_form, "fused_check": info.fused_check,
+        "onnx_check": info.onnx_check, **timing, "latency_runs": latency_runs,
+        "torch_threads": torch.get_num_threads(), "teachers": teachers, "teacher_agreement": scores,
+        "teacher_top1": teacher_top1(teachers, teach_dir),
         **({"teacher_notes": notes} if notes else {}), "recipe_summary": recipe_summary(info),
     }

@@ -7,59 +7,27 @@ the stock model, plus an ONNX file checked against torch with onnxruntime. Nothi
 check fails.
 """
 
-import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from pipeline.data.loaders import eval_loader
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, umask_mode
+from pipeline.io import atomic_write_bytes, sha256_file, umask_mode
 from pipeline.metrics import onnx_runner
+from pipeline.records import FUSE_JSON, FUSED, ONNX, FusedStudent, TrainedStudent, load_safetensors
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINTS = ("best", "ema", "model")
-FUSED = "fused.safetensors"
-ONNX = "model.onnx"
-INFO = "fuse.json"
-
-
-def read_student(student_dir) -> dict:
-    path = Path(student_dir) / "student.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found: {student_dir} is not a finished student; run `pipeline student --out "
-                        f"{student_dir}` first")
-    return read_json_info(path, ("model", "num_classes", "input_size", "mean", "std"),
-                          f"re-run `pipeline student --out {student_dir}`")
-
-
-def read_json_info(path: Path, required, fix: str) -> dict:
-    """A JSON object we wrote, with its `required` keys; anything else is one line naming the fix."""
-    try:
-        info = json.loads(Path(path).read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is unreadable ({type(err).__name__}); {fix}") from None
-    missing = [k for k in required if not isinstance(info, dict) or k not in info]
-    if missing:
-        raise UserError(f"{path} is incomplete (no {', '.join(missing)}); {fix}")
-    return info
-
-
-def load_safetensors(path, fix: str) -> dict:
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: an unreadable user file
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise UserError(f"{path} is not a readable safetensors file ({first}); {fix}") from None
 
 
 def load_trained_student(student_dir, checkpoint: str = "best"):
-    """(training-form model in eval mode, student.json, checkpoint file used).
+    """(training-form model in eval mode, TrainedStudent, checkpoint file used).
 
     `checkpoint`: best (the default: the one student.json names, the better of raw and EMA weights on
     the validation split), ema (model.safetensors when the run kept no EMA) or model.
@@ -71,28 +39,26 @@ def load_trained_student(student_dir, checkpoint: str = "best"):
     if checkpoint not in CHECKPOINTS:
         raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     student_dir = Path(student_dir)
-    info = read_student(student_dir)
-    name = info.get("weights", "model.safetensors") if checkpoint == "best" else f"{checkpoint}.safetensors"
-    path = student_dir / name
+    info = TrainedStudent.read(student_dir)
+    path = student_dir / (info.weights if checkpoint == "best" else f"{checkpoint}.safetensors")
     if checkpoint == "ema" and not path.is_file() and (student_dir / "model.safetensors").is_file():
         _logger.warning("%s has no EMA weights (EMA off in its recipe); fusing model.safetensors", student_dir)
         path = student_dir / "model.safetensors"
     if not path.is_file():
         raise UserError(f"{path} not found; re-run `pipeline student --out {student_dir}`")
-    model = timm.create_model(info["model"], num_classes=info["num_classes"], **(info.get("model_kwargs") or {}))
+    model = timm.create_model(info.model, num_classes=info.num_classes, **info.model_kwargs)
     try:
         model.load_state_dict(load_safetensors(path, f"re-run `pipeline student --out {student_dir}`"))
     except RuntimeError as err:
-        raise UserError(f"{path} does not fit {info['model']} {info.get('model_kwargs')} "
+        raise UserError(f"{path} does not fit {info.model} {info.model_kwargs} "
                         f"({str(err).splitlines()[0]}); was student.json edited?") from None
     return model.eval(), info, path
 
 
-def validation_images(shard_dir, info: dict, count: int) -> torch.Tensor:
+def validation_images(shard_dir, info: TrainedStudent, count: int) -> torch.Tensor:
     """The first `count` validation images, preprocessed exactly as the student sees them at eval."""
-    loader = eval_loader(shard_dir, "val", size=info["input_size"], crop_pct=info.get("crop_pct", 1.0),
-                         mean=info["mean"], std=info["std"], interpolation=info.get("interpolation", "bicubic"),
-                         batch_size=count)
+    loader = eval_loader(shard_dir, "val", size=info.input_size, crop_pct=info.crop_pct, mean=info.mean,
+                         std=info.std, interpolation=info.interpolation, batch_size=count)
     return next(iter(loader))["image"][:count]
 
 
@@ -136,8 +102,8 @@ def export_onnx(model, size: int, path) -> None:
 
 
 def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", check_images: int = 64,
-                 atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> dict:
-    """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's content.
+                 atol: float = 1e-3, onnx: bool = True, name: str | None = None) -> FusedStudent:
+    """Fold, check, write {out}/fused.safetensors + model.onnx + fuse.json; return fuse.json's FusedStudent.
 
     Args:
         student_dir, shard_dir, out_dir: a finished `pipeline student` output, its shards (the check images
@@ -153,7 +119,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     model, info, weights = load_trained_student(student_dir, checkpoint)
     images = validation_images(shard_dir, info, check_images)
-    size = int(info["input_size"])
+    size = info.input_size
     stock = to_stock(model)
     with torch.inference_mode():
         reference, fused_logits = model(images), stock(images)
@@ -162,21 +128,10 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # fuse.json goes first and comes back last, with the digests of the files it describes: a run killed in
-    # between leaves no fuse.json, and files changed since are caught by load_fused
-    (out_dir / INFO).unlink(missing_ok=True)
+    # between leaves no fuse.json, and files changed since are caught by FusedStudent.read
+    (out_dir / FUSE_JSON).unlink(missing_ok=True)
     (out_dir / ONNX).unlink(missing_ok=True)
-    result = {
-        "student": name or student_dir.name, "student_dir": str(student_dir), "checkpoint": weights.name,
-        "checkpoint_choice": checkpoint if checkpoint != "best" else info.get("weights_choice", "best"),
-        "model": info["model"], "model_kwargs": info.get("model_kwargs") or {},
-        "stock_model": stock_model_name(info["model"]), "deploy": deploy_spec(info["model"], info["num_classes"]),
-        "num_classes": info["num_classes"], "input_size": size,
-        "mean": info["mean"], "std": info["std"], "crop_pct": info.get("crop_pct", 1.0),
-        "interpolation": info.get("interpolation", "bicubic"), "teachers": info.get("teachers") or [],
-        "recipe": info.get("recipe") or {}, "init": info.get("init"), "fused_check": fused_check,
-    }
-    train_params, train_macs = count_params_macs(model, size)
-    result["training_form"] = {"params": train_params, "macs": train_macs}
+    onnx_check = None
     if onnx:
         export_onnx(stock, size, out_dir / ONNX)
         with torch.inference_mode():
@@ -186,38 +141,18 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
         except UserError:
             (out_dir / ONNX).unlink(missing_ok=True)
             raise
-        result["onnx_check"] = onnx_check
+    stock_model = stock_model_name(info.model)
     atomic_write_bytes(out_dir / FUSED, save({k: v.contiguous() for k, v in stock.state_dict().items()},
-                                             metadata={"stock_model": result["stock_model"]}))
-    result["sha256"] = {name: sha256_file(out_dir / name) for name in (FUSED, ONNX) if (out_dir / name).is_file()}
-    atomic_write_json(out_dir / INFO, result)
-    return result
-
-
-def check_fused_files(fused_dir: Path, info: dict) -> None:
-    """Every file fuse.json lists still has the digest it was written with (one run's complete set)."""
-    digests = info.get("sha256")
-    if not isinstance(digests, dict) or FUSED not in digests:
-        raise UserError(f"{fused_dir / INFO} lists no file digests (an older or interrupted fuse); re-run "
-                        f"`pipeline fuse --out {fused_dir}`")
-    for name, digest in digests.items():
-        path = fused_dir / Path(str(name)).name
-        if not path.is_file() or sha256_file(path) != digest:
-            raise UserError(f"{path} is missing or is not the file {fused_dir / INFO} describes (another or an "
-                            f"interrupted fuse run); re-run `pipeline fuse --out {fused_dir}`")
-
-
-def load_fused(fused_dir):
-    """(stock model in eval mode, fuse.json): what a deployment does, with our helper for the stock arch."""
-    from pipeline.models import create_stock_model
-
-    fused_dir = Path(fused_dir)
-    path = fused_dir / INFO
-    if not path.is_file():
-        raise UserError(f"{path} not found; run `pipeline fuse --out {fused_dir}` first")
-    fix = f"re-run `pipeline fuse --out {fused_dir}`"
-    info = read_json_info(path, ("stock_model", "num_classes", "input_size", "student", "teachers"), fix)
-    check_fused_files(fused_dir, info)
-    model = create_stock_model(info["stock_model"], num_classes=info["num_classes"])
-    model.load_state_dict(load_safetensors(fused_dir / FUSED, fix), strict=True)
-    return model.eval(), info
+                                             metadata={"stock_model": stock_model}))
+    train_params, train_macs = count_params_macs(model, size)
+    record = FusedStudent(
+        student=name or student_dir.name, student_dir=str(student_dir), checkpoint=weights.name,
+        checkpoint_choice=checkpoint if checkpoint != "best" else info.weights_choice,
+        model=info.model, model_kwargs=info.model_kwargs, stock_model=stock_model,
+        deploy=deploy_spec(info.model, info.num_classes), num_classes=info.num_classes, input_size=size,
+        mean=info.mean, std=info.std, crop_pct=info.crop_pct, interpolation=info.interpolation,
+        teachers=info.teachers, recipe=info.recipe, init=info.init, fused_check=fused_check, onnx_check=onnx_check,
+        training_form={"params": train_params, "macs": train_macs},
+        sha256={f: sha256_file(out_dir / f) for f in (FUSED, ONNX) if (out_dir / f).is_file()})
+    record.write(out_dir)
+    return record

@@ -46,11 +46,13 @@ class Recipe:
     alpha: float = knob(0.5, "KD weight: loss = (1-alpha) CE + alpha tau^2 KL; 0 = labels only, no store.")
     tau: float = knob(1.0, "KD temperature (exact at 1; see pipeline.distill for tau != 1).")
     label_smoothing: float = knob(0.1, "Label smoothing of the CE term.")
-    num_branches: Optional[int] = knob(None, "rep_* students: parallel kxk branches N (1..5); null = manifest's.")
-    scale_branch: Optional[bool] = knob(None, "rep_* students: add the 1x1 depthwise branch; null = manifest's.")
+    num_branches: Optional[int] = knob(None, "rep_* students: parallel kxk branches N (1..5); null = the student "
+                                             "spec's, else the model's (3).")
+    scale_branch: Optional[bool] = knob(None, "rep_* students: add the 1x1 depthwise branch; null = the student "
+                                              "spec's, else the model's (on).")
     identity_branch: Optional[bool] = knob(None, "rep_* students: add the BN identity branch where shapes allow; "
-                                                 "null = manifest's (default on). N=1 with no 1x1 and no identity "
-                                                 "is the stock network.")
+                                                 "null = the student spec's, else the model's (on). N=1 with no 1x1 "
+                                                 "and no identity is the stock network.")
     auto_augment: Optional[str] = knob(None, "RandAugment spec of the views, e.g. rand-m9-mstd0.5; with a "
                                              "store it must match the store's plan; null = the store's.")
     re_prob: Optional[float] = knob(None, "RandomErasing probability of the views (as auto_augment).")
@@ -123,6 +125,8 @@ def _coerce(where, key, value):
 
 
 def _validate(where, r: Recipe) -> None:
+    from pipeline.models.rep import check_num_branches
+
     def check(cond, msg):
         if not cond:
             raise UserError(f"{where}: {msg}")
@@ -138,7 +142,11 @@ def _validate(where, r: Recipe) -> None:
     check(r.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {r.warmup_epochs}")
     check(r.grad_clip is None or r.grad_clip > 0, f"grad_clip must be > 0 or null, got {r.grad_clip}")
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
-    check(r.num_branches is None or 1 <= r.num_branches <= 5, f"num_branches must be in 1..5, got {r.num_branches}")
+    if r.num_branches is not None:  # the models' own range check, applied before anything runs
+        try:
+            check_num_branches(r.num_branches)
+        except ValueError as err:
+            raise UserError(f"{where}: {err}") from None
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")
     check(r.re_mode is None or r.re_mode in RE_MODES, f"re_mode must be one of {', '.join(RE_MODES)}")
     check(r.img_size is None or r.img_size >= 8, f"img_size must be >= 8 px or null, got {r.img_size}")

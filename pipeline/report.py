@@ -13,7 +13,7 @@ from pipeline.io import atomic_write_bytes
 
 COLUMNS = (
     ("Student", lambda m: m["student"]),
-    ("Deploy model (fuse.json `deploy`)", lambda m: m.get("deploy", m["stock_model"])),
+    ("Deploy model (fuse.json `deploy`)", lambda m: m["deploy"]),
     ("Params (M)", lambda m: f"{m['params'] / 1e6:.2f}"),
     ("MACs (M)", lambda m: f"{m['macs'] / 1e6:.1f}"),
     ("Latency torch (ms)", lambda m: _latency(m, "torch")),
@@ -53,7 +53,7 @@ def collect_metrics(paths) -> list[dict]:
     for file in files:
         try:
             metrics = json.loads(file.read_text())
-            missing = [k for k in ("student", "stock_model", "params", "macs", "top1", "top5", "latency_ms")
+            missing = [k for k in ("student", "deploy", "params", "macs", "top1", "top5", "latency_ms")
                        if k not in metrics]
         except (json.JSONDecodeError, AttributeError, TypeError):
             raise UserError(f"{file} is not a metrics file written by `pipeline evaluate`; remove it") from None

@@ -38,24 +38,24 @@ from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.loop import KDLoss, fit
 from pipeline.models.rep import rep_settings
 from pipeline.recipes import Recipe
+from pipeline.records import StudentSpec, TrainedStudent
 from pipeline.runtime import Normalize, init_distributed, resolve_device, set_threads
 from pipeline.teachers import state_digest
 
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
 # Recipe fields that describe the views: with a store they must agree with its plan (or be None).
 PLAN_FIELDS = ("auto_augment", "re_prob", "re_mode", "hflip", "scale")
-MIN_GHOSTNET_SIZE = 64
 
 
-def student_size(student: dict, recipe: Recipe) -> int:
-    """The student's square input size: the recipe's img_size, else the student manifest's."""
-    size = recipe.img_size or student.get("input_size", 224)
-    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
-    if "ghostnet" in student["model"] and size < MIN_GHOSTNET_SIZE:
+def student_size(student: StudentSpec, recipe: Recipe) -> int:
+    """The student's square input size: the recipe's img_size, else the student spec's (its timm cfg's)."""
+    size = recipe.img_size or student.input_size
+    if student.min_input_size and size < student.min_input_size:
+        low = student.min_input_size
         raise UserError(
-            f"student {student['model']} needs images of at least {MIN_GHOSTNET_SIZE} px (it downsamples 32x and "
-            f"its DFC attention pools by 2), got {size}; set img_size >= {MIN_GHOSTNET_SIZE} (--img-size) and "
-            f"render small datasets larger once (`pipeline shard --image-size {MIN_GHOSTNET_SIZE}`)"
+            f"student {student.model} needs images of at least {low} px (its timm pretrained_cfg's min_input_size), "
+            f"got {size}; set img_size >= {low} (--img-size) and render small datasets larger once "
+            f"(`pipeline shard --image-size {low}`)"
         )
     return size
 
@@ -63,31 +63,31 @@ def student_size(student: dict, recipe: Recipe) -> int:
 REP_FIELDS = ("num_branches", "scale_branch", "identity_branch")  # recipe fields that are rep_* model kwargs
 
 
-def build_student(student: dict, recipe: Recipe, num_classes: int, init: str | None = None):
-    """timm.create_model from the student manifest, with the recipe's re-parameterization knobs.
+def build_student(student: StudentSpec, recipe: Recipe, num_classes: int, init: str | None = None):
+    """timm.create_model from the student spec, with the recipe's re-parameterization knobs.
 
     Returns (model, kwargs, init record); kwargs also hold the branch settings the model was built with
     (rep_settings), so student.json and the report name what was on, defaults included. `init`
     (pipeline.models.pretrained_overlay) starts it from pretrained weights through timm's own loading:
     the training form then computes exactly the stock model.
     """
-    kwargs = dict(student.get("model_kwargs") or {})
+    kwargs = dict(student.model_kwargs)
     kwargs.update({k: getattr(recipe, k) for k in REP_FIELDS if getattr(recipe, k) is not None})
     record, pretrained = None, {}
     if init:
-        overlay, record = pretrained_overlay(student["model"], init)
+        overlay, record = pretrained_overlay(student.model, init)
         pretrained = dict(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
-        model = timm.create_model(student["model"], num_classes=num_classes, **kwargs, **pretrained)
+        model = timm.create_model(student.model, num_classes=num_classes, **kwargs, **pretrained)
     except TypeError as err:
         raise UserError(
-            f"student model {student['model']} rejects {sorted(kwargs)} ({err}); for a non-rep model set "
+            f"student model {student.model} rejects {sorted(kwargs)} ({err}); for a non-rep model set "
             f"{', '.join(REP_FIELDS)} to null in the recipe"
         ) from None
     except ValueError as err:  # the checkpoint filter: weights of another architecture
-        raise UserError(f"--init {init} does not fit student model {student['model']}: {err}") from None
+        raise UserError(f"--init {init} does not fit student model {student.model}: {err}") from None
     except RuntimeError as err:
-        raise UserError(f"cannot create student model {student['model']}"
+        raise UserError(f"cannot create student model {student.model}"
                         f"{f' from --init {init}' if init else ''}: {str(err).strip().splitlines()[0]}") from None
     except OSError as err:  # hub download failed / offline
         raise UserError(f"--init {init}: no weights ({type(err).__name__}); run once with network access, or "
@@ -178,14 +178,14 @@ def _write_plots(path, history) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
+def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_names=(), teacher_weights=None,
           resume: bool = False, workers: int = 0, quiet: bool = False, eval_batch_size: int = 256,
           init: str | None = None, threads: int | None = None, val_every: int = 1,
           val_samples: int | None = None, views_from=None, flat_tail: bool = False, curves_dir=None) -> dict:
     """Train `student` (a manifests/students spec) with `recipe`; write the outputs into `out_dir`.
 
     Args:
-        student, recipe: the resolved manifests/students spec and the Recipe.
+        student, recipe: the resolved manifests/students spec (StudentSpec.resolve) and the Recipe.
         shard_dir, out_dir: the `pipeline shard` output and the student's output directory.
         stores, teacher_names, teacher_weights: opened LogitStores (pipeline.store.open_store) in the order
             of `teacher_names`, and their weights in the ensemble target (None: equal).
@@ -211,8 +211,8 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
     manifest = read_manifest(shard_dir)
     num_classes = int(manifest["num_classes"])
     size = student_size(student, recipe)
-    interpolation = student.get("interpolation", "bicubic")
-    crop_pct = student.get("crop_pct", manifest.get("crop_pct", 1.0))  # the dataset's, unless the spec states one
+    interpolation = student.interpolation
+    crop_pct = manifest.get("crop_pct", 1.0) if student.crop_pct is None else student.crop_pct  # spec's, else data's
     stores = list(stores) if recipe.alpha > 0 else []
     if views_from is not None and recipe.alpha > 0:
         raise UserError("--views-from is for labels-only students (alpha 0); a KD student replays its teachers' views")
@@ -243,15 +243,15 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
 
     # What a resumed run must share with the interrupted one.
     run_id = {"recipe": recipe.to_dict(), "teachers": list(teacher_names), "teacher_weights": teacher_weights,
-              "student": student, "shards": manifest["fingerprint"], "init": init_record, "flat_tail": flat_tail,
-              "views_from": views_from.key if views_from is not None else None}
+              "student": student.to_dict(), "shards": manifest["fingerprint"], "init": init_record,
+              "flat_tail": flat_tail, "views_from": views_from.key if views_from is not None else None}
 
     def epoch_loader(epoch):
         return student_loader(shard_dir, "train", plan, num_views, size, local_batch, recipe.seed, epoch, rank,
                               world, workers, drop_last=True,
                               stored_params=stored_params)
 
-    val_args = (shard_dir, "val", size, crop_pct, student["mean"], student["std"],
+    val_args = (shard_dir, "val", size, crop_pct, student.mean, student.std,
                 interpolation, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
@@ -268,14 +268,14 @@ def train(student: dict, recipe: Recipe, shard_dir, out_dir, stores=(), teacher_
             tqdm.write(_summary(state["history"][-1]))
 
     history, ema = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes, targets), epoch_loader,
-                       steps_per_epoch, out, run_id, normalize=Normalize(student["mean"], student["std"], device),
+                       steps_per_epoch, out, run_id, normalize=Normalize(student.mean, student.std, device),
                        device=device, rank=rank, world=world, resume=resume,
                        val=validation, val_every=val_every, on_epoch=epoch_outputs, quiet=quiet)
 
     if rank == 0:
         _save_final(out, model, ema, history, {
-            "model": student["model"], "model_kwargs": model_kwargs, "num_classes": num_classes,
-            "input_size": size, "mean": list(student["mean"]), "std": list(student["std"]),
+            "model": student.model, "model_kwargs": model_kwargs, "num_classes": num_classes,
+            "input_size": size, "mean": student.mean, "std": student.std,
             "crop_pct": crop_pct, "interpolation": interpolation,
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
@@ -294,7 +294,8 @@ def _write_epoch(out: Path, curves: Path, state: dict) -> None:
 
 
 def _save_final(out: Path, core, ema, history, info: dict) -> None:
-    """model.safetensors, ema.safetensors and student.json, whose "weights" names the better of the two."""
+    """model.safetensors, ema.safetensors and student.json (TrainedStudent `info`), whose "weights" names the
+    better of the two."""
     atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
     if ema:
         atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
@@ -304,8 +305,8 @@ def _save_final(out: Path, core, ema, history, info: dict) -> None:
     use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
     choice = {"rule": "better val top-1 at the last epoch (EMA on a tie)", "model_top1": last["top1"],
               "ema_top1": last.get("ema_top1")}  # what `pipeline fuse` deploys by default
-    atomic_write_json(out / "student.json", {**info, "weights": "ema.safetensors" if use_ema else "model.safetensors",
-                                             "weights_choice": choice})
+    weights = "ema.safetensors" if use_ema else "model.safetensors"
+    TrainedStudent(**info, weights=weights, weights_choice=choice).write(out)
 
 
 def _metrics(history) -> dict:

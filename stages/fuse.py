@@ -29,8 +29,8 @@ def command(student_dir, shards, out_dir, **kwargs):
     """Fold STUDENT_DIR's re-parameterized branches into the stock inference model, check it, save it."""
     from pipeline.fuse import fuse_student
 
-    info = fuse_student(student_dir, shards, out_dir, **kwargs)
-    check = info["fused_check"]
-    onnx = f", ONNX max |diff| {info['onnx_check']['max_abs_diff']:.2e}" if "onnx_check" in info else ""
-    click.echo(f"{info['student']}: {info['model']} -> {info['stock_model']}; fused max |diff| "
+    fused = fuse_student(student_dir, shards, out_dir, **kwargs)
+    check = fused.fused_check
+    onnx = f", ONNX max |diff| {fused.onnx_check['max_abs_diff']:.2e}" if fused.onnx_check else ""
+    click.echo(f"{fused.student}: {fused.model} -> {fused.stock_model}; fused max |diff| "
                f"{check['max_abs_diff']:.2e}, top-1 agreement {check['argmax_agreement']:.1f}%{onnx}; wrote {out_dir}")

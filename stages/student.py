@@ -13,8 +13,8 @@ import click
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.manifests import load_spec
 from pipeline.recipes import FIELDS, TYPES, Recipe, load_recipe, parse_overrides
+from pipeline.records import StudentSpec
 from stages import options
 
 RECIPE_OPTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description")]
@@ -115,7 +115,7 @@ def command(student, teachers, teacher_weights, recipe, shards, teach_dir, out, 
     from pipeline.train import train
 
     recipe = load_recipe(recipe, _recipe_overrides(recipe_values, set_items))
-    spec = load_spec("students", student)
+    spec = StudentSpec.resolve(student)
     names = _names(teachers)
     stores = []
     if recipe.alpha > 0 and names:

@@ -1,6 +1,5 @@
 """Fixtures for the chain tests (fuse, evaluate, report): tiny shards and a fake finished student."""
 
-import json
 from pathlib import Path
 
 import timm
@@ -10,6 +9,8 @@ from safetensors.torch import save_file
 import pipeline.models  # noqa: F401  (registers rep students)
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import synthetic
+from pipeline.models.rep import rep_settings
+from pipeline.records import TrainedStudent
 
 
 def tiny_shards(root: Path, num_classes: int = 4, per_class: int = 6, size: int = 64) -> Path:
@@ -41,10 +42,11 @@ def fake_student(out: Path, model: str = "rep_ghostnetv3_050", num_classes: int 
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     save_file(state, str(out / "ema.safetensors"))
-    (out / "student.json").write_text(json.dumps({
-        "model": model, "model_kwargs": model_kwargs, "num_classes": num_classes, "input_size": size,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
-        "interpolation": "bicubic", "teachers": list(teachers),
-        "recipe": {"name": "demo", "alpha": 0.5 if teachers else 0.0, "epochs": 1},
-        "weights": "ema.safetensors"}))
+    recipe = {"name": "demo", "alpha": 0.5 if teachers else 0.0, "tau": 1.0, "epochs": 1, "opt": "lamb"}
+    TrainedStudent(
+        model=model, model_kwargs={**model_kwargs, **rep_settings(net)}, num_classes=num_classes, input_size=size,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, interpolation="bicubic",
+        teachers=tuple(teachers), teacher_weights=None, recipe=recipe, view_plan={}, num_views=1, epochs=1, init=None,
+        threads=1, views_from=None, weights="ema.safetensors",
+        weights_choice={"rule": "fixed by the test helper", "model_top1": 0.0, "ema_top1": 0.0}).write(out)
     return out

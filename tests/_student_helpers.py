@@ -5,11 +5,13 @@ import torch
 
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, view_params
+from pipeline.records import StudentSpec
 from pipeline.store import check_temperatures, create_or_open, encode_lse_tau, encode_topk, open_store, store_key, write_pointer
 from tests._data_helpers import synthetic_shards
 
-STUDENT = {"name": "tiny", "model": "test_efficientnet", "model_kwargs": {}, "input_size": 64,
-           "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop_pct": 1.0, "interpolation": "bilinear"}
+SPEC = {"name": "tiny", "model": "test_efficientnet", "input_size": 64, "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25], "crop_pct": 1.0, "interpolation": "bilinear"}  # what a manifest states
+STUDENT = StudentSpec.resolve(SPEC)
 PLAN = ViewPlan(seed=0, size=64, auto_augment="rand-m3-mstd0.5", re_prob=0.25)
 
 

@@ -23,9 +23,9 @@ def shards(tmp_path_factory):
 def test_fused_loads_into_stock_and_matches_training_form(tmp_path, shards):
     student = fake_student(tmp_path / "student")
     info = fuse_student(student, shards, tmp_path / "fused", onnx=False)
-    assert info["stock_model"] == "ghostnetv2_050"
-    assert info["fused_check"]["max_abs_diff"] < 1e-4 and info["fused_check"]["argmax_agreement"] == 100.0
-    assert info["training_form"]["params"] > 0 and not (tmp_path / "fused" / "model.onnx").exists()
+    assert info.stock_model == "ghostnetv2_050"
+    assert info.fused_check["max_abs_diff"] < 1e-4 and info.fused_check["argmax_agreement"] == 100.0
+    assert info.training_form["params"] > 0 and not (tmp_path / "fused" / "model.onnx").exists()
 
     stock = pipeline.models.create_stock_model("rep_ghostnetv3_050", num_classes=4).eval()
     stock.load_state_dict(load_file(str(tmp_path / "fused" / "fused.safetensors")), strict=True)

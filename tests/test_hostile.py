@@ -337,7 +337,7 @@ def test_fuse_output_is_one_complete_set(fused_dir, tmp_path):
     """A fuse killed after writing new weights left the old fuse.json: evaluate must not use the mix."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.fuse import load_fused
+    from pipeline.records import load_fused
 
     fused = fused_dir(tmp_path / "copy")
     state = load_file(str(fused / "fused.safetensors"))

@@ -18,11 +18,11 @@ from pipeline.errors import UserError
 from pipeline.recipes import load_recipe
 from pipeline.train import Targets, train
 from stages.cli import main as cli
-from tests._student_helpers import STUDENT, make_shards, make_store, teacher_logits
+from tests._student_helpers import SPEC, STUDENT, make_shards, make_store, teacher_logits
 
 QUICK = {"epochs": 1, "batch_size": 16, "lr": 2e-2, "warmup_epochs": 0, "ema_decay": None,
          "num_branches": None, "scale_branch": None, "img_size": 64}
-MEAN, STD = STUDENT["mean"], STUDENT["std"]
+MEAN, STD = STUDENT.mean, STUDENT.std
 # m6, not the helpers' m3: timm's Posterize at magnitude < 2.5 keeps 0 bits, which Pillow refuses (a views issue)
 PLAN = ViewPlan(seed=0, size=64, auto_augment="rand-m6-mstd0.5", re_prob=0.25)
 
@@ -134,5 +134,5 @@ def test_labels_only_twin_replays_the_kd_students_views(data, tmp_path, monkeypa
 
 def _spec(tmp_path) -> Path:
     path = tmp_path / "student.yaml"
-    path.write_text(json.dumps(STUDENT))
+    path.write_text(json.dumps(SPEC))
     return path

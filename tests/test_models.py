@@ -208,12 +208,15 @@ def test_ghostnet_rejects_too_small_inputs():
 
 
 def test_student_manifests_build_their_models():
-    from pipeline.manifests import MANIFEST_ROOT, load_spec
+    from pipeline.manifests import MANIFEST_ROOT
+    from pipeline.models.rep import BRANCH_DEFAULTS
+    from pipeline.records import StudentSpec
 
     names = sorted(p.stem for p in (MANIFEST_ROOT / "students").glob("*.yaml"))
     assert len(names) == len(MODELS)
-    assert {load_spec("students", n)["model"] for n in names} == set(MODELS)
-    spec = load_spec("students", "ghostnetv3-100")
-    assert {"name", "model", "model_kwargs", "input_size", "mean", "std", "interpolation"} <= set(spec)
-    model = timm.create_model(spec["model"], num_classes=3, **spec["model_kwargs"])
-    assert len(model.blocks[1][0].ghost1.primary_conv[0].convs) == spec["model_kwargs"]["num_branches"]
+    assert {StudentSpec.resolve(n).model for n in names} == set(MODELS)
+    spec = StudentSpec.resolve("ghostnetv3-100")
+    assert (spec.input_size, spec.interpolation, spec.min_input_size) == (224, "bicubic", 64)
+    model = timm.create_model(spec.model, num_classes=3, **spec.model_kwargs)
+    assert len(model.blocks[1][0].ghost1.primary_conv[0].convs) == BRANCH_DEFAULTS["num_branches"] == 3
+    assert rep_settings(model) == BRANCH_DEFAULTS  # the paper's: N=3 + 1x1 + identity

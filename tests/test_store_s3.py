@@ -19,6 +19,7 @@ from pipeline.recipes import load_recipe  # noqa: E402
 from pipeline.store import ARRAYS, open_pointer  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from tests._data_helpers import synthetic_shards  # noqa: E402
+from tests._student_helpers import STUDENT  # noqa: E402
 from tests._teach_helpers import NUM_CLASSES, teach_args, tiny_teacher  # noqa: E402
 from tests.conftest import EMPTY_PARAMS  # noqa: E402
 
@@ -118,7 +119,5 @@ def test_two_ranks_into_s3_killed_and_resumed_equal_local_and_a_student_trains(s
 
     recipe = load_recipe("demo", {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_branches": None,
                                   "scale_branch": None, "img_size": 64})
-    student = {"name": "tiny", "model": "test_efficientnet", "model_kwargs": {}, "input_size": 64,
-               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop_pct": 1.0, "interpolation": "bilinear"}
-    last = train(student, recipe, shards, tmp_path / "student", [remote], ["tiny"], quiet=True)
+    last = train(STUDENT, recipe, shards, tmp_path / "student", [remote], ["tiny"], quiet=True)
     assert last["epoch"] == 1 and (tmp_path / "student" / "model.safetensors").is_file()

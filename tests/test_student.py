@@ -17,9 +17,10 @@ import pipeline.train as train_mod
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.recipes import load_recipe
+from pipeline.records import StudentSpec
 from pipeline.train import train
 from stages.cli import main as cli
-from tests._student_helpers import PLAN, STUDENT, make_shards, make_store
+from tests._student_helpers import PLAN, SPEC, STUDENT, make_shards, make_store
 
 QUICK = {"epochs": 4, "batch_size": 16, "lr": 2e-2, "warmup_epochs": 0, "ema_decay": 0.9,
          "num_branches": None, "scale_branch": None, "img_size": 64}
@@ -116,7 +117,7 @@ def test_refuses_a_store_for_other_shards_or_views(data, tmp_path):
 
 def test_refuses_small_ghostnet_inputs_and_missing_stores(data, tmp_path):
     root, store = data
-    ghost = {**STUDENT, "model": "rep_ghostnetv3_050"}
+    ghost = StudentSpec.resolve({**SPEC, "model": "rep_ghostnetv3_050"})
     with pytest.raises(UserError, match="at least 64 px"):
         train(ghost, load_recipe("demo", {**QUICK, "img_size": 32}), root / "shards", tmp_path, [store], ["t1"])
     with pytest.raises(UserError, match="needs teacher stores"):
@@ -128,7 +129,7 @@ def test_cli_plain_ce_ensemble_and_errors(data, tmp_path):
     root, _ = data
     make_store(root / "shards", root / "teach", name="t2", seed=1)
     student = tmp_path / "ghost.yaml"
-    student.write_text(json.dumps({**STUDENT, "model": "rep_ghostnetv3_050"}))
+    student.write_text(json.dumps({**SPEC, "model": "rep_ghostnetv3_050"}))
     args = ["student", "--student", str(student), "--teachers", "t1,t2", "--teacher-weights", "2,1",
             "--recipe", "demo", "--shards", str(root / "shards"), "--teach-dir", str(root / "teach"),
             "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "16", "--num-branches", "2",
@@ -150,7 +151,7 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
     """torchrun, 2 gloo ranks x 8 == 1 rank x 16 (a LayerNorm model: BN statistics are per rank on CPU)."""
     root, _ = data
     student = tmp_path / "convnext.yaml"
-    student.write_text(json.dumps({**STUDENT, "model": "test_convnext"}))
+    student.write_text(json.dumps({**SPEC, "model": "test_convnext"}))
     common = ["student", "--student", str(student), "--teachers", "t1", "--recipe", "demo",
               "--shards", str(root / "shards"), "--teach-dir", str(root / "teach"), "--epochs", "2",
               "--batch-size", "16", "--lr", "0.01", "--warmup-epochs", "0", "--quiet",

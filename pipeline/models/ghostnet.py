@@ -14,11 +14,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.ghostnet import GhostBottleneck, GhostNet
 
-from pipeline.models.rep import rep_state_dict, replace_conv_bn
+from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
 
 # Smallest input side: 5 stride-2 stages leave 1 pixel at 32 px, which DFC attention's 2x2 average pool
-# cannot take. (The project still renders small datasets at >= 64 px: 33 px leaves a 2x2 last stage.)
+# cannot take (forward_features refuses it). Students train at >= MIN_TRAIN_SIZE, the pretrained_cfg's
+# min_input_size that the student stage enforces: 33 px would leave a 2x2 last stage.
 MIN_INPUT_SIZE = 33
+MIN_TRAIN_SIZE = 64
 
 # GhostNet block table (k, expansion, out channels, SE ratio, stride) per stage, from the GhostNet paper.
 GHOSTNET_CFGS = [
@@ -45,16 +47,18 @@ def stock_ghostnetv2(width: float, num_classes: int = 1000, **kwargs) -> GhostNe
 class RepGhostNetV3(GhostNet):
     """GhostNetV3 training form; `pipeline.models.reparameterize` turns it into GhostNetV2's deploy form."""
 
-    def __init__(self, cfgs=GHOSTNET_CFGS, width: float = 1.0, num_branches: int = 3, scale_branch: bool = True,
-                 identity_branch: bool = True, **kwargs):
+    def __init__(self, cfgs=GHOSTNET_CFGS, width: float = 1.0, num_branches: int | None = None,
+                 scale_branch: bool | None = None, identity_branch: bool | None = None, **kwargs):
+        """Branch knobs left None: pipeline.models.rep.BRANCH_DEFAULTS."""
         super().__init__(cfgs, width=width, version="v2", **kwargs)
-        rep = dict(num_branches=num_branches, scale_branch=scale_branch)
+        rep = branch_settings(num_branches, scale_branch, identity_branch)
+        identity = rep.pop("identity_branch")
         for block in self.modules():
             if not isinstance(block, GhostBottleneck):
                 continue
             for ghost in (block.ghost1, block.ghost2):
                 replace_conv_bn(ghost.primary_conv, "0", "1", identity=False, **rep)
-                replace_conv_bn(ghost.cheap_operation, "0", "1", identity=identity_branch, **rep)
+                replace_conv_bn(ghost.cheap_operation, "0", "1", identity=identity, **rep)
             if block.conv_dw is not None:
                 replace_conv_bn(block, "conv_dw", "bn_dw", identity=False, **rep)
 
@@ -101,7 +105,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepGhostNet
 def _cfg(**kwargs):
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv="conv_stem", classifier="classifier", min_input_size=(3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+                first_conv="conv_stem", classifier="classifier", min_input_size=(3, MIN_TRAIN_SIZE, MIN_TRAIN_SIZE),
                 **kwargs)
 
 

@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
-from pipeline.models.rep import rep_state_dict, replace_conv_bn
+from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
 
 # (conv, bn) attribute pairs of each timm block type, in forward order
 _CONV_BN_PAIRS = {
@@ -21,14 +21,16 @@ _CONV_BN_PAIRS = {
 STOCK = {"rep_mobilenetv2_100": "mobilenetv2_100", "rep_mobilenetv2_140": "mobilenetv2_140"}
 
 
-def _rep_mobilenetv2(stock: str, num_branches: int = 3, scale_branch: bool = True, identity_branch: bool = True,
-                     **kwargs):
-    """Build the stock timm model and swap its block convs for RepConvBN blocks."""
+def _rep_mobilenetv2(stock: str, num_branches: int | None = None, scale_branch: bool | None = None,
+                     identity_branch: bool | None = None, **kwargs):
+    """Build the stock timm model and swap its block convs for RepConvBN blocks (knobs left None:
+    pipeline.models.rep.BRANCH_DEFAULTS)."""
     model = timm.create_model(stock, **kwargs)
+    rep = branch_settings(num_branches, scale_branch, identity_branch)
     for block in model.blocks.modules():
         for conv_name, bn_name in _CONV_BN_PAIRS.get(type(block), ()):
-            replace_conv_bn(block, conv_name, bn_name, num_branches=num_branches, scale_branch=scale_branch,
-                            identity=identity_branch)
+            replace_conv_bn(block, conv_name, bn_name, num_branches=rep["num_branches"],
+                            scale_branch=rep["scale_branch"], identity=rep["identity_branch"])
     return model
 
 

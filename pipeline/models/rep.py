@@ -12,6 +12,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The re-parameterization knobs of every rep_* model: their ONE default (the paper's, Table 2: N=3 kxk
+# branches + the 1x1 scale branch; the BN identity branch where shapes allow) and ONE range check (N in 1..5,
+# the paper's ablation range). Specs and recipes that leave a knob unset (null) get these.
+BRANCH_DEFAULTS = {"num_branches": 3, "scale_branch": True, "identity_branch": True}
+MAX_BRANCHES = 5
+
+
+def check_num_branches(num_branches) -> None:
+    """ValueError naming the knob unless 1 <= num_branches <= MAX_BRANCHES (an int)."""
+    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or not 1 <= num_branches <= MAX_BRANCHES:
+        raise ValueError(f"num_branches must be in 1..{MAX_BRANCHES}, got {num_branches!r}")
+
+
+def branch_settings(num_branches=None, scale_branch=None, identity_branch=None) -> dict:
+    """The knobs a rep model is built with: the given ones, BRANCH_DEFAULTS for those left None."""
+    given = {"num_branches": num_branches, "scale_branch": scale_branch, "identity_branch": identity_branch}
+    return {k: BRANCH_DEFAULTS[k] if v is None else v for k, v in given.items()}
+
+
 class ConvBn(nn.Sequential):
     """conv (no bias) + BatchNorm, one branch of a RepConvBN."""
 
@@ -45,14 +64,13 @@ class RepConvBN(nn.Module):
             stride: int = 1,
             padding: int | None = None,
             groups: int = 1,
-            num_branches: int = 3,
-            scale_branch: bool = True,
-            identity: bool = True,
+            num_branches: int = BRANCH_DEFAULTS["num_branches"],
+            scale_branch: bool = BRANCH_DEFAULTS["scale_branch"],
+            identity: bool = BRANCH_DEFAULTS["identity_branch"],
             eps: float = 1e-5,
     ):
         super().__init__()
-        if not 1 <= num_branches <= 5:
-            raise ValueError(f"num_branches must be in 1..5, got {num_branches}")
+        check_num_branches(num_branches)
         padding = kernel_size // 2 if padding is None else padding
         self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
         self.stride, self.padding, self.groups, self.eps = stride, padding, groups, eps

@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2
 
-from pipeline.models.rep import rep_state_dict, replace_conv_bn
+from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
 
 # stages_repeats, stages_out_channels of torchvision's width variants
 _ARCH = {"100": ([4, 8, 4], [24, 116, 232, 464, 1024]), "200": ([4, 8, 4], [24, 244, 488, 976, 2048])}
@@ -28,12 +28,14 @@ def stock_shufflenetv2(name: str, num_classes: int = 1000) -> ShuffleNetV2:
 class RepShuffleNetV2(ShuffleNetV2):
     """ShuffleNetV2 training form, plus the few timm model attributes the training code relies on."""
 
-    def __init__(self, width: str = "100", num_classes: int = 1000, in_chans: int = 3, num_branches: int = 3,
-                 scale_branch: bool = True, identity_branch: bool = True):
+    def __init__(self, width: str = "100", num_classes: int = 1000, in_chans: int = 3, num_branches: int | None = None,
+                 scale_branch: bool | None = None, identity_branch: bool | None = None):
+        """Branch knobs left None: pipeline.models.rep.BRANCH_DEFAULTS."""
         if in_chans != 3:
             raise ValueError(f"rep_shufflenetv2 takes 3 input channels, got in_chans={in_chans}")
         super().__init__(*_ARCH[width], num_classes=num_classes)
         self.num_classes = num_classes
+        rep = branch_settings(num_branches, scale_branch, identity_branch)
         for unit in self.modules():
             if not isinstance(unit, InvertedResidual):
                 continue
@@ -42,8 +44,8 @@ class RepShuffleNetV2(ShuffleNetV2):
                 if len(branch) == 0:  # branch1 is empty in stride-1 units
                     continue
                 for conv_name, bn_name in pairs:
-                    replace_conv_bn(branch, conv_name, bn_name, num_branches=num_branches,
-                                    scale_branch=scale_branch, identity=identity_branch)
+                    replace_conv_bn(branch, conv_name, bn_name, num_branches=rep["num_branches"],
+                                    scale_branch=rep["scale_branch"], identity=rep["identity_branch"])
 
     def get_classifier(self) -> nn.Module:
         return self.fc
