@@ -125,8 +125,7 @@ def _coerce(where, key, value):
 
 
 def _validate(where, r: Recipe) -> None:
-    from pipeline.models.rep import check_num_branches
-
+    # num_branches: range-checked by the models' one check (pipeline.models.rep) when the student is built
     def check(cond, msg):
         if not cond:
             raise UserError(f"{where}: {msg}")
@@ -142,11 +141,6 @@ def _validate(where, r: Recipe) -> None:
     check(r.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {r.warmup_epochs}")
     check(r.grad_clip is None or r.grad_clip > 0, f"grad_clip must be > 0 or null, got {r.grad_clip}")
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
-    if r.num_branches is not None:  # the models' own range check, applied before anything runs
-        try:
-            check_num_branches(r.num_branches)
-        except ValueError as err:
-            raise UserError(f"{where}: {err}") from None
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")
     check(r.re_mode is None or r.re_mode in RE_MODES, f"re_mode must be one of {', '.join(RE_MODES)}")
     check(r.img_size is None or r.img_size >= 8, f"img_size must be >= 8 px or null, got {r.img_size}")

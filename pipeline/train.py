@@ -36,7 +36,7 @@ from pipeline.distill import ensemble_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json
 from pipeline.loop import KDLoss, fit
-from pipeline.models.rep import rep_settings
+from pipeline.models.rep import check_num_branches, rep_settings
 from pipeline.recipes import Recipe
 from pipeline.records import StudentSpec, TrainedStudent
 from pipeline.runtime import Normalize, init_distributed, resolve_device, set_threads
@@ -71,8 +71,14 @@ def build_student(student: StudentSpec, recipe: Recipe, num_classes: int, init: 
     (pipeline.models.pretrained_overlay) starts it from pretrained weights through timm's own loading:
     the training form then computes exactly the stock model.
     """
-    kwargs = dict(student.model_kwargs)
-    kwargs.update({k: getattr(recipe, k) for k in REP_FIELDS if getattr(recipe, k) is not None})
+    knobs = {k: getattr(recipe, k) for k in REP_FIELDS if getattr(recipe, k) is not None}
+    if "num_branches" in knobs:  # the models' own range check, with the recipe key named
+        try:
+            check_num_branches(knobs["num_branches"])
+        except ValueError as err:
+            raise UserError(f"recipe '{recipe.name}': {err}; set num_branches (--num-branches) to 1..5, or null "
+                            "for the student spec's") from None
+    kwargs = {**student.model_kwargs, **knobs}
     record, pretrained = None, {}
     if init:
         overlay, record = pretrained_overlay(student.model, init)

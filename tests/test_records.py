@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.fuse import fuse_student
+from pipeline.recipes import load_recipe
 from pipeline.records import FusedStudent, StudentSpec, TrainedStudent
+from pipeline.train import build_student
 from stages.cli import main
 from tests._chain_helpers import fake_student, tiny_shards
 from tests._student_helpers import make_shards
@@ -115,3 +117,18 @@ def test_older_or_edited_records_are_refused_with_the_stage_to_re_run(fused, tmp
 def test_records_are_frozen(fused):
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainedStudent.read(fused[0]).weights = "model.safetensors"
+
+
+def test_a_recipe_branch_count_out_of_range_is_refused_by_the_models_check_naming_the_recipe_key(tmp_path):
+    """Old code refused it in load_recipe with a second copy of the 1..5 check; now the models' one check
+    (pipeline.models.rep.check_num_branches) refuses it when the student is built, before anything is written."""
+    recipe = load_recipe("demo", {"num_branches": 7})
+    with pytest.raises(UserError) as err:
+        build_student(StudentSpec.resolve("ghostnetv3-050"), recipe, num_classes=4)
+    assert str(err.value).startswith("recipe 'demo': num_branches must be in 1..5, got 7; set num_branches")
+    make_shards(tmp_path / "shards")
+    result = CliRunner().invoke(main, ["student", "--student", "ghostnetv3-050", "--recipe", "demo", "--shards",
+                                       str(tmp_path / "shards"), "--out", str(tmp_path / "out"), "--alpha", "0",
+                                       "--num-branches", "0", "--quiet"])
+    assert result.exit_code == 2 and "recipe 'demo': num_branches must be in 1..5, got 0" in result.output
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists() and not (tmp_path / "out" / "student.json").exists()

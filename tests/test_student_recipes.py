@@ -35,7 +35,6 @@ def test_overrides_as_strings_or_dict():
     (["sched=linear"], "sched must be one of"),
     (["alpha=null"], "'alpha' cannot be null"),
     (["alpha"], "not key=value"),
-    (["num_branches=7"], "num_branches must be in 1..5"),
     (["grad_clip=0"], "grad_clip must be > 0 or null"),
     (["identity_branch=1"], "'identity_branch' must be bool"),
 ])
