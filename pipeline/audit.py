@@ -50,7 +50,7 @@ def audit_store(store, shards, *, teacher=None, weights=None, samples: int = 64,
     count = min(samples, len(rows_done) * store.num_views)
     rows = np.stack([rng.choice(rows_done, count), rng.integers(0, store.num_views, count)], 1)
     rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]  # one decode per sample
-    plan, params = ViewPlan.from_dict(store.plan), store.all_params()
+    plan, params = ViewPlan.load(store.plan, f"teacher store {store.path}"), store.all_params()
     forward = Forward(model, spec, resolve_device(device), p.get("amp", "none"))
     fresh = torch.cat([forward(replay_views(shards, p["split"], plan, rows[s:s + batch_size], params,
                                             spec["input_size"])).cpu() for s in range(0, count, batch_size)])

@@ -78,10 +78,8 @@ def build_model(spec: dict, num_classes: int, pretrained: bool):
 
 def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_size: int = 64, lr: float = 2e-3,
                      weight_decay: float = 0.05, warmup_epochs: float = 1.0, label_smoothing: float = 0.1,
-                     img_size: int | None = None, scale=(0.35, 1.0), hflip: float = 0.5,
-                     auto_augment: str | None = "rand-m9-mstd0.5", re_prob: float = 0.0, seed: int = 0,
-                     pretrained: bool | None = None, workers: int = 0, quiet: bool = False,
-                     plan: ViewPlan | None = None, num_views: int | None = None, threads: int | None = None,
+                     img_size: int | None = None, seed: int = 0, pretrained: bool | None = None, workers: int = 0,
+                     quiet: bool = False, plan=None, num_views: int | None = None, threads: int | None = None,
                      resume: bool = False) -> dict:
     """Train, write {out}/weights.safetensors (or teacher.pt) + teacher.yaml + metrics.json; return the metrics.
 
@@ -91,10 +89,10 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed: the schedule (AdamW,
             cosine to lr/100 after a linear warmup from lr/100: the fields of a Recipe, see finetune_recipe).
         img_size: training input size [default: the spec's input_size].
-        scale, hflip, auto_augment, re_prob: timm's training transform, when no `plan` is given.
         pretrained: override the spec's `pretrained` (None keeps it).
-        plan / num_views: the view plan and V of `pipeline teach` (then scale, hflip, auto_augment and
-            re_prob are unused): the teacher trains on the views it will label.
+        plan / num_views: the view plan (what ViewPlan.load takes; None: ViewPlan's defaults, as
+            `pipeline teach`'s) and V [default: epochs]: give teach's, so the teacher trains on the views it
+            will label.
         workers, quiet, threads: DataLoader workers, no progress bars, torch CPU threads (None: torch's choice).
         resume: continue an interrupted run of the same settings from {out}/checkpoint.safetensors (pipeline.loop's
             policy: a checkpoint of other settings is refused).
@@ -114,9 +112,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     torch.manual_seed(seed)
     use_pretrained = spec.get("pretrained", False) if pretrained is None else pretrained
     model, origin = build_model(spec, num_classes, bool(use_pretrained))
-    if plan is None:
-        plan = ViewPlan(seed=seed, size=size, scale=tuple(scale), hflip=hflip, auto_augment=auto_augment,
-                        re_prob=re_prob, interpolation=spec["interpolation"])
+    plan = ViewPlan.load(plan)
     num_views = num_views or epochs
     val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
                       interpolation=spec["interpolation"], batch_size=128, workers=workers)

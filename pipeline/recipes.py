@@ -2,7 +2,9 @@
 
 A recipe is a flat mapping so that an ablation is one override (`--set alpha=0.9`, or a
 `set:` list in params.yaml). Unknown keys, wrong types and out-of-range values are refused
-with a message naming the recipe and the key.
+with a message naming the recipe and the key. The views are one field, `plan` (ViewPlan's
+fields, checked by ViewPlan alone; `--set plan={FIELD: VALUE}` replaces it), used only by a
+student without a teacher store.
 """
 
 import dataclasses
@@ -16,7 +18,6 @@ from pipeline.errors import UserError
 from pipeline.manifests import load_spec
 
 SCHEDULES = ("cosine", "step")
-RE_MODES = ("const", "rand", "pixel")
 
 
 def knob(default, help: str):
@@ -53,12 +54,10 @@ class Recipe:
     identity_branch: Optional[bool] = knob(None, "rep_* students: add the BN identity branch where shapes allow; "
                                                  "null = the student spec's, else the model's (on). N=1 with no 1x1 "
                                                  "and no identity is the stock network.")
-    auto_augment: Optional[str] = knob(None, "RandAugment spec of the views, e.g. rand-m9-mstd0.5; with a "
-                                             "store it must match the store's plan; null = the store's.")
-    re_prob: Optional[float] = knob(None, "RandomErasing probability of the views (as auto_augment).")
-    re_mode: Optional[str] = knob(None, "RandomErasing fill: pixel, rand or const (as auto_augment).")
-    hflip: Optional[float] = knob(None, "Horizontal flip probability of the views (as auto_augment).")
-    scale: Optional[list] = knob(None, "RandomResizedCrop area range [min, max] (as auto_augment).")
+    plan: Optional[dict] = knob(None, "Views without a store (alpha 0, no --views-from): a mapping of ViewPlan "
+                                      "fields (pipeline/data/views.py) or a YAML file of them; fields left out: the "
+                                      "run's seed, the student's size and interpolation, else ViewPlan's defaults. "
+                                      "null with a store: the store's plan is the views.")
     num_views: Optional[int] = knob(None, "Views per sample without a store (alpha 0); null = epochs.")
     mixup: float = knob(0.0, "Mixup Beta alpha (Table 8 ablation only; the paper uses none).")
     cutmix: float = knob(0.0, "CutMix Beta alpha (Table 8 ablation only; the paper uses none).")
@@ -105,10 +104,17 @@ def load_recipe(name_or_path: str, overrides=None) -> Recipe:
     for key, value in {**spec, **overrides}.items():
         if key not in FIELDS:
             raise UserError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(FIELDS))}")
-        values[key] = _coerce(where, key, value)
+        values[key] = _plan(where, value) if key == "plan" else _coerce(where, key, value)
     recipe = Recipe(**values)
     _validate(where, recipe)
     return recipe
+
+
+def _plan(where, value) -> dict | None:
+    """The recipe's plan fields (a YAML file is read here, so the recipe records what it sets), checked by ViewPlan."""
+    from pipeline.data.views import ViewPlan
+
+    return None if value is None else ViewPlan.read(value, f"{where} plan")
 
 
 def _coerce(where, key, value):
@@ -142,11 +148,8 @@ def _validate(where, r: Recipe) -> None:
     check(r.grad_clip is None or r.grad_clip > 0, f"grad_clip must be > 0 or null, got {r.grad_clip}")
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")
-    check(r.re_mode is None or r.re_mode in RE_MODES, f"re_mode must be one of {', '.join(RE_MODES)}")
     check(r.img_size is None or r.img_size >= 8, f"img_size must be >= 8 px or null, got {r.img_size}")
     check(r.num_views is None or r.num_views >= 1, f"num_views must be >= 1, got {r.num_views}")
-    check(r.scale is None or (len(r.scale) == 2 and 0 < r.scale[0] <= r.scale[1] <= 1),
-          f"scale must be [min, max] within (0, 1], got {r.scale}")
     from timm.optim import list_optimizers
 
     check(r.opt in list_optimizers(), f"opt '{r.opt}' is not a timm optimizer (e.g. lamb, adamw, sgd)")

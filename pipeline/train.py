@@ -43,8 +43,6 @@ from pipeline.runtime import Normalize, init_distributed, resolve_device, set_th
 from pipeline.teachers import state_digest
 
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
-# Recipe fields that describe the views: with a store they must agree with its plan (or be None).
-PLAN_FIELDS = ("auto_augment", "re_prob", "re_mode", "hflip", "scale")
 
 
 def student_size(student: StudentSpec, recipe: Recipe) -> int:
@@ -108,15 +106,20 @@ def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_cl
     """The view plan and V the student replays: the stores' (checked against the shards), or the recipe's.
 
     `stores` are the stores whose views are replayed: the KD teachers', or a labels-only student's
-    --views-from store."""
+    --views-from store. With one, its plan is the views: a recipe plan beside it is refused rather than
+    compared (it could only repeat the store's or contradict it)."""
     if not stores:
         if recipe.alpha > 0:
             raise UserError(f"recipe '{recipe.name}' has alpha={recipe.alpha} > 0: it needs teacher stores "
                             f"(--teachers), or set alpha=0 to train on labels only")
-        fields = {k: getattr(recipe, k) for k in PLAN_FIELDS if getattr(recipe, k) is not None}
-        plan = ViewPlan(seed=recipe.seed, size=size, interpolation=interpolation, **fields)
+        plan = ViewPlan.load(recipe.plan, f"recipe '{recipe.name}' plan", seed=recipe.seed, size=size,
+                             interpolation=interpolation)
         return plan, recipe.num_views or recipe.epochs
-    plan = ViewPlan.from_dict(stores[0].plan)
+    if recipe.plan is not None:
+        raise UserError(f"recipe '{recipe.name}' sets a view plan, but this student replays the views of teacher store "
+                        f"{stores[0].path}, whose plan is authoritative: set plan to null (--set plan=null), or run "
+                        f"`pipeline teach --plan` with the plan you want")
+    plan = ViewPlan.load(stores[0].plan, f"teacher store {stores[0].path}")
     for store in stores:
         store.check_compatible(dataset_fingerprint, plan.hash())
         if store.provenance.get("split", "train") != "train":
@@ -125,15 +128,7 @@ def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_cl
         if int(store.num_classes) != num_classes:
             raise UserError(f"teacher store {store.path} has {store.num_classes} classes, the shards have "
                             f"{num_classes}; teach with a teacher for this dataset")
-    num_views = min(int(store.num_views) for store in stores)
-    for key in PLAN_FIELDS:
-        want, have = getattr(recipe, key), getattr(plan, key)
-        if want is not None and (list(want) if key == "scale" else want) != (list(have) if key == "scale" else have):
-            raise UserError(
-                f"recipe '{recipe.name}' asks for {key}={want!r} but the teacher store's view plan has "
-                f"{key}={have!r}; run `pipeline teach` with that view plan, or set {key} to null to use the store's"
-            )
-    return plan, num_views
+    return plan, min(int(store.num_views) for store in stores)
 
 
 class Targets:

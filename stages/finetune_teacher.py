@@ -4,21 +4,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
 from stages import options
 from stages.teach import PlanParam
 
 FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num-views:`)
-
-
-def _scale(value) -> tuple[float, float]:
-    """'0.35,1' or [0.35, 1] (params.yaml) -> (0.35, 1.0), as the student's --scale."""
-    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]").split(",")
-    try:
-        low, high = (float(v) for v in items)
-    except ValueError:
-        raise UserError(f"--scale must be MIN,MAX area fractions like 0.35,1.0, got {value!r}") from None
-    return low, high
 
 
 def _teach_section() -> dict:
@@ -42,38 +31,29 @@ def _teach_section() -> dict:
               help="Training/eval resolution in px [default: the spec's input_size].")
 @click.option("--plan", default=FROM_TEACH, show_default=True,
               help="View plan to train on: 'teach' = params.yaml's `teach: plan:` (the views `pipeline teach` "
-                   "stores, so the teacher is fitted to what it will label; falls back to 'flags' without one), "
-                   "a YAML file of ViewPlan fields, or 'flags' = --scale/--hflip/--auto-augment/--re-prob.")
+                   "stores, so the teacher is fitted to what it will label; without one, ViewPlan's defaults, "
+                   "as teach's), or a YAML file of ViewPlan fields.")
 @click.option("--num-views", type=click.IntRange(min=1), default=None,
               help="Views per image (V) the epochs cycle through [default: params.yaml's teach num-views with "
                    "--plan teach, else --epochs].")
 @options.threads
-@click.option("--scale", default="0.35,1.0", show_default=True,
-              help="RandomResizedCrop area range MIN,MAX (as the student's --scale).")
-@click.option("--hflip", default=0.5, show_default=True, help="Horizontal flip probability (0 for digits, text).")
-@click.option("--auto-augment", default="rand-m9-mstd0.5", show_default=True,
-              help="timm RandAugment spec; 'none' turns it off.")
-@click.option("--re-prob", default=0.0, show_default=True, help="RandomErasing probability.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and the views.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the initial weights and the sample order (the views' seed is the plan's).")
 @click.option("--pretrained/--scratch", default=None,
               help="Start from the hub weights (falls back to scratch when they cannot be had) or from scratch "
                    "[default: the spec's `pretrained`].")
 @options.resume
 @options.workers
 @options.quiet
-def command(teacher, shards, out_dir, auto_augment, plan, num_views, scale, **kwargs):
+def command(teacher, shards, out_dir, plan, num_views, **kwargs):
     """Fine-tune TEACHER on the train shards (timm or TorchScript); write weights + a teacher spec for `pipeline teach`."""
     from pipeline.finetune import finetune_teacher
 
-    auto_augment = None if str(auto_augment).lower() in ("none", "", "false") else auto_augment
-    view_plan = None
-    if plan == FROM_TEACH and _teach_section().get("plan"):
-        view_plan = PlanParam().convert(_teach_section()["plan"], None, None)
-        num_views = num_views or _teach_section().get("num-views")
-    elif plan not in (FROM_TEACH, "flags"):
-        view_plan = PlanParam().convert(plan, None, None)
-    metrics = finetune_teacher(teacher, shards, out_dir, auto_augment=auto_augment, plan=view_plan,
-                               num_views=num_views, scale=_scale(scale), **kwargs)
+    if plan == FROM_TEACH:
+        plan = _teach_section().get("plan")
+        num_views = num_views or (_teach_section().get("num-views") if plan else None)
+    metrics = finetune_teacher(teacher, shards, out_dir, plan=PlanParam().convert(plan, None, None),
+                               num_views=num_views, **kwargs)
     before, after = metrics["before"], metrics["after"]
     click.echo(f"teacher {metrics['teacher']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "
                f"on views {before['views']:.2f}% -> {after['views']:.2f}% after {metrics['epochs']} epochs from "

@@ -3,14 +3,14 @@
 Every recipe field is also a flat option (--alpha, --epochs, --num-branches, --scale-branch/
 --no-scale-branch, --identity-branch/--no-identity-branch, ...) so that an ablation is one option or one
 params.yaml key (--num-branches 1 --no-scale-branch --no-identity-branch: the stock network); --set key=value
-reaches the same fields (and can set one to null). Run under torchrun for several processes.
+reaches the same fields (and can set one to null). The views are one of them, --plan (ViewPlan fields as
+YAML text or a file; only without a teacher store). Run under torchrun for several processes.
 """
 
 import dataclasses
 from pathlib import Path
 
 import click
-import yaml
 
 from pipeline.errors import UserError
 from pipeline.recipes import FIELDS, TYPES, Recipe, load_recipe, parse_overrides
@@ -43,9 +43,9 @@ def _recipe_option(name: str):
     shown = "the --recipe's value"  # recipes differ: `pipeline student --recipe R --help` cannot know it here
     if kind is bool:
         return click.option(f"--{flag}/--no-{flag}", name, default=None, help=text, show_default=shown)
-    if kind is list:
-        return click.option(f"--{flag}", name, type=str, default=None, help=text + " As a,b or [a, b].",
-                            show_default=shown)
+    if kind is dict:  # a mapping from params.yaml as it is; on the command line YAML text or a file path
+        return click.option(f"--{flag}", name, type=click.UNPROCESSED, default=None, metavar="YAML",
+                            help=text + " As YAML text ({FIELD: VALUE}) or a file path.", show_default=shown)
     return click.option(f"--{flag}", name, type=kind, default=None, help=text, show_default=shown)
 
 
@@ -55,8 +55,8 @@ def _recipe_overrides(values: dict, set_items) -> dict:
         value = values.get(name)
         if value is None:
             continue
-        if TYPES[name] is list and isinstance(value, str):
-            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if TYPES[name] is dict and isinstance(value, str):
+            value = parse_overrides([f"{name}={value}"])[name]
         overrides[name] = value
     return overrides
 

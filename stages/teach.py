@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import click
-import yaml
 
 from pipeline.errors import UserError
 from stages import options
@@ -15,27 +14,14 @@ DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 
 
 class PlanParam(click.ParamType):
-    """A view plan: a YAML file of ViewPlan fields, or (from params.yaml) the mapping itself."""
+    """A view plan (ViewPlan.load): a YAML file of ViewPlan fields, or (from params.yaml) the mapping itself."""
 
     name = "plan"
 
     def convert(self, value, param, ctx):
         from pipeline.data.views import ViewPlan
 
-        if isinstance(value, ViewPlan):
-            return value
-        if isinstance(value, dict):
-            return ViewPlan.from_dict(value)
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"--plan {path}: file not found; give a YAML mapping of view plan fields")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"--plan {path} is not valid YAML ({' '.join(str(err).split())[:160]}); fix it") from None
-        if not isinstance(data, dict):
-            raise UserError(f"--plan {path}: expected a YAML mapping of view plan fields")
-        return ViewPlan.from_dict(data.get("plan", data))
+        return ViewPlan.load(value, f"--plan {value}" if isinstance(value, (str, Path)) else "params `teach: plan:`")
 
 
 def _temperatures(value) -> list[float]:
@@ -52,8 +38,8 @@ def _temperatures(value) -> list[float]:
 @options.shards
 @click.option("--split", default="train", help="Split of the shards to run over.")
 @click.option("--plan", "plan", type=PlanParam(), default=None,
-              help="View plan: YAML file of ViewPlan fields (seed, size, scale, ratio, hflip, auto_augment, re_prob, "
-                   "...); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan() defaults.")
+              help="View plan: a YAML file of ViewPlan fields (pipeline/data/views.py; those left out take "
+                   "ViewPlan's defaults); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan's defaults.")
 @click.option("--num-views", default=4, type=click.IntRange(min=1),
               help="Views per sample (V).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")

@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "launch": {"teach": "pipeline", "student": "pipeline"},
     "shard": {"source": "synthetic", "num-classes": 4, "per-class": 12, "image-size": 64, "val-fraction": 0.25},
-    "finetune-teacher": {"epochs": 1, "batch-size": 16, "hflip": 0.0, "auto-augment": "none", "quiet": True},
+    "finetune-teacher": {"epochs": 1, "batch-size": 16, "quiet": True},  # on teach's plan
     "finetune": {"demo-resnet10t": {"teacher": "demo-resnet10t"}},
     "teachers": {"demo-resnet10t": {"spec": "outputs/teachers/demo-resnet10t/teacher.yaml"}},
     "teach": {"num-views": 2, "k": 3, "batch-size": 32, "quiet": True,

@@ -13,6 +13,8 @@ from pipeline.teachers import load_teacher
 from stages.cli import main
 from tests._chain_helpers import tiny_shards
 
+PLAN = {"size": 64, "auto_augment": None}  # partial: ViewPlan's defaults fill the rest
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -21,7 +23,7 @@ def shards(tmp_path_factory):
 
 def _run(shards, out, *extra):
     return CliRunner().invoke(main, ["finetune-teacher", "--teacher", "demo-resnet10t", "--shards", str(shards),
-                                     "--out", str(out), "--batch-size", "8", "--auto-augment", "none", "--quiet",
+                                     "--out", str(out), "--batch-size", "8", "--quiet",
                                      *extra])
 
 
@@ -50,10 +52,10 @@ def test_interrupted_run_resumes_after_the_last_finished_epoch(tmp_path, shards,
 
     monkeypatch.setattr(finetune, "student_loader", loader)
     with pytest.raises(KeyboardInterrupt):
-        finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8,
-                                  auto_augment=None, quiet=True)
+        finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8, plan=PLAN,
+                                  quiet=True)
     assert (tmp_path / "t" / "checkpoint.safetensors").is_file() and not (tmp_path / "t" / "weights.safetensors").exists()
-    finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8, auto_augment=None,
+    finetune.finetune_teacher("demo-resnet10t", shards, tmp_path / "t", epochs=2, batch_size=8, plan=PLAN,
                               quiet=True, resume=True)
     assert epochs == [0, 1, 1]
     assert (tmp_path / "t" / "weights.safetensors").is_file() and not (tmp_path / "t" / "checkpoint.safetensors").exists()

@@ -95,8 +95,10 @@ def _all_commands():
             yield name, command
 
 
-# a concept -> the one option name for it, and the names that once spelt it in some command
-ALIASES = {"--img-size": ("--size", "--image-px"), "--scale": ("--scale-min", "--scale-max"),
+# a concept -> the one option name for it, and the names that once spelt it in some command (the views: the
+# student's and finetune-teacher's per-setting flags, now fields of the one --plan)
+ALIASES = {"--img-size": ("--size", "--image-px"),
+           "--plan": ("--scale", "--scale-min", "--scale-max", "--hflip", "--auto-augment", "--re-prob", "--re-mode"),
            "--num-views": ("--views", "-V"), "--latency-batch": ("--batch",),
            "--finetune-dir": ("--teacher-dir",), "--shards": ("--shard-dir",), "--workers": ("--num-workers",),
            "--threads": ("--num-threads",)}

@@ -80,7 +80,7 @@ def test_student_replays_the_stored_params(data):
     """The loader renders the params READ from the store, even where the plan would derive others."""
     root, store, _ = data
     reader = ShardReader(root / "shards", "train")
-    other = ViewPlan.from_dict({**PLAN.to_dict(), "seed": 7})
+    other = ViewPlan.load({**PLAN.to_dict(), "seed": 7})
     stored = np.stack([[view_params(other, reader.key(i), v) for v in range(2)] for i in range(len(reader))])
     batch = next(iter(student_loader(root / "shards", "train", PLAN, 2, 64, 4, seed=0, epoch=0,
                                      stored_params=stored)))
@@ -92,7 +92,7 @@ def test_student_replays_the_stored_params(data):
 def test_student_refuses_a_store_whose_params_this_environment_does_not_derive(data, tmp_path):
     root, _, _ = data
     reader = ShardReader(root / "shards", "train")
-    other = ViewPlan.from_dict({**PLAN.to_dict(), "seed": 7})
+    other = ViewPlan.load({**PLAN.to_dict(), "seed": 7})
     params = np.stack([[view_params(other, reader.key(i), v) for v in range(2)] for i in range(len(reader))])
     drifted = make_store(root / "shards", tmp_path / "teach", name="drift", plan=PLAN, k=3, params=params)
     with pytest.raises(UserError, match="numpy/timm/Pillow/OpenCV version mismatch") as err:
@@ -114,14 +114,13 @@ def test_labels_only_twin_replays_the_kd_students_views(data, tmp_path, monkeypa
         return loader
 
     monkeypatch.setattr(train_mod, "student_loader", recording)
-    recipe = {**QUICK, "epochs": 2, "auto_augment": None, "re_prob": None, "scale": None, "hflip": None}
+    recipe = {**QUICK, "epochs": 2, "plan": None}
     train(STUDENT, load_recipe("demo", recipe), root / "shards", tmp_path / "kd", [store], ["t124"], quiet=True)
     kd = seen.pop(True)
     args = ["student", "--student", str(_spec(tmp_path)), "--recipe", "demo", "--shards", str(root / "shards"),
             "--teach-dir", str(root / "teach"), "--out", str(tmp_path / "plain"), "--alpha", "0", "--epochs", "2",
             "--batch-size", "16", "--lr", "0.02", "--warmup-epochs", "0", "--set", "ema_decay=null",
-            "--set", "num_branches=null", "--set", "scale_branch=null", "--set", "auto_augment=null",
-            "--set", "re_prob=null", "--set", "scale=null", "--set", "hflip=null", "--img-size", "64",
+            "--set", "num_branches=null", "--set", "scale_branch=null", "--set", "plan=null", "--img-size", "64",
             "--views-from", "t124", "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

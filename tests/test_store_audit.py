@@ -38,7 +38,7 @@ def test_store_keeps_lse_at_every_temperature(setup):
     assert store.temperatures == [1.0, 2.0, 4.0] and store.provenance["temperatures"] == [1.0, 2.0, 4.0]
     spec = resolve_spec(spec_path)
     model, _ = load_teacher(spec)
-    plan, reader = ViewPlan.from_dict(store.plan), ShardReader(shards, "train")
+    plan, reader = ViewPlan.load(store.plan), ShardReader(shards, "train")
     mean, std = torch.tensor(spec["mean"]).view(3, 1, 1), torch.tensor(spec["std"]).view(3, 1, 1)
     for i, v in [(0, 0), (3, 1), (7, 1)]:
         x = torch.from_numpy(render(reader.image(i), store.params(i, v), plan, 64).copy()).permute(2, 0, 1) / 255

@@ -103,10 +103,12 @@ def test_refuses_a_store_for_other_shards_or_views(data, tmp_path):
     with pytest.raises(UserError, match="0123456789abcdef") as err:
         train(STUDENT, load_recipe("demo", QUICK), root / "shards", tmp_path / "out", [other], ["other"], quiet=True)
     assert "re-run `pipeline teach`" in str(err.value)
-    # A recipe asking for other views than the store holds is named with both values.
-    with pytest.raises(UserError, match=r"re_prob=0\.5.*re_prob=0\.25"):
-        train(STUDENT, load_recipe("demo", {**QUICK, "re_prob": 0.5}), root / "shards", tmp_path / "out",
-              [data[1]], ["t1"], quiet=True)
+    # With a store its plan is the views: a recipe plan beside it (even one that agrees) is refused, naming the fix.
+    for plan in ({"re_prob": 0.5}, PLAN.to_dict()):
+        with pytest.raises(UserError, match=r"recipe 'demo' sets a view plan.*set plan to null") as err:
+            train(STUDENT, load_recipe("demo", {**QUICK, "plan": plan}), root / "shards", tmp_path / "out",
+                  [data[1]], ["t1"], quiet=True)
+        assert "\n" not in str(err.value) and str(data[1].path) in str(err.value)
     # Two stores of different view plans cannot be ensembled.
     shifted = make_store(root / "shards", tmp_path / "teach", name="shifted", plan=PLAN.__class__(seed=1, size=64))
     with pytest.raises(UserError, match="view plan"):

@@ -6,6 +6,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
 from pipeline.recipes import load_recipe, parse_overrides
 from pipeline.loop import create_optimizer, create_scheduler
@@ -16,13 +17,16 @@ def test_paper_recipe_holds_the_papers_values():
     assert (r.batch_size, r.opt, r.lr, r.sched, r.min_lr, r.weight_decay, r.epochs) == (
         2048, "lamb", 5e-3, "cosine", 0.0, 0.05, 600)
     assert (r.ema_decay, r.alpha, r.tau, r.num_branches, r.scale_branch) == (0.9999, 0.5, 1.0, 3, True)
-    assert (r.auto_augment, r.re_prob, r.mixup, r.cutmix) == ("rand-m9-mstd0.5", 0.25, 0.0, 0.0)
+    assert (r.mixup, r.cutmix) == (0.0, 0.0)
+    # its views are the store's plan, else ViewPlan's defaults: the paper's RandAugment + RandomErasing
+    plan = ViewPlan.load(r.plan)
+    assert r.plan is None and (plan.auto_augment, plan.re_prob, plan.scale) == ("rand-m9-mstd0.5", 0.25, (0.08, 1.0))
     assert r.warmup_epochs > 0 and r.label_smoothing > 0
 
 
 def test_overrides_as_strings_or_dict():
-    r = load_recipe("ghostnetv3-paper", ["alpha=0.9", "sched=step", "ema_decay=null", "scale=[0.25, 1]"])
-    assert (r.alpha, r.sched, r.ema_decay, r.scale) == (0.9, "step", None, [0.25, 1])
+    r = load_recipe("ghostnetv3-paper", ["alpha=0.9", "sched=step", "ema_decay=null", "plan={scale: [0.25, 1]}"])
+    assert (r.alpha, r.sched, r.ema_decay, r.plan) == (0.9, "step", None, {"scale": [0.25, 1]})
     assert load_recipe("demo", {"epochs": 2, "lr": 1}).lr == 1.0
     assert parse_overrides(["tau=4"]) == {"tau": 4}
 
@@ -37,10 +41,21 @@ def test_overrides_as_strings_or_dict():
     (["alpha"], "not key=value"),
     (["grad_clip=0"], "grad_clip must be > 0 or null"),
     (["identity_branch=1"], "'identity_branch' must be bool"),
+    (["plan={sed: 1}"], r"recipe 'demo' plan: unknown view plan fields \['sed'\]; the fields are seed, size"),
+    (["plan={re_mode: blur}"], "recipe 'demo' plan: view plan re_mode 'blur' must be one of"),
+    (["plan=no-such-plan.yaml"], "recipe 'demo' plan: file not found"),
+    (["plan=7"], "recipe 'demo' plan: a view plan is a mapping"),
 ])
 def test_bad_overrides_are_refused_by_name(bad, message):
     with pytest.raises(UserError, match=message):
         load_recipe("demo", bad)
+
+
+def test_recipe_plan_from_a_file_is_kept_as_its_fields(tmp_path):
+    """A plan file is read when the recipe loads: the recipe (student.json, the resume check) holds what it sets."""
+    (tmp_path / "plan.yaml").write_text("re_prob: 0.1\nhflip: 0.0\n")
+    r = load_recipe("demo", [f"plan={tmp_path / 'plan.yaml'}"])
+    assert r.plan == {"re_prob": 0.1, "hflip": 0.0} and r.to_dict()["plan"] == r.plan
 
 
 def test_unknown_recipe_lists_the_known_ones():

@@ -59,7 +59,7 @@ def test_store_equals_direct_forward(setup):
     _, spec_path, shards, store = setup
     spec = resolve_spec(spec_path)
     model, _ = load_teacher(spec)
-    plan, reader = ViewPlan.from_dict(store.plan), ShardReader(shards, "train")
+    plan, reader = ViewPlan.load(store.plan), ShardReader(shards, "train")
     assert store.complete and store.num_samples == read_manifest(shards)["splits"]["train"]["count"]
     mean, std = torch.tensor(spec["mean"]).view(3, 1, 1), torch.tensor(spec["std"]).view(3, 1, 1)
     index = torch.arange(store.num_samples).repeat_interleave(store.num_views)

@@ -5,6 +5,7 @@ import hashlib
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,12 +54,56 @@ def test_params_are_pure_uint16_and_sized():
 
 
 def test_plan_dict_roundtrip_and_stable_hash():
-    plan = ViewPlan.from_dict(PLAN.to_dict())
+    plan = ViewPlan.load(PLAN.to_dict())
     assert plan == PLAN and plan.hash() == PLAN.hash()
     assert ViewPlan().hash() == "15ed67ddf6c99707"  # changing it orphans every store (layout 2: timm's crop law)
     assert dataclasses.replace(PLAN, re_prob=0.3).hash() != PLAN.hash()
     with pytest.raises(UserError, match="unknown view plan fields"):
-        ViewPlan.from_dict({"sed": 1})
+        ViewPlan.load({"sed": 1})
+
+
+def test_load_fills_what_a_source_leaves_out(tmp_path):
+    """One loader for mappings and files: left-out fields take the caller's defaults, then ViewPlan's."""
+    assert ViewPlan.load({"re_prob": 0.1}) == dataclasses.replace(ViewPlan(), re_prob=0.1)
+    assert ViewPlan.load(None) == ViewPlan() and ViewPlan.load(PLAN) is PLAN
+    run = ViewPlan.load({"re_prob": 0.1, "size": 96}, seed=3, size=64)
+    assert (run.seed, run.size, run.re_prob) == (3, 96, 0.1)  # the source wins over the run's defaults
+    (tmp_path / "plan.yaml").write_text("re_prob: 0.1\nscale: [0.5, 1.0]\n")
+    (tmp_path / "pointer.json").write_text('{"store": "s.zarr", "plan": {"re_prob": 0.1, "scale": [0.5, 1.0]}}')
+    expected = dataclasses.replace(ViewPlan(), re_prob=0.1, scale=(0.5, 1.0))
+    assert ViewPlan.load(tmp_path / "plan.yaml") == ViewPlan.load(str(tmp_path / "pointer.json")) == expected
+    assert ViewPlan.read(tmp_path / "plan.yaml") == {"re_prob": 0.1, "scale": [0.5, 1.0]}  # only what it sets
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"sed": 1}, r"unknown view plan fields \['sed'\]; the fields are seed, size, scale"),
+    ({"hflip": 7}, r"hflip: 7 must be a probability"),
+    ({"re_mode": "blur"}, "re_mode 'blur' must be one of"),
+    ([0.5, 1.0], "a view plan is a mapping of ViewPlan fields"),
+    ("missing.yaml", "file not found"),
+    ("bad.yaml", "is not valid YAML"),
+])
+def test_load_refuses_in_one_line_naming_the_source(tmp_path, source, message):
+    (tmp_path / "bad.yaml").write_text("size: [64\n")
+    if isinstance(source, str):
+        source = tmp_path / source
+    with pytest.raises(UserError, match=message) as err:
+        ViewPlan.load(source, "recipe 'x' plan" if isinstance(source, (dict, list)) else None)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith("recipe 'x' plan: " if isinstance(source, (dict, list)) else f"view plan file {source}")
+
+
+def test_shipped_plans_keep_their_store_hashes():
+    """ViewPlan.load of the plans we ship gives the hashes the former loaders gave (computed before it): stores on
+    disk stay valid. The last: a labels-only demo student's plan (recipe seed 0, the student's 64 px, bicubic)."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    for name, pinned in (("params.yaml", "3002a60bc2ef19ca"), ("params-imagenet.yaml", "5e4ef7949e19f1fb")):
+        plan = ViewPlan.load(yaml.safe_load((root / name).read_text())["teach"]["plan"])
+        assert plan.hash() == pinned, name
+    assert ViewPlan.load(None, seed=0, size=64, interpolation="bicubic").hash() == "93aa5e023a1a8c74"
 
 
 @pytest.mark.parametrize("spec", ["rand-q5", "original-mstd0.5", "rand-m9-mmax20"])
@@ -154,7 +199,7 @@ def _jpeg(size=(500, 375), seed=0):
 
 def test_renderer_is_part_of_the_plan_hash():
     fast = dataclasses.replace(PLAN, renderer="fast")
-    assert fast.hash() != PLAN.hash() and ViewPlan.from_dict(fast.to_dict()) == fast
+    assert fast.hash() != PLAN.hash() and ViewPlan.load(fast.to_dict()) == fast
     assert ViewPlan().hash() == "15ed67ddf6c99707"  # the reference adds nothing to the hash (layout 2 did)
     with pytest.raises(UserError, match="renderer 'pillow'"):
         ViewPlan(renderer="pillow")

@@ -23,8 +23,10 @@ import dataclasses
 import functools
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 from timm.data import auto_augment
 from timm.data.auto_augment import LEVEL_TO_ARG, rand_augment_transform
@@ -101,13 +103,55 @@ class ViewPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViewPlan":
-        if not isinstance(d, dict):
-            raise UserError(f"a view plan must be a mapping of fields, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    def load(cls, source, where: str | None = None, **defaults) -> "ViewPlan":
+        """The one loader of plans (teach, finetune-teacher, recipes, stores all use it).
+
+        `source`: a ViewPlan, a mapping of ViewPlan fields, a YAML file of them (a path; the fields may also
+        sit under `plan:`, as in a teach pointer file), or None (no fields). Fields it leaves out come from
+        `defaults` (what the run itself knows, e.g. a labels-only student's seed and size), then from the
+        dataclass defaults. Unknown fields and bad values are one UserError naming `where` (default: the file).
+        """
+        if isinstance(source, cls):
+            return source
+        fields, where = cls._fields(source, where)
+        try:
+            return cls(**{**defaults, **fields})
+        except UserError as err:
+            raise UserError(f"{where}: {err}" if where else str(err)) from None
+
+    @classmethod
+    def read(cls, source, where: str | None = None) -> dict:
+        """The fields `source` (as for `load`) gives, checked as a plan: for a recipe, which keeps what it
+        sets and lets the run fill in the rest."""
+        fields, where = cls._fields(source, where)
+        cls.load(fields, where)
+        return fields
+
+    @classmethod
+    def _fields(cls, source, where: str | None) -> tuple[dict, str | None]:
+        """(fields, where) of a plan source: a mapping, a YAML file of one (a path), or None."""
+        if source is None:
+            return {}, where
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            where = where or f"view plan file {path}"
+            if not path.is_file():
+                raise UserError(f"{where}: file not found; give a YAML file of ViewPlan fields")
+            try:
+                source = yaml.safe_load(path.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise UserError(f"{where} is not valid YAML ({' '.join(str(err).split())[:160]}); fix it") from None
+            if isinstance(source, dict) and isinstance(source.get("plan"), dict):
+                source = source["plan"]
+        prefix = f"{where}: " if where else ""
+        if not isinstance(source, dict):
+            raise UserError(f"{prefix}a view plan is a mapping of ViewPlan fields (or a YAML file of one), "
+                            f"not {type(source).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(map(str, source)) - set(known))
         if unknown:
-            raise UserError(f"unknown view plan fields {sorted(unknown)}")
-        return cls(**d)
+            raise UserError(f"{prefix}unknown view plan fields {unknown}; the fields are {', '.join(known)}")
+        return dict(source), where
 
     def hash(self) -> str:
         d = {**self.to_dict(), "params_layout": PARAMS_LAYOUT}
