@@ -12,7 +12,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
 from tests._chain_helpers import tiny_shards
 
-RUN = {"epochs": 2, "batch_size": 8, "auto_augment": None, "img_size": 32, "quiet": True, "threads": 1}
+RUN = {"epochs": 2, "batch_size": 8, "plan": {"size": 32, "auto_augment": None}, "img_size": 32, "quiet": True,
+       "threads": 1}
 
 
 @pytest.fixture(scope="module")
