@@ -11,7 +11,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
 from pipeline.records import ONNX, FusedStudent, load_fused
-from pipeline.runtime import set_threads
+from pipeline.runtime import Normalize, set_threads
 
 
 def recipe_summary(info: FusedStudent) -> str:
@@ -70,9 +70,10 @@ def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch
         if loaded != digest:
             notes[name] = f"skipped: the weights of teacher '{name}' differ from those that made its store"
             continue
-        val = eval_loader(shard_dir, "val", size=spec["input_size"], crop_pct=spec["crop_pct"], mean=spec["mean"],
-                          std=spec["std"], interpolation=spec["interpolation"], batch_size=batch_size)
-        teacher_logits, _ = predict(teacher, val, quiet=quiet, desc=f"teacher {name}")
+        val = eval_loader(shard_dir, "val", size=spec["input_size"], crop_pct=spec["crop_pct"],
+                          interpolation=spec["interpolation"], batch_size=batch_size)
+        teacher_logits, _ = predict(teacher, val, Normalize(spec["mean"], spec["std"]), quiet=quiet,
+                                    desc=f"teacher {name}")
         scores[name] = agreement(logits, teacher_logits)
     return scores, notes
 
@@ -114,9 +115,9 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
         raise UserError(f"{fused_dir} predicts {info.num_classes} classes but {shard_dir} has "
                         f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
     size = info.input_size
-    val = eval_loader(shard_dir, "val", size=size, crop_pct=info.crop_pct, mean=info.mean, std=info.std,
-                      interpolation=info.interpolation, batch_size=batch_size)
-    logits, labels = predict(model, val, quiet=quiet, desc=info.student)
+    val = eval_loader(shard_dir, "val", size=size, crop_pct=info.crop_pct, interpolation=info.interpolation,
+                      batch_size=batch_size)
+    logits, labels = predict(model, val, Normalize(info.mean, info.std), quiet=quiet, desc=info.student)
     acc = topk_accuracy(logits, labels)
     params, macs = count_params_macs(model, size)
     teachers = list(info.teachers)

@@ -114,21 +114,21 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     model, origin = build_model(spec, num_classes, bool(use_pretrained))
     plan = ViewPlan.load(plan)
     num_views = num_views or epochs
-    val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
-                      interpolation=spec["interpolation"], batch_size=128, workers=workers)
+    val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], interpolation=spec["interpolation"],
+                      batch_size=128, workers=workers)
     normalize = Normalize(spec["mean"], spec["std"])  # of the view loaders' uint8 images (finetuning is on the CPU)
 
     def views_top1() -> float:
         """top-1 on one view per val image (the plan at the teacher's size)."""
         views = student_loader(shard_dir, "val", plan, num_views=num_views, size=size, batch_size=128,
                                seed=plan.seed, epoch=0, workers=workers)
-        return accuracy(model, views, normalize=normalize)[1]
+        return accuracy(model, views, normalize)[1]
 
     def epoch_loader(epoch):
         return student_loader(shard_dir, "train", plan, num_views=num_views, size=size, batch_size=batch_size,
                               seed=seed, epoch=epoch, workers=workers)
 
-    before = {"clean": accuracy(model, val)[1], "views": views_top1()}  # the start weights
+    before = {"clean": accuracy(model, val, normalize)[1], "views": views_top1()}  # the start weights
     recipe = finetune_recipe(epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed)
     run_id = {"recipe": recipe.to_dict(), "teacher": spec, "shards": manifest["fingerprint"], "init": origin,
               "plan": plan.to_dict(), "num_views": num_views}

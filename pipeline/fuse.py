@@ -20,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, sha256_file, umask_mode
 from pipeline.metrics import onnx_runner
 from pipeline.records import FUSE_JSON, FUSED, ONNX, FusedStudent, TrainedStudent, load_safetensors
+from pipeline.runtime import Normalize
 
 _logger = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ def load_trained_student(student_dir, checkpoint: str = "best"):
 
 def validation_images(shard_dir, info: TrainedStudent, count: int) -> torch.Tensor:
     """The first `count` validation images, preprocessed exactly as the student sees them at eval."""
-    loader = eval_loader(shard_dir, "val", size=info.input_size, crop_pct=info.crop_pct, mean=info.mean,
-                         std=info.std, interpolation=info.interpolation, batch_size=count)
-    return next(iter(loader))["image"][:count]
+    loader = eval_loader(shard_dir, "val", size=info.input_size, crop_pct=info.crop_pct,
+                         interpolation=info.interpolation, batch_size=count)
+    return Normalize(info.mean, info.std)(next(iter(loader))["image"][:count])
 
 
 def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor, atol: float = 1e-3) -> dict:

@@ -140,7 +140,8 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
         loss: the batch objective (KDLoss).
         epoch_loader: epoch -> this rank's loader of {"image", "label", "index", "view"} batches, images uint8
             (pipeline.data.loaders.student_loader).
-        normalize: a runtime.Normalize for `device`: the images become float there, not in the loader.
+        normalize: a runtime.Normalize for `device`: the images (training and validation) become float there,
+            not in the loader.
         steps_per_epoch: updates per epoch (the schedule counts them).
         out_dir, run_id: where checkpoint.safetensors goes, and what a resumed run must share with the
             interrupted one (JSON-able; compared after a JSON round trip).
@@ -209,9 +210,10 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
         last = epoch + 1 == recipe.epochs
         if rank == 0 and val is not None and (last or (epoch + 1) % val_every == 0):
             val_loader, row["val_images"] = val(last)
-            row["top1"], row["top5"] = _top1_top5(core, val_loader, device, channels_last, amp)
+            row["top1"], row["top5"] = _top1_top5(core, val_loader, normalize, device, channels_last, amp)
             if ema:
-                row["ema_top1"], row["ema_top5"] = _top1_top5(ema.module, val_loader, device, channels_last, amp)
+                row["ema_top1"], row["ema_top5"] = _top1_top5(ema.module, val_loader, normalize, device,
+                                                              channels_last, amp)
         if rank == 0:
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
@@ -229,7 +231,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
     return history, ema
 
 
-def _top1_top5(model, loader, device, channels_last, amp) -> tuple[float, float]:
-    acc = accuracy(model, loader, device, channels_last=channels_last, amp=amp)
+def _top1_top5(model, loader, normalize, device, channels_last, amp) -> tuple[float, float]:
+    acc = accuracy(model, loader, normalize, device, channels_last=channels_last, amp=amp)
     return acc[1], acc[5]
 

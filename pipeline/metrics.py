@@ -16,12 +16,13 @@ from pipeline.runtime import autocast
 
 
 @torch.inference_mode()
-def predict(model, loader, quiet: bool = False, desc: str = "eval"):
-    """Logits and labels over a loader of {"index", "image", "label"} batches, in sample order."""
+def predict(model, loader, normalize, quiet: bool = False, desc: str = "eval"):
+    """Logits and labels over a loader of {"index", "image", "label"} batches (uint8 images, made the
+    model's input by `normalize`, a runtime.Normalize), in sample order."""
     model.eval()
     logits, labels, order = [], [], []
     for batch in progress(loader, desc=desc, unit="batch", disable=quiet, leave=False):
-        logits.append(model(batch["image"]).float())
+        logits.append(model(normalize(batch["image"])).float())
         labels.append(batch["label"])
         order.append(batch["index"])
     order = torch.cat(order).argsort()
@@ -41,16 +42,16 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 
 @torch.no_grad()
-def accuracy(model, loader, device="cpu", channels_last: bool = False, amp: torch.dtype | None = None,
-             ks=(1, 5), normalize=None) -> dict[int, float]:
+def accuracy(model, loader, normalize, device="cpu", channels_last: bool = False, amp: torch.dtype | None = None,
+             ks=(1, 5)) -> dict[int, float]:
     """Top-k accuracy (%) of `model` over a loader, counted batch by batch (no logits kept), in eval mode
-    (the model's mode is restored); images go to `device` (channels_last on request) under `amp` autocast.
-    `normalize` (a runtime.Normalize on `device`) turns a view loader's uint8 images into the model's input."""
+    (the model's mode is restored); `normalize` (a runtime.Normalize on `device`) makes the loader's uint8
+    images the model's input (channels_last on request), under `amp` autocast."""
     was_training = model.training
     model.eval()
     hits, total = dict.fromkeys(ks, 0), 0
     for batch in loader:
-        x = normalize(batch["image"]) if normalize else batch["image"].to(device, non_blocking=True)
+        x = normalize(batch["image"])
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         with autocast(torch.device(device), amp):

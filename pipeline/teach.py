@@ -217,17 +217,13 @@ def clean_val_top1(forward: Forward, spec, shards, batch_size, workers) -> float
     from pipeline.data.loaders import eval_loader
     from pipeline.metrics import topk_hits
 
-    loader = eval_loader(shards, "val", size=spec["input_size"], crop_pct=spec.get("crop_pct", 1.0), mean=spec["mean"],
-                         std=spec["std"], interpolation=spec.get("interpolation", "bicubic"), batch_size=batch_size,
-                         workers=workers)
+    loader = eval_loader(shards, "val", size=spec["input_size"], crop_pct=spec.get("crop_pct", 1.0),
+                         interpolation=spec.get("interpolation", "bicubic"), batch_size=batch_size, workers=workers)
     forward.model.eval()
     hits = total = 0
-    with torch.inference_mode(), autocast(forward.device, forward.amp):
-        for batch in loader:
-            x = batch["image"].to(forward.device).contiguous(memory_format=forward.memory_format)
-            logits = forward.model(x).float().cpu()
-            hits += topk_hits(logits, batch["label"], ks=(1,))[1]
-            total += len(batch["label"])
+    for batch in loader:
+        hits += topk_hits(forward(batch["image"]).cpu(), batch["label"], ks=(1,))[1]
+        total += len(batch["label"])
     return round(100.0 * hits / max(total, 1), 2)
 
 

@@ -252,8 +252,7 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
                               world, workers, drop_last=True,
                               stored_params=stored_params)
 
-    val_args = (shard_dir, "val", size, crop_pct, student.mean, student.std,
-                interpolation, eval_batch_size, workers)
+    val_args = (shard_dir, "val", size, crop_pct, interpolation, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
     full = manifest["splits"]["val"]["count"]

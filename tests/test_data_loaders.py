@@ -114,12 +114,17 @@ def test_student_images_are_the_renders_normalised_on_the_device(shard_dir):
 
 
 def test_eval_loader_is_timms_eval_transform(shard_dir):
+    """uint8 out, normalised by the model's side: the same input as timm's eval transform (to float error)."""
+    from pipeline.runtime import Normalize
+
     reader = ShardReader(shard_dir, "val")
-    batches = list(eval_loader(shard_dir, "val", 56, 0.875, MEAN, STD, "bicubic", 4))
+    batches = list(eval_loader(shard_dir, "val", 56, 0.875, "bicubic", 4))
     assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5]]
+    assert batches[1]["image"].dtype == torch.uint8
     transform = create_transform(56, is_training=False, crop_pct=0.875, mean=MEAN, std=STD,
                                  interpolation="bicubic")
-    torch.testing.assert_close(batches[1]["image"][1], transform(reader.image(5)))
+    torch.testing.assert_close(Normalize(MEAN, STD)(batches[1]["image"])[1], transform(reader.image(5)),
+                               rtol=0, atol=1e-5)
     assert batches[0]["label"].tolist() == reader.labels[:4].tolist()
 
 

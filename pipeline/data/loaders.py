@@ -208,15 +208,16 @@ def replay_views(shard_dir, split, plan: ViewPlan, rows: np.ndarray, stored_para
     return _render_views(_reader(shard_dir, split), np.asarray(rows), plan, size, stored_params)[0]
 
 
-def eval_loader(shard_dir, split, size: int, crop_pct: float, mean, std, interpolation: str,
+def eval_loader(shard_dir, split, size: int, crop_pct: float, interpolation: str,
                 batch_size: int, workers: int = 0, subset: tuple[int, int] | None = None) -> DataLoader:
-    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), normalised.
+    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), as uint8: the model's
+    side normalises on its device (runtime.Normalize), as for every view (timm's prefetcher form).
 
     subset (count, seed): only that many images, a fixed seeded choice (in split order), for cheap
     per-epoch validation."""
     reader = _reader(shard_dir, split)
     transform = create_transform(input_size=size, is_training=False, interpolation=interpolation,
-                                 mean=tuple(mean), std=tuple(std), crop_pct=crop_pct)
+                                 crop_pct=crop_pct, use_prefetcher=True)
     indices = np.arange(len(reader), dtype=np.int64)
     if subset is not None and subset[0] < len(reader):
         indices = np.sort(np.random.default_rng(subset[1]).choice(indices, size=subset[0], replace=False))
