@@ -9,8 +9,9 @@ then in fresh subprocesses (peak RSS = the process's ru_maxrss):
            conv + linear to 1000 classes, so rendering dominates) + top-k, over `--sample` images spread
            across the whole split; the bare forward alone; the store's bytes/view for those views;
   student  the student loader at 224 px (render, then the trainer's normalisation on the CPU; no
-           model), reference renderer (today's) and fast renderer, over `--sample` images of an epoch's
-           global shuffle; also without the normalisation (on a GPU node it runs on the GPU).
+           model), reference renderer (today's) and fast renderer in one process, a batch of each in
+           turn, over `--sample` images of an epoch's global shuffle each; also without the normalisation
+           (on a GPU node it runs on the GPU).
 Throughput is per CPU second of the process (per core) with 1 thread; a stage's time at N is its
 open time + N x views / throughput, and growth is t(largest)/t(second largest). Prints one JSON object.
 
@@ -95,7 +96,7 @@ def _tiny_teacher():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1000)).eval()
 
 
-def stage_teach(out: Path, n: int, sample: int, views: int, renderer: str) -> dict:
+def stage_teach(out: Path, n: int, sample: int, views: int) -> dict:
     import torch
 
     from pipeline.data.loaders import teacher_loader
@@ -103,7 +104,7 @@ def stage_teach(out: Path, n: int, sample: int, views: int, renderer: str) -> di
     from pipeline.store import bytes_on_disk, create_or_open, encode_topk
     from pipeline.teach import Forward
 
-    plan = ViewPlan(renderer=renderer)
+    plan = ViewPlan(renderer="fast")
     forward = Forward(_tiny_teacher(), {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
                       torch.device("cpu"))
     indices = np.linspace(0, n - 1, sample + 64 // views).astype(np.int64)
@@ -141,37 +142,40 @@ def _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outpu
     return size / (sample * views)
 
 
-def stage_student(out: Path, n: int, sample: int, views: int, renderer: str) -> dict:
-    """The loader's uint8 views, then the trainer's normalisation on the CPU (on a GPU node it runs on
-    the GPU: `render_views_per_s_core` is then the loader workers' whole share)."""
+def stage_student(out: Path, n: int, sample: int, views: int) -> dict:
+    """The loader's uint8 views, then the trainer's normalisation on the CPU (on a GPU node it runs on the
+    GPU: `render` is then the loader workers' whole share), for the fast and the reference renderer in
+    ONE process, a batch of each in turn: load on the machine hits both alike, so their ratio holds."""
     from pipeline.data.loaders import student_loader
     from pipeline.data.views import ViewPlan
     from pipeline.runtime import Normalize
 
-    plan = ViewPlan(renderer=renderer)
-    loader = student_loader(out, "train", plan, views, 224, batch_size=64, seed=0, epoch=0)
     normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    batches, seen, normalising = iter(loader), 0, 0.0
-    normalize(next(batches)["image"])  # warm-up: the first batch pays one-off imports
-    start = time.process_time()
-    for batch in batches:
-        tick = time.process_time()
-        normalize(batch["image"])
-        normalising += time.process_time() - tick
-        seen += len(batch["index"])
-        if seen >= sample:
-            break
-    cpu = time.process_time() - start
-    return {"views_per_s_core": seen / cpu, "render_views_per_s_core": seen / (cpu - normalising)}
+    batches = {r: iter(student_loader(out, "train", ViewPlan(renderer=r), views, 224, batch_size=64, seed=0, epoch=0))
+               for r in ("fast", "reference")}
+    cpu = {r: {"render": 0.0, "normalize": 0.0, "views": 0} for r in batches}
+    for r in batches:
+        normalize(next(batches[r])["image"])  # warm-up: the first batch pays one-off imports
+    while min(c["views"] for c in cpu.values()) < sample:
+        for r, it in batches.items():
+            tick = time.process_time()
+            batch = next(it)
+            tock = time.process_time()
+            normalize(batch["image"])
+            cpu[r]["render"] += tock - tick
+            cpu[r]["normalize"] += time.process_time() - tock
+            cpu[r]["views"] += len(batch["index"])
+    return {r: {"views_per_s_core": c["views"] / (c["render"] + c["normalize"]),
+                "render_views_per_s_core": c["views"] / c["render"]} for r, c in cpu.items()}
 
 
 STAGES = {"shard": stage_shard, "open": stage_open, "teach": stage_teach, "student": stage_student}
 
 
-def _run(stage: str, out: Path, n: int, args, renderer: str = "fast") -> dict:
+def _run(stage: str, out: Path, n: int, args) -> dict:
     """One stage in a fresh process: its result plus its peak RSS."""
     cmd = [sys.executable, __file__, "--stage", stage, "--dir", str(out), "--n", str(n), "--sample", str(args.sample),
-           "--num-views", str(args.num_views), "--threads", str(args.threads), "--renderer", renderer]
+           "--num-views", str(args.num_views), "--threads", str(args.threads)]
     return json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -207,14 +211,12 @@ def main():
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--renderer", default="fast", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.stage:
-        kwargs = {} if args.stage in ("shard", "open") else dict(sample=args.sample, views=args.num_views,
-                                                                   renderer=args.renderer)
+        kwargs = {} if args.stage in ("shard", "open") else dict(sample=args.sample, views=args.num_views)
         result = STAGES[args.stage](args.dir, args.n, **kwargs)
         print(json.dumps({**result, "peak_rss_mb": _rss_mb()}))
         return
@@ -229,8 +231,8 @@ def main():
             shard = _run("shard", out, n, args)
             opened = _run("open", out, n, args)
             teach = _run("teach", out, n, args)
-            student = _run("student", out, n, args)
-            baseline = _run("student", out, n, args, renderer="reference")
+            loaders = _run("student", out, n, args)
+            student, baseline = loaders["fast"], loaders["reference"]
             shutil.rmtree(out)
             for k, value in (("shard_s", shard["shard_s"]), ("open_s", opened["open_s"]), ("scan_s", opened["scan_s"]),
                              ("teach_views_per_s_core", teach["views_per_s_core"]),
@@ -241,7 +243,7 @@ def main():
                              ("baseline_student_render_views_per_s_core", baseline["render_views_per_s_core"]),
                              ("store_bytes_per_view", teach["store_bytes_per_view"])):
                 r[k].append(round(value, 3))
-            for k, res in (("shard", shard), ("teach", teach), ("student", student)):
+            for k, res in (("shard", shard), ("teach", teach), ("student", loaders)):
                 r["peak_rss_mb"][k].append(round(res["peak_rss_mb"], 1))
             print(f"# n={n} done", file=sys.stderr)
     a, b = (-1, -2) if len(sizes) > 1 else (-1, -1)
