@@ -5,11 +5,6 @@ teacher stage, a changed student option re-runs only that student's side."""
 import csv
 import io
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.models import create_stock_model
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from tests._dvc_helpers import REPO, dvc, dvc_project, git, ran
 
 TINY = {
     "launch": {"teach": "pipeline", "student": "pipeline"},
@@ -45,43 +38,17 @@ EXP_RUN = ["exp", "run", "--temp"]
 EXP_SHOW = ["exp", "show", "--no-pager", "--only-changed", "--drop", "Created", "--keep",
             "'.*:top1|.*:latency_ms.torch'"]
 
-ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-           GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
-           GIT_COMMITTER_EMAIL="test@example.com")
-
-
-def _git(cwd: Path, *args) -> None:
-    subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True, capture_output=True)
-
-
-def _dvc(cwd: Path, *args) -> str:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
 def _write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.mark.slow
 def test_dvc_chain_end_to_end(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root)
-    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    for name in ("pipeline", "stages", "manifests"):  # code and specs are stage dependencies
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _git(root, "init", "-q")
+    root = dvc_project(tmp_path / "repo")
     params = json.loads(json.dumps(TINY))
     _write_params(root, params)
 
-    first = _ran(_dvc(root, "repro"))
+    first = ran(dvc(root, "repro"))
     assert first == {"shard", "finetune-teacher@demo-resnet10t", "teach@demo-resnet10t", "student@gnv3",
                      "fuse@gnv3", "evaluate@gnv3", "report"}
 
@@ -97,13 +64,13 @@ def test_dvc_chain_end_to_end(tmp_path):
     assert "| gnv3 |" in (root / "outputs/report/report.md").read_text()
     assert (root / "outputs/report/report.png").is_file()
 
-    assert _ran(_dvc(root, "repro")) == set(), "a second repro must run nothing"
+    assert ran(dvc(root, "repro")) == set(), "a second repro must run nothing"
 
     params["students"]["plain"] = {"student": "ghostnetv3-050", "alpha": 0.0, "num-branches": 1,
                                    "scale-branch": False, "identity-branch": False, "epochs": 1, "batch-size": 16,
                                    "views-from": "demo-resnet10t"}
     _write_params(root, params)
-    assert _ran(_dvc(root, "repro")) == {"student@plain", "fuse@plain", "evaluate@plain", "report"}
+    assert ran(dvc(root, "repro")) == {"student@plain", "fuse@plain", "evaluate@plain", "report"}
     plain = json.loads((root / "outputs/eval/plain.json").read_text())
     assert plain["teachers"] == [] and "labels only, plain (stock network)" in plain["recipe_summary"]
     twin = json.loads((root / "outputs/students/plain/student.json").read_text())
@@ -111,21 +78,21 @@ def test_dvc_chain_end_to_end(tmp_path):
 
     curves = list(csv.DictReader((root / "outputs/curves/gnv3/plots.csv").open()))
     assert [row["epoch"] for row in curves] == ["1"] and {"loss", "top1", "ema_top1"} <= set(curves[0])
-    plots = json.loads(_dvc(root, "plots", "show", "--json"))
+    plots = json.loads(dvc(root, "plots", "show", "--json"))
     assert not plots.get("errors") and "outputs/curves/gnv3/plots.csv" in plots["data"], plots
 
     # the README's experiment workflow: commit dvc.lock (the baseline), run the ablation in a temporary
     # copy so that the workspace keeps the baseline, compare with the documented `dvc exp show` call
     readme = (REPO / "README.md").read_text()
     assert "dvc " + " ".join(EXP_RUN) in readme and "dvc " + " ".join(EXP_SHOW) in readme
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "baseline")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "baseline")
     baseline = (root / "outputs/eval/gnv3.json").read_bytes()
-    ran = _ran(_dvc(root, *[a.strip("'") for a in EXP_RUN], "-S", "students.gnv3.alpha=0.9"))
-    assert ran == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
+    exp_ran = ran(dvc(root, *[a.strip("'") for a in EXP_RUN], "-S", "students.gnv3.alpha=0.9"))
+    assert exp_ran == {"student@gnv3", "fuse@gnv3", "evaluate@gnv3", "report"}
     assert (root / "outputs/eval/gnv3.json").read_bytes() == baseline, "the workspace keeps the baseline"
     assert yaml.safe_load((root / "params.yaml").read_text())["students"]["gnv3"]["alpha"] == 0.5
-    table = list(csv.DictReader(io.StringIO(_dvc(root, *[a.strip("'") for a in EXP_SHOW], "--csv"))))
+    table = list(csv.DictReader(io.StringIO(dvc(root, *[a.strip("'") for a in EXP_SHOW], "--csv"))))
     assert [row["students.gnv3.alpha"] for row in table] == ["0.5", "0.5", "0.9"], table  # workspace, HEAD, exp
     assert all(row["outputs/eval/gnv3.json:top1"] not in ("", "!") for row in table), table
     assert {"outputs/eval/plain.json:top1", "outputs/eval/gnv3.json:latency_ms.torch"} <= set(table[0]), table
@@ -135,4 +102,4 @@ def test_dvc_chain_end_to_end(tmp_path):
         f.write("# edited\n")
     with open(root / "pipeline/report.py", "a") as f:
         f.write("# edited\n")
-    assert set(json.loads(_dvc(root, "status", "--json"))) == {"student@gnv3", "student@plain", "report"}
+    assert set(json.loads(dvc(root, "status", "--json"))) == {"student@gnv3", "student@plain", "report"}
