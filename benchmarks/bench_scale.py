@@ -8,10 +8,10 @@ then in fresh subprocesses (peak RSS = the process's ru_maxrss):
   teach    teacher loader (every view of a sample decoded once) + a tiny teacher (one 16x16-stride
            conv + linear to 1000 classes, so rendering dominates) + top-k, over `--sample` images spread
            across the whole split; the bare forward alone; the store's bytes/view for those views;
-  student  the student loader at 224 px (render, then the trainer's normalisation on the CPU; no
-           model), reference renderer (today's) and fast renderer in one process, a batch of each in
-           turn, over `--sample` images of an epoch's global shuffle each; also without the normalisation
-           (on a GPU node it runs on the GPU).
+  student  the KD student's loader at 224 px (views replayed from stored params, rendered, then the
+           trainer's normalisation on the CPU; no model), reference renderer (today's) and fast renderer
+           in one process, a batch of each in turn, over `--sample` images of an epoch's global shuffle
+           each; also without the normalisation (on a GPU node it runs on the GPU).
 Throughput is per CPU second of the process (per core) with 1 thread; a stage's time at N is its
 open time + N x views / throughput, and growth is t(largest)/t(second largest). Prints one JSON object.
 
@@ -143,15 +143,20 @@ def _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outpu
 
 
 def stage_student(out: Path, n: int, sample: int, views: int) -> dict:
-    """The loader's uint8 views, then the trainer's normalisation on the CPU (on a GPU node it runs on the
-    GPU: `render` is then the loader workers' whole share), for the fast and the reference renderer in
-    ONE process, a batch of each in turn: load on the machine hits both alike, so their ratio holds."""
+    """The KD student's loader: the views replayed from stored params (a teacher store's, here derived
+    beforehand, untimed), rendered to uint8, then the trainer's normalisation on the CPU (on a GPU node it
+    runs on the GPU: `render` is then the loader workers' whole share); the fast and the reference renderer
+    in ONE process, a batch of each in turn: load on the machine hits both alike, so their ratio holds."""
     from pipeline.data.loaders import student_loader
-    from pipeline.data.views import ViewPlan
+    from pipeline.data.shards import ShardReader
+    from pipeline.data.views import ViewPlan, view_params
     from pipeline.runtime import Normalize
 
+    keys = ShardReader(out, "train").keys
+    stored = np.stack([np.stack([view_params(ViewPlan(), k, v) for v in range(views)]) for k in keys])
     normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    batches = {r: iter(student_loader(out, "train", ViewPlan(renderer=r), views, 224, batch_size=64, seed=0, epoch=0))
+    batches = {r: iter(student_loader(out, "train", ViewPlan(renderer=r), views, 224, batch_size=64, seed=0, epoch=0,
+                                      stored_params=stored))
                for r in ("fast", "reference")}
     cpu = {r: {"render": 0.0, "normalize": 0.0, "views": 0} for r in batches}
     for r in batches:

@@ -225,6 +225,30 @@ def test_fast_renderer_stays_close_to_the_reference():
     assert np.mean(diffs) < 3 and np.max(diffs) < 8, (np.mean(diffs), np.max(diffs))
 
 
+def test_jpeg_decode_gives_opencvs_pixels():
+    """simplejpeg decodes the fast renderer's JPEGs: the same pixels OpenCV's decode gave renderer 2, for
+    every subsampling, grey, CMYK (Adobe), progressive, at every DCT scale; a PNG goes to OpenCV."""
+    import io
+
+    from pipeline.data.shards import Source, _opencv_decode, _turbo_decode
+
+    image = Image.open(io.BytesIO(_jpeg(size=(203, 150))))
+    for mode, options in (("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"subsampling": 1}), ("L", {}),
+                          ("CMYK", {}), ("RGB", {"progressive": True})):
+        buf = io.BytesIO()
+        image.convert(mode).save(buf, format="JPEG", quality=90, **options)
+        for reduce in (1, 2, 4, 8):
+            ours = _turbo_decode(buf.getvalue(), reduce)
+            assert ours is not None and ours.shape == (-(-150 // reduce), -(-203 // reduce), 3), (mode, options, reduce)
+            np.testing.assert_array_equal(ours, _opencv_decode(buf.getvalue(), reduce), err_msg=f"{mode} {options} {reduce}")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    assert _turbo_decode(buf.getvalue(), 1) is None
+    source = Source(buf.getvalue(), "x")
+    assert source.size == (203, 150)
+    np.testing.assert_array_equal(source.pixels(), np.asarray(image))
+
+
 def test_fast_lookup_table_ops_equal_timms():
     from timm.data import auto_augment
 

@@ -195,12 +195,14 @@ def replay_mismatch(shard_dir, split, plan: ViewPlan, stored_params: np.ndarray,
 
 def view_environment() -> dict:
     """Versions of the libraries that draw and render views (numpy's RNG, timm's ops, Pillow, and
-    OpenCV for the fast renderer's decode and warp)."""
+    simplejpeg and OpenCV for the fast renderer's decode and warp)."""
     import cv2
     import PIL
+    import simplejpeg
     import timm
 
-    return {"numpy": np.__version__, "timm": timm.__version__, "Pillow": PIL.__version__, "opencv": cv2.__version__}
+    return {"numpy": np.__version__, "timm": timm.__version__, "Pillow": PIL.__version__, "opencv": cv2.__version__,
+            "simplejpeg": simplejpeg.__version__}
 
 
 def replay_views(shard_dir, split, plan: ViewPlan, rows: np.ndarray, stored_params: np.ndarray, size: int):

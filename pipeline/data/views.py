@@ -402,10 +402,18 @@ def _warp(pixels: np.ndarray, to_source, geometry: np.ndarray, size: int, affine
                          borderMode=cv2.BORDER_REPLICATE)
     if affine:
         g = np.hstack([geometry[:2, :2], (geometry[:2, :2].sum(1) / 2 + geometry[:2, 2] - 0.5)[:, None]])
-        inside = cv2.warpAffine(np.ones((size, size), np.uint8), g, (size, size),
-                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
-        out[inside == 0] = ERASE_FILL
+        outside = cv2.warpAffine(np.zeros((size, size), np.uint8), g, (size, size),
+                                 flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=1)
+        cv2.copyTo(_fill(size), outside, out)  # a masked copy: numpy's out[mask] = fill costs up to 1 ms here
     return out
+
+
+@functools.cache
+def _fill(size: int) -> np.ndarray:
+    fill = np.empty((size, size, 3), np.uint8)
+    fill[:] = ERASE_FILL
+    fill.flags.writeable = False
+    return fill
 
 
 def _rotate_matrix(degrees: float, w: int, h: int) -> tuple:
