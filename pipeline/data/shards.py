@@ -169,7 +169,7 @@ class Source:
         """uint8 RGB [H, W, 3], a JPEG at 1/`reduce` scale (2, 4, 8) in the DCT; EXIF orientation ignored,
         as PIL does. JPEGs go through simplejpeg (libjpeg-turbo straight to RGB: ~13% less CPU than
         OpenCV's decode of the same file, and the same pixels: tests/test_views.py), anything else or a
-        JPEG it refuses (CMYK, damaged) through OpenCV, and what OpenCV cannot read through PIL."""
+        JPEG it refuses (damaged data: its strict mode) through OpenCV, what OpenCV cannot read through PIL."""
         if ("cv", reduce) not in self._decoded:
             out = _turbo_decode(self.data, reduce)
             if out is None:
