@@ -128,6 +128,13 @@ class StudentSpec:
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
+def _freeze_preprocessing(record) -> None:
+    """The preprocessing fields student.json and fuse.json both carry, as tuples (JSON gives lists)."""
+    object.__setattr__(record, "mean", _floats(record.mean))
+    object.__setattr__(record, "std", _floats(record.std))
+    object.__setattr__(record, "teachers", tuple(record.teachers))
+
+
 # ------------------------------------------------------------------------------------------- trained student
 
 @dataclass(frozen=True)
@@ -155,9 +162,7 @@ class TrainedStudent:
     weights_choice: dict            # the rule and the val top-1 figures behind `weights`
 
     def __post_init__(self):
-        object.__setattr__(self, "mean", _floats(self.mean))
-        object.__setattr__(self, "std", _floats(self.std))
-        object.__setattr__(self, "teachers", tuple(self.teachers))
+        _freeze_preprocessing(self)
         if self.teacher_weights is not None:
             object.__setattr__(self, "teacher_weights", _floats(self.teacher_weights))
 
@@ -205,9 +210,7 @@ class FusedStudent:
     sha256: dict                    # file name -> digest of every file this record describes
 
     def __post_init__(self):
-        object.__setattr__(self, "mean", _floats(self.mean))
-        object.__setattr__(self, "std", _floats(self.std))
-        object.__setattr__(self, "teachers", tuple(self.teachers))
+        _freeze_preprocessing(self)
 
     @classmethod
     def read(cls, fused_dir) -> "FusedStudent":
