@@ -8,15 +8,22 @@ a boost on the label and smaller boosts on a few confusable classes per view. St
 (near-uniform), `mid` (a noisy, shrunk copy of the teacher) and `late` (the teacher plus noise: ~90 %
 top-1 agreement with it, as a well-trained student); each case reports its top-1 agreement.
 
-Every stored number goes through the real store: encode_topk + encode_lse_tau, written with the writer
-`pipeline teach` uses (f16 / BitRound values, f16 lse offsets) and read back with LogitStore.lookup_tau,
+Every stored number goes through the real store: encode_topk + encode_rest, written with the writer
+`pipeline teach` uses (fixed-point log p, the tempered rest per tau) and read back with LogitStore.lookup_tau,
 the student's path. For each stored tau and each (teacher, student) case:
   rel_err_vs_coarsened  |stored loss - exact coarsened KL| / coarsened KL (float64 brute force on the
                         same top-k classes): what the store gets wrong, target <= 1e-3;
+  grad_rel_err_vs_coarsened  ||grad stored - grad exact|| / ||grad exact|| wrt the student logits;
   rel_err_vs_dense      |stored loss - dense KD| / dense KD: the price of keeping top-k only;
   grad_cos_vs_dense     cosine of the gradients wrt the student logits, stored loss vs dense KD;
   flat_tail_rel_err_vs_coarsened  the same error for the old flat-tail model (what --flat-tail gives).
 The top level reports the worst case over teachers and students; "cases" has each.
+
+near: students close to the teacher (teacher + 0.5 N(0,1) and + 0.2 N(0,1) on the logits), where the KL
+is small and a rounded target costs most: loss rel_err <= 1e-3 and gradient rel_err <= 1e-2 at every tau.
+ensemble: two teachers (the sharp one and a flat one on the same labels), weights 1:1 and 3:1, each
+through its own store, against the float64 coarsened KL of the TRUE weighted mixture of the tempered
+softmaxes on the stated partition (intersection of the top-k sets + rest): rel_err <= 1e-3.
 
 bf16_teacher_kl: KL(softmax(fp32 logits) || softmax(bf16-autocast logits)) of a random-init timm teacher
 (--bf16-model) on smooth random images, i.e. what `teach --amp bf16` costs. Under --amp the teacher
@@ -34,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.views import ViewPlan, view_params
-from pipeline.distill import teacher_target, bucket_kl
-from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_lse_tau,
+from pipeline.distill import bucket_kl, ensemble_target, teacher_target
+from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_rest,
                             encode_topk, open_store)
 
 C, K = 1000, 10
@@ -68,14 +75,14 @@ def through_store(tmp, name, logits, labels, num_views, values):
     plan = ViewPlan()
     params = np.stack([[view_params(plan, f"n{i:07d}", v) for v in range(num_views)] for i in range(n)])
     logp, idx, lse = encode_topk(logits, K, values)
-    lse_tau = encode_lse_tau(logits, DEFAULT_TEMPERATURES)
+    rest = encode_rest(logits, K, DEFAULT_TEMPERATURES)
     path = Path(tmp) / f"{name}.zarr"
     writer = create_or_open(path, {"key": name, "plan": plan.to_dict()}, num_samples=n, num_views=num_views, k=K,
                             params_dim=plan.params_dim, num_classes=C, shard_rows=n, values=values,
                             temperatures=DEFAULT_TEMPERATURES)
     shape = (n, num_views)
     writer.write_shard(0, logp.reshape(*shape, K), idx.reshape(*shape, K), lse.reshape(shape), params, labels.numpy(),
-                       lse_tau=lse_tau.reshape(*shape, -1))
+                       rest=rest.reshape(*shape, -1))
     per_array = {a.name: round(bytes_on_disk(a) / (n * num_views), 2) for a in path.iterdir() if a.is_dir()}
     return open_store(path), bytes_on_disk(path) / (n * num_views), per_array
 
@@ -108,19 +115,66 @@ def grad(loss_fn, student):
     return s.grad.flatten()
 
 
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def case(student, teacher, stored, tau):
     classes = stored[1]
     exact = float(coarsened_kl(student.double(), teacher, classes, tau))
+    g_exact = grad(lambda s: coarsened_kl(s, teacher, classes, tau), student)
     dense = float(dense_kd(student.double(), teacher, tau))
     got = float(stored_kd(student.float(), stored, tau))
     flat = float(stored_kd(student.float(), stored, tau, flat_tail=True))
     g_stored = grad(lambda s: stored_kd(s, stored, tau), student)
     g_dense = grad(lambda s: dense_kd(s, teacher, tau), student)
     return {"rel_err_vs_coarsened": abs(got - exact) / exact, "abs_err_vs_coarsened": abs(got - exact),
+            "grad_rel_err_vs_coarsened": rel(g_stored, g_exact),
             "rel_err_vs_dense": abs(got - dense) / dense,
             "grad_cos_vs_dense": float(F.cosine_similarity(g_stored, g_dense, 0)),
             "flat_tail_rel_err_vs_coarsened": abs(flat - exact) / exact, "kd": got, "coarsened": exact, "dense": dense,
             "top1_agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean())}
+
+
+def near_case(student, teacher, stored, tau):
+    """Loss and gradient of the stored targets vs the float64 coarsened KL, for a student near the teacher."""
+    classes = stored[1]
+    exact = float(coarsened_kl(student.double(), teacher, classes, tau))
+    got = float(stored_kd(student.float(), stored, tau))
+    g_stored = grad(lambda s: stored_kd(s, stored, tau), student)
+    g_exact = grad(lambda s: coarsened_kl(s, teacher, classes, tau), student)
+    return {"rel_err_vs_coarsened": abs(got - exact) / exact, "abs_err_vs_coarsened": abs(got - exact),
+            "grad_rel_err_vs_coarsened": rel(g_stored, g_exact), "coarsened": exact,
+            "top1_agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean())}
+
+
+def mixture_kl(student, teachers, weights, classes, tau):
+    """float64 tau^2 KL of the TRUE weighted mixture of tempered softmaxes, coarsened onto the intersection of
+    the teachers' stored top-k sets (one bucket per class) + one rest bucket."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    m = sum(wj * F.softmax(t.double() / tau, 1) for wj, t in zip(w, teachers))
+    inter = torch.ones_like(m, dtype=torch.bool)
+    for c in classes:
+        inter &= torch.zeros_like(inter).scatter_(1, c, True)
+    logq = F.log_softmax(student / tau, 1)
+    r = (m * ~inter).sum(1)
+    q_rest = torch.logsumexp(logq.masked_fill(inter, float("-inf")), 1)
+    kl = (torch.xlogy(m, m) - m * logq).masked_fill(~inter, 0).sum(1) + torch.xlogy(r, r) - r * q_rest
+    return tau**2 * kl.mean()
+
+
+def ensemble_case(student, teachers, stored, weights, tau):
+    classes = [s[1] for s in stored]
+    exact = float(mixture_kl(student.double(), teachers, weights, classes, tau))
+
+    def loss(s):
+        return tau**2 * bucket_kl(s, ensemble_target(stored, C, tau, weights), tau)
+
+    got = float(loss(student.float()))
+    g_stored = grad(loss, student)
+    g_exact = grad(lambda s: mixture_kl(s, teachers, weights, classes, tau), student)
+    return {"rel_err_vs_coarsened": abs(got - exact) / exact, "grad_rel_err_vs_coarsened": rel(g_stored, g_exact),
+            "coarsened": exact, "known_classes": float(ensemble_target(stored, C, tau, weights).known.sum(1).double().mean())}
 
 
 def bf16_teacher_kl(model_name, batch, size, batches):
@@ -156,7 +210,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cases, shapes, sizes = {}, {}, []
+    cases, shapes, sizes, near, ensemble = {}, {}, [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for t, (name, shape) in enumerate(TEACHERS.items()):
             teacher, labels = teacher_logits(args.samples, args.num_views, shape, seed=t)
@@ -170,11 +224,34 @@ def main():
             index = torch.arange(n).repeat_interleave(args.num_views)
             view = torch.arange(args.num_views).repeat(n)
             teacher = teacher[: n * args.num_views]
+            noise = torch.randn(teacher.shape, generator=torch.Generator().manual_seed(20 + t))
             for tau in DEFAULT_TEMPERATURES:
                 stored = store.lookup_tau(index, view, tau)
                 for s, stage in enumerate(("early", "mid", "late")):
                     student = student_logits(teacher, stage, seed=10 + s)
                     cases.setdefault(f"{tau:g}", {})[f"{name}/{stage}"] = case(student, teacher, stored, tau)
+                for sigma in (0.5, 0.2):
+                    near.setdefault(f"{tau:g}", {})[f"{name}/teacher+{sigma:g}N"] = near_case(
+                        teacher + sigma * noise, teacher, stored, tau)
+        # ensemble: the sharp teacher and a flat one on the same samples (seed 0: same labels), each its own store
+        n = min(args.loss_samples, args.samples)
+        index = torch.arange(n).repeat_interleave(args.num_views)
+        view = torch.arange(args.num_views).repeat(n)
+        pair = []
+        for name, seed, extra in (("sharp", 0, 0.0), ("flat", 0, 0.5)):
+            logits, labels = teacher_logits(n, args.num_views, TEACHERS[name], seed=seed)
+            logits = logits + extra * torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
+            store, _, _ = through_store(tmp, f"ens-{name}", logits, labels, args.num_views, args.values)
+            pair.append((logits, store))
+        teachers = [p[0] for p in pair]
+        center = sum(teachers) / 2
+        for tau in DEFAULT_TEMPERATURES:
+            stored = [s.lookup_tau(index, view, tau) for _, s in pair]
+            for weights in ((1.0, 1.0), (3.0, 1.0)):
+                for s, stage in enumerate(("early", "mid", "late")):
+                    student = student_logits(center, stage, seed=30 + s)
+                    ensemble.setdefault(f"{tau:g}", {})[f"{weights[0]:g}:{weights[1]:g}/{stage}"] = ensemble_case(
+                        student, teachers, stored, list(weights), tau)
     bf16 = bf16_teacher_kl(args.bf16_model, 16, 224, args.bf16_batches) if args.bf16_batches else {"mean_kl": None}
     worst = {tau: {"rel_err_vs_coarsened": max(c["rel_err_vs_coarsened"] for c in per.values()),
                    "abs_err_vs_coarsened": max(c["abs_err_vs_coarsened"] for c in per.values()),
@@ -182,7 +259,21 @@ def main():
                    "grad_cos_vs_dense": min(c["grad_cos_vs_dense"] for c in per.values()),
                    "flat_tail_rel_err_vs_coarsened": max(c["flat_tail_rel_err_vs_coarsened"] for c in per.values())}
              for tau, per in cases.items()}
+    def worst_of(section):
+        return {tau: {key: max(c[key] for c in per.values()) for key in ("rel_err_vs_coarsened",
+                                                                       "grad_rel_err_vs_coarsened")}
+                for tau, per in section.items()}
+
+    for tau, per in cases.items():
+        worst[tau]["grad_rel_err_vs_coarsened"] = max(c["grad_rel_err_vs_coarsened"] for c in per.values())
     result = {"tau": worst, "bytes_per_view_k10": round(max(sizes), 2), "values_encoding": args.values,
+              "near": {"worst": worst_of(near), "bounds": {"rel_err_vs_coarsened": 1e-3, "grad_rel_err_vs_coarsened": 1e-2},
+                       "cases": {tau: {n: {k: float(f"{v:.4g}") for k, v in c.items()} for n, c in per.items()}
+                                 for tau, per in near.items()}},
+              "ensemble": {"worst": worst_of(ensemble), "bounds": {"rel_err_vs_coarsened": 1e-3},
+                           "partition": "intersection of the teachers' top-k sets + one rest bucket",
+                           "cases": {tau: {n: {k: float(f"{v:.4g}") for k, v in c.items()} for n, c in per.items()}
+                                     for tau, per in ensemble.items()}},
               "temperatures": list(DEFAULT_TEMPERATURES), "teachers": shapes,
               "bf16_teacher_kl": bf16["mean_kl"], "bf16": bf16,
               "teach_keeps_fp32_logits": False,

@@ -101,7 +101,7 @@ def stage_teach(out: Path, n: int, sample: int, views: int) -> dict:
 
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.views import ViewPlan
-    from pipeline.store import bytes_on_disk, create_or_open, encode_topk
+    from pipeline.store import bytes_on_disk, create_or_open, encode_rest, encode_topk
     from pipeline.teach import Forward
 
     plan = ViewPlan(renderer="fast")
@@ -112,7 +112,8 @@ def stage_teach(out: Path, n: int, sample: int, views: int) -> dict:
     for b, batch in enumerate(teacher_loader(out, "train", plan, views, indices, 224, batch_size=64)):
         if b == 1:  # the first batch (warm-up: one-off imports) is not timed
             start = time.process_time()
-        outputs.append((batch, encode_topk(forward(batch["image"]), 10, "f16-keep5")))
+        logits = forward(batch["image"])
+        outputs.append((batch, (*encode_topk(logits, 10), encode_rest(logits, 10, (1.0,)))))
     cpu = time.process_time() - start
     outputs = outputs[1:]
     images = torch.zeros(64, 3, 224, 224, dtype=torch.uint8)
@@ -128,15 +129,18 @@ def stage_teach(out: Path, n: int, sample: int, views: int) -> dict:
 
 def _store_bytes_per_view(create_or_open, encode_topk, bytes_on_disk, out, outputs, sample, views, plan) -> float:
     """Write the sampled views' top-10 into a real store (the teach stage's layout) and weigh it."""
+    from pipeline.store import DEFAULT_VALUES
+
     path = out.parent / f"store-{out.name}.zarr"
     shutil.rmtree(path, ignore_errors=True)
     writer = create_or_open(path, {"key": "bench", "plan": plan.to_dict()}, num_samples=sample, num_views=views, k=10,
-                            params_dim=plan.params_dim, num_classes=1000, shard_rows=sample, values="f16-keep5")
-    cols = {name: np.concatenate([o[1][j] for o in outputs]) for j, name in enumerate(("values", "indices", "lse"))}
+                            params_dim=plan.params_dim, num_classes=1000, shard_rows=sample, values=DEFAULT_VALUES)
+    cols = {name: np.concatenate([o[1][j] for o in outputs]) for j, name in enumerate(("values", "indices", "lse", "rest"))}
     params = np.concatenate([o[0]["params"].numpy() for o in outputs]).astype(np.uint16)
     labels = np.concatenate([o[0]["label"].numpy() for o in outputs])[::views]
     writer.write_shard(0, cols["values"].reshape(sample, views, 10), cols["indices"].reshape(sample, views, 10),
-                       cols["lse"].reshape(sample, views), params.reshape(sample, views, -1), labels)
+                       cols["lse"].reshape(sample, views), params.reshape(sample, views, -1), labels,
+                       cols["rest"].reshape(sample, views, -1))
     size = bytes_on_disk(path)
     shutil.rmtree(path)
     return size / (sample * views)

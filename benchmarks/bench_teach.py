@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from pipeline.data.views import ViewPlan, view_params
-from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_lse_tau, encode_topk
+from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_rest, encode_topk
 
-ENCODINGS = ("f16", "f16-keep7", "f16-keep6", "f16-keep5", "f16-keep4", "f16-keep3")
+ENCODINGS = ("f16", "logp-s256", "logp-s181", "logp-s128", "logp-s64")
 
 
 def synthetic_logits(n, num_classes, std, boost, seed=0):
@@ -54,7 +54,7 @@ def kl_rebuilt(logits, logp_q, idx):
 def store_bytes(tmp, logits, params, labels, k, encoding, num_views):
     n = len(labels)
     logp, idx, lse = encode_topk(logits, k, encoding)
-    lse_tau = encode_lse_tau(logits, DEFAULT_TEMPERATURES)
+    rest = encode_rest(logits, k, DEFAULT_TEMPERATURES)
     path = Path(tmp) / f"k{k}-{encoding}.zarr"
     writer = create_or_open(path, {"key": path.name, "plan": {}}, num_samples=n, num_views=num_views, k=k,
                             params_dim=params.shape[-1], num_classes=logits.shape[1], shard_rows=1024, values=encoding,
@@ -64,7 +64,7 @@ def store_bytes(tmp, logits, params, labels, k, encoding, num_views):
         s = slice(r.start * num_views, r.stop * num_views)
         writer.write_shard(shard, logp[s].reshape(-1, num_views, k), idx[s].reshape(-1, num_views, k),
                            lse[s].reshape(-1, num_views), params[r.start:r.stop], labels[r.start:r.stop],
-                           lse_tau=lse_tau[s].reshape(-1, num_views, len(DEFAULT_TEMPERATURES)))
+                           rest=rest[s].reshape(-1, num_views, len(DEFAULT_TEMPERATURES)))
     per_array = {a.name: round(bytes_on_disk(a) / (n * num_views), 2) for a in path.iterdir() if a.is_dir()}
     return bytes_on_disk(path) / (n * num_views), kl_rebuilt(logits, logp, idx), per_array
 

@@ -22,19 +22,22 @@ from pipeline.distill import bucket_kl, teacher_target
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.teach import Forward, teacher_spec
-from pipeline.teachers import load_teacher
+from pipeline.teachers import artifact_spec, load_teacher
 
 MAX_KL = 1e-2  # nats: f16/BitRound storage costs ~1e-4; a view rendered differently costs far more
 MAX_LSE_DIFF = 5e-2
 
 
-def audit_store(store, shards, *, teacher=None, weights=None, samples: int = 64, batch_size: int = 32,
+def audit_store(store, shards, *, teacher=None, weights=None, samples: int | str = 64, batch_size: int = 32,
                 device: str = "auto", seed: int = 0, max_kl: float = MAX_KL, max_lse_diff: float = MAX_LSE_DIFF) -> dict:
-    """Compare `samples` random stored views with a fresh teacher pass; "ok" is False beyond a tolerance."""
+    """Compare `samples` distinct random stored views (drawn without replacement; "all": every view of the
+    finished shards) with a fresh teacher pass; "ok" is False beyond a tolerance."""
     p = store.provenance
     manifest = read_manifest(shards)
     store.check_compatible(manifest["fingerprint"], p["plan_hash"])
-    spec = teacher_spec(teacher if teacher is not None else dict(p["teacher"]), weights)
+    # the user's spec, else the store's provenance, which names a model but never grants trust
+    spec = teacher_spec(teacher if teacher is not None else artifact_spec(p["teacher"], f"teacher store {store.path}"),
+                        weights)
     if spec.get("weights") and not Path(spec["weights"]).is_file():
         raise UserError(f"the teacher weights '{spec['weights']}' of store {store.path} are not here; give the "
                         f"teacher's spec (--teacher SPEC.yaml) or its weights (--weights FILE)")
@@ -46,10 +49,9 @@ def audit_store(store, shards, *, teacher=None, weights=None, samples: int = 64,
     if not len(done):
         raise UserError(f"teacher store {store.path} has no finished shard to audit; run `pipeline teach` first")
     rows_done = np.concatenate([np.arange(r.start, r.stop) for r in map(store.shard_rows_range, done)])
-    rng = np.random.default_rng(seed)
-    count = min(samples, len(rows_done) * store.num_views)
-    rows = np.stack([rng.choice(rows_done, count), rng.integers(0, store.num_views, count)], 1)
-    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]  # one decode per sample
+    rows = draw_views(len(rows_done), store.num_views, samples, seed)
+    rows[:, 0] = rows_done[rows[:, 0]]
+    count = len(rows)
     plan, params = ViewPlan.load(store.plan, f"teacher store {store.path}"), store.all_params()
     forward = Forward(model, spec, resolve_device(device), p.get("amp", "none"))
     fresh = torch.cat([forward(replay_views(shards, p["split"], plan, rows[s:s + batch_size], params,
@@ -58,13 +60,33 @@ def audit_store(store, shards, *, teacher=None, weights=None, samples: int = 64,
     z, classes, lse = store.lookup(index, view)
     target = teacher_target(z, classes, lse, store.num_classes)
     kl = bucket_kl(fresh, target, reduction="none")
-    lse_diff = (torch.logsumexp(fresh.double(), 1) - lse.double()).abs()
+    lse_diff = (stored_lse(torch.logsumexp(fresh.double(), 1)) - lse.double()).abs()  # both as the store rounds
     stored_top1 = classes.gather(1, z.argmax(1, keepdim=True))[:, 0]
     mismatch = replay_mismatch(shards, p["split"], plan, params, samples=count, seed=seed)
     result = {"store": str(store.path), "teacher": spec["name"], "samples": count,
+              "of_views": len(rows_done) * store.num_views,
               "top1_agreement": round(float((stored_top1 == fresh.argmax(1)).float().mean()), 4),
               "mean_kl": float(f"{kl.mean():.4g}"), "max_kl": float(f"{kl.max():.4g}"),
               "mean_lse_diff": float(f"{lse_diff.mean():.4g}"), "max_lse_diff": float(f"{lse_diff.max():.4g}"),
               "params_rederived": mismatch is None, "tolerance": {"max_kl": max_kl, "max_lse_diff": max_lse_diff}}
     result["ok"] = bool(result["max_kl"] <= max_kl and result["max_lse_diff"] <= max_lse_diff and mismatch is None)
     return result
+
+
+def draw_views(num_rows: int, num_views: int, samples: int | str, seed: int = 0) -> np.ndarray:
+    """int64 [n, 2] distinct (row, view) pairs of num_rows x num_views, drawn without replacement and sorted
+    (one decode per sample): n = min(samples, all of them), or all of them for "all"."""
+    total = num_rows * num_views
+    count = total if samples == "all" else min(int(samples), total)
+    flat = np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+    return np.stack([flat // num_views, flat % num_views], 1).astype(np.int64)
+
+
+def stored_lse(lse: torch.Tensor) -> torch.Tensor:
+    """float64 lse as the store keeps it (LSE_KEEPBITS mantissa bits): a faithful store then differs by 0."""
+    import numcodecs
+
+    from pipeline.store import LSE_KEEPBITS
+
+    kept = numcodecs.BitRound(keepbits=LSE_KEEPBITS).encode(lse.float().numpy()).view(np.float32)
+    return torch.from_numpy(kept.copy()).double()

@@ -13,6 +13,7 @@ from safetensors.torch import save
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, remove_stale_temps
+from pipeline.teachers import state_digest
 
 _REF = "__tensor__"
 
@@ -49,15 +50,20 @@ def save_checkpoint(path, parts: dict) -> None:
     tensors = {}
     tree = {name: _flatten(state, name, tensors) for name, state in parts.items()}
     remove_stale_temps(path)  # a 15 MB temp file of a killed run
-    atomic_write_bytes(path, save(tensors, metadata={"tree": json.dumps(tree)}))
+    metadata = {"tree": json.dumps(tree), "sha256": state_digest(tensors)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_checkpoint(path) -> dict:
-    """Inverse of save_checkpoint."""
+    """Inverse of save_checkpoint; tensors that no longer bear the digest written with them are refused."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            tree = json.loads(f.metadata()["tree"])
+            metadata = f.metadata()
+            tree = json.loads(metadata["tree"])
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
-    return {name: _unflatten(state, tensors) for name, state in tree.items()}
+        if state_digest(tensors) != metadata["sha256"]:
+            raise ValueError("its tensors do not match the sha256 written with them: changed or corrupt")
+        return {name: _unflatten(state, tensors) for name, state in tree.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); delete it to start "
+                        "over") from None

@@ -6,8 +6,8 @@ tempered top-k probabilities p_i = exp(z_i / tau - L_tau) and the exact tempered
 r = 1 - sum p_i. The loss compares teacher and student on k + 1 buckets (the k stored classes +
 "everything else"): the KL between the two distributions coarsened onto those buckets.
 
-What is exact (up to the store's f16 / BitRound rounding, measured by benchmarks/bench_kd_fidelity.py):
-  - at every stored tau: the coarsened KL above (single teachers and ensembles);
+What is exact (up to the store's rounding, measured by benchmarks/bench_kd_fidelity.py):
+  - at every stored tau: the coarsened KL above, for one teacher and for an ensemble (on the partition below);
   - k = C: the dense KL at every tau (no tail).
 What is not: the coarsened KL is not the dense KL. It leaves out how the teacher spreads its tail
 over the C - k other classes; the gap grows with the tempered tail mass (bench_kd_fidelity reports
@@ -15,12 +15,18 @@ it per tau). A tau that is NOT stored has no L_tau; `flat_tail=True` (train's --
 models the tail as flat, z_rest = L + log(r) - log(C - k): exact at tau = 1 and for a flat tail,
 otherwise it over-estimates the tempered tail for tau > 1 (measured 6-79 % off at tau 2-4).
 
-Ensembles. Several teachers are combined as a weighted mean of their (tempered) probabilities.
-Their top-k index sets differ, so every teacher is scattered into a dense [B, C] vector (its tail
-spread flat over its non-top-k classes: the loss only ever uses the tail summed); the union of all
-top-k sets is the "known" classes and everything else is the ensemble's rest bucket. With one
-teacher this is exactly the single-store target. Dense [B, C] costs nothing next to the student's
-own [B, C] logits.
+Ensembles. Several teachers are combined as a weighted mean m = sum_j w_j p_j of their (tempered)
+probabilities. m(c) is known only where EVERY teacher (of weight > 0) knows p_j(c): on the
+INTERSECTION of their top-k sets. The partition is that intersection, one bucket per class, plus one
+rest bucket holding everything else, with mass 1 - sum over the intersection of m(c) = sum_j w_j
+(r_j + the teacher's top-k mass outside the intersection): exact. It is the finest exact partition: a
+bucket holding a class outside some teacher's top-k must hold that teacher's whole tail (its split is
+unknown), so it holds every class outside the intersection. A class in A's top-k but not B's is in the
+rest bucket, never given B's flat share (that was 5-15 % off at tau 4). Each teacher is scattered into
+a dense [B, C] vector (its tail spread flat over its non-top-k classes: the loss only ever uses those
+entries summed over the rest bucket, where the sum is exact). With one teacher, or teachers with the
+same top-k set, this is exactly the single-store target. Dense [B, C] costs nothing next to the
+student's own [B, C] logits.
 """
 
 from dataclasses import dataclass
@@ -43,8 +49,12 @@ class SoftTarget:
     known: torch.Tensor
 
     def mix(self, lam: float) -> "SoftTarget":
-        """Target of a batch mixed with its flip (timm Mixup/CutMix `batch` mode): linear in lam."""
-        return SoftTarget(lam * self.probs + (1 - lam) * self.probs.flip(0), self.known | self.known.flip(0))
+        """Target of a batch mixed with its flip (timm Mixup/CutMix `batch` mode): linear in lam, exact on the
+        classes both rows know (a two-teacher ensemble: see the module docstring)."""
+        if lam in (0.0, 1.0):
+            one = self if lam == 1.0 else SoftTarget(self.probs.flip(0), self.known.flip(0))
+            return SoftTarget(one.probs.clone(), one.known.clone())
+        return SoftTarget(lam * self.probs + (1 - lam) * self.probs.flip(0), self.known & self.known.flip(0))
 
 
 def teacher_target(topk_logits, topk_indices, lse, num_classes: int, tau: float = 1.0, lse_tau=None,
@@ -104,7 +114,8 @@ def dense_target(teacher_logits, tau: float = 1.0) -> SoftTarget:
 
 
 def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None, flat_tail: bool = False) -> SoftTarget:
-    """Weighted mean of several teachers' probabilities.
+    """Weighted mean of several teachers' probabilities, known on the intersection of the top-k sets of the
+    teachers of weight > 0 (module docstring: the finest partition on which the mixture is exact).
 
     `stored` is [(topk_logits, topk_indices, lse)] or [(topk_logits, topk_indices, lse, lse_tau)].
     """
@@ -115,8 +126,8 @@ def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None, fl
     targets = [teacher_target(*t[:3], num_classes=num_classes, tau=tau, lse_tau=t[3] if len(t) > 3 else None,
                               flat_tail=flat_tail) for t in stored]
     total = sum(weights)
-    probs = sum(w / total * t.probs for w, t in zip(weights, targets))
-    known = torch.stack([t.known for t in targets]).any(0)
+    probs = sum(w / total * t.probs for w, t in zip(weights, targets) if w > 0)
+    known = torch.stack([t.known for w, t in zip(weights, targets) if w > 0]).all(0)
     return SoftTarget(probs, known)
 
 

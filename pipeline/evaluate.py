@@ -10,6 +10,7 @@ from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
+from pipeline.recipes import branch_budget_note
 from pipeline.records import ONNX, FusedStudent, load_fused
 from pipeline.runtime import Normalize, set_threads
 
@@ -21,6 +22,8 @@ def recipe_summary(info: FusedStudent) -> str:
     kd = (f"KD a={recipe['alpha']:g} tau={recipe['tau']:g} from {'+'.join(info.teachers)}"
           if recipe["alpha"] and info.teachers else "labels only")
     parts = [kd, _branches(info.model_kwargs), f"{recipe['epochs']} ep {recipe['opt']}"]
+    if branch_budget_note(recipe["epochs"], info.model_kwargs, info.init is not None):
+        parts[1] += " (below the branches' measured budget)"
     if info.init:  # pretrained start (student --init): where from, and the file's digest
         digest = info.init["sha256"] or info.init["init_state_sha256"]  # a file's digest, else the loaded state's
         parts.append(f"init {Path(info.init['source']).name} sha256 {digest[:12]}")
@@ -40,16 +43,18 @@ def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
     """The spec of the teacher that made the store `{teach_dir}/{name}.json`, and its weights digest.
 
     A fine-tuned teacher's spec is `{teacher_dir}/{name}/teacher.yaml` (its weights live there); any other
-    is rebuilt from the store's provenance.
+    is rebuilt from the store's provenance, which never grants trust (teachers.artifact_spec).
     """
     from pipeline.store import open_pointer
-    from pipeline.teachers import resolve_spec
+    from pipeline.teachers import artifact_spec, resolve_spec
 
     if teach_dir is None:
         raise UserError("no --teach-dir given")
-    provenance = open_pointer(Path(teach_dir) / f"{name}.json").provenance
+    pointer = Path(teach_dir) / f"{name}.json"
+    provenance = open_pointer(pointer).provenance
     tuned = Path(teacher_dir) / name / "teacher.yaml" if teacher_dir else None
-    spec = resolve_spec(str(tuned)) if tuned and tuned.is_file() else provenance["teacher"]
+    spec = resolve_spec(str(tuned)) if tuned and tuned.is_file() else artifact_spec(provenance["teacher"],
+                                                                                    f"the store of {pointer}")
     return spec, provenance["weights_digest"]
 
 
@@ -79,7 +84,8 @@ def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch
 
 
 def teacher_top1(teachers, teach_dir) -> dict:
-    """Each teacher's top-1 (%) on its stored views and on clean val, as `pipeline teach` measured them."""
+    """Each teacher's top-1 (%) on its stored views and on clean val, as `pipeline teach` measured them, and its
+    weights digest (the report keys teachers by it: two teachers of one name are two rows)."""
     from pipeline.store import open_pointer
 
     figures = {}
@@ -88,7 +94,8 @@ def teacher_top1(teachers, teach_dir) -> dict:
         if pointer is None or not pointer.is_file():
             continue
         p = open_pointer(pointer).provenance
-        figures[name] = {"views": p.get("teacher_top1_views"), "clean_val": p.get("teacher_top1_clean_val")}
+        figures[name] = {"views": p.get("teacher_top1_views"), "clean_val": p.get("teacher_top1_clean_val"),
+                         "weights_digest": p["weights_digest"]}
     return figures
 
 
@@ -136,4 +143,5 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
         "torch_threads": torch.get_num_threads(), "teachers": teachers, "teacher_agreement": scores,
         "teacher_top1": teacher_top1(teachers, teach_dir),
         **({"teacher_notes": notes} if notes else {}), "recipe_summary": recipe_summary(info),
+        "val_curve": info.val_curve,
     }

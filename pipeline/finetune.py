@@ -32,18 +32,19 @@ from pipeline.data.loaders import eval_loader, student_loader
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir
 from pipeline.loop import CHECKPOINT, KDLoss, fit
 from pipeline.metrics import accuracy
 from pipeline.recipes import Recipe
 from pipeline.runtime import Normalize, set_threads
-from pipeline.teachers import check_num_classes, load_teacher, read_state_dict, resolve_spec
+from pipeline.teachers import NAME, check_num_classes, load_teacher, read_state_dict, resolve_spec
 
 _logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 SCRIPT = "teacher.pt"  # a fine-tuned TorchScript teacher
 SPEC = "teacher.yaml"
+METRICS = "metrics.json"
 
 
 def build_model(spec: dict, num_classes: int, pretrained: bool):
@@ -80,7 +81,7 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
                      weight_decay: float = 0.05, warmup_epochs: float = 1.0, label_smoothing: float = 0.1,
                      img_size: int | None = None, seed: int = 0, pretrained: bool | None = None, workers: int = 0,
                      quiet: bool = False, plan=None, num_views: int | None = None, threads: int | None = None,
-                     resume: bool = False) -> dict:
+                     resume: bool = False, name: str | None = None) -> dict:
     """Train, write {out}/weights.safetensors (or teacher.pt) + teacher.yaml + metrics.json; return the metrics.
 
     Args:
@@ -96,6 +97,8 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         workers, quiet, threads: DataLoader workers, no progress bars, torch CPU threads (None: torch's choice).
         resume: continue an interrupted run of the same settings from {out}/checkpoint.safetensors (pipeline.loop's
             policy: a checkpoint of other settings is refused).
+        name: the fine-tuned teacher's name [default: `{source name}-ft`]; never the source's, so that its store,
+            pointer and report rows are told apart from the source teacher's.
     """
     from safetensors.torch import save
 
@@ -106,8 +109,9 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     size = int(img_size or spec["input_size"])
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
+    name = tuned_name(spec["name"], name)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out_dir, (WEIGHTS, SCRIPT, SPEC, METRICS, CHECKPOINT), "finetune-teacher")
 
     torch.manual_seed(seed)
     use_pretrained = spec.get("pretrained", False) if pretrained is None else pretrained
@@ -151,18 +155,27 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
         atomic_write_bytes(out_dir / WEIGHTS, weights)
         tuned.update(pretrained=False, weights=WEIGHTS)  # relative to teacher.yaml
-    tuned.update(num_classes=num_classes, input_size=size,
+    tuned.update(name=name, num_classes=num_classes, input_size=size,
                  description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
                              f"({epochs} epochs from {origin}; val top-1 {last['top1']:.2f}%; weights sha256 "
                              f"{hashlib.sha256(weights).hexdigest()[:16]})")
     atomic_write_bytes(out_dir / SPEC, yaml.safe_dump(tuned, sort_keys=False).encode())
-    metrics = {"teacher": spec["name"], "dataset": manifest["dataset"], "epochs": epochs, "init": origin,
+    metrics = {"teacher": spec["name"], "name": name, "dataset": manifest["dataset"], "epochs": epochs, "init": origin,
                "train_loss": last["loss"], "val_top1": last["top1"], "val_top5": last["top5"],
                "before": before, "after": after, "plan": plan.to_dict(), "num_views": num_views,
                "threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1)}
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS, metrics)
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: no resume point outlives the run
     return metrics
+
+
+def tuned_name(source: str, name: str | None) -> str:
+    """The fine-tuned teacher's name: `name`, or `{source}-ft`; the source's own name is refused (one line)."""
+    name = name or f"{source}-ft"
+    if name == source or not NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"--name {name!r}: a fine-tuned teacher needs a plain name (letters, digits, '_', '-', '.') "
+                        f"other than its source's '{source}', so that its store and report rows are its own")
+    return name
 
 
 def finetune_recipe(epochs: int, batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,

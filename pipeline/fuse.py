@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from pipeline.data.loaders import eval_loader
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, sha256_file, umask_mode
+from pipeline.io import atomic_write_bytes, claim_out_dir, sha256_file, umask_mode
 from pipeline.metrics import onnx_runner
 from pipeline.records import FUSE_JSON, FUSED, ONNX, FusedStudent, TrainedStudent, load_safetensors
 from pipeline.runtime import Normalize
@@ -127,7 +127,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
     fused_check = compare_outputs(reference, fused_logits, atol)
     check_close(f"student {student_dir}: fused vs training form", fused_check, atol)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out_dir, (FUSED, ONNX, FUSE_JSON), "fuse")
     # fuse.json goes first and comes back last, with the digests of the files it describes: a run killed in
     # between leaves no fuse.json, and files changed since are caught by FusedStudent.read
     (out_dir / FUSE_JSON).unlink(missing_ok=True)
@@ -153,7 +153,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
         deploy=deploy_spec(info.model, info.num_classes), num_classes=info.num_classes, input_size=size,
         mean=info.mean, std=info.std, crop_pct=info.crop_pct, interpolation=info.interpolation,
         teachers=info.teachers, recipe=info.recipe, init=info.init, fused_check=fused_check, onnx_check=onnx_check,
-        training_form={"params": train_params, "macs": train_macs},
+        training_form={"params": train_params, "macs": train_macs}, val_curve=info.val_curve,
         sha256={f: sha256_file(out_dir / f) for f in (FUSED, ONNX) if (out_dir / f).is_file()})
     record.write(out_dir)
     return record

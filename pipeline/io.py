@@ -40,6 +40,36 @@ def remove_stale_temps(path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# A file each stage writes into the folders it owns (an --out folder, its temp and set-aside folders): a folder
+# is "ours", and its files ours to replace, only when it carries this marker, never because of its file names.
+MARKER = ".written-by-pipeline"
+MARKER_TEXT = b"written by the kd-pipeline; its next run may replace the files it writes here\n"
+
+
+def is_ours(folder) -> bool:
+    marker = Path(folder) / MARKER
+    return marker.is_file() and marker.read_bytes() == MARKER_TEXT
+
+
+def mark_ours(folder) -> None:
+    atomic_write_bytes(Path(folder) / MARKER, MARKER_TEXT)
+
+
+def claim_out_dir(out, names, command: str) -> None:
+    """Before `command` writes the files `names` into `out`: a folder without our marker receives only new
+    files (a user's file of the same name is refused in one line, nothing changed); then `out` is marked ours."""
+    from pipeline.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    taken = [name for name in names if (out / name).exists()] if not is_ours(out) else []
+    if taken:
+        raise UserError(f"--out {out} holds {taken[0]}, which `pipeline {command}` did not write (the folder has no "
+                        f"{MARKER} marker); nothing was changed: choose another --out, or move that file away")
+    mark_ours(out)
+
+
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

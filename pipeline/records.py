@@ -12,6 +12,7 @@ input size; the re-parameterization knobs default in the model (pipeline.models.
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,41 @@ def _read_json(path: Path, fix: str):
 
 def _floats(values) -> tuple:
     return tuple(float(v) for v in values)
+
+
+DROP_RATES = ("drop_rate", "drop_path_rate")  # timm.create_model's dropout knobs, each in [0, 1)
+
+
+def check_model_kwargs(kwargs, where: str, fix: str) -> dict:
+    """The one allow-list of `model_kwargs`, for specs and records alike: the re-parameterization knobs
+    (pipeline.models.rep.BRANCH_DEFAULTS) and timm's drop rates, each in its range (None: the model's default).
+    Anything else is refused: timm.create_model also takes arguments that name files to load (checkpoint_path,
+    pretrained_cfg_overlay), and what a spec or record says must never make us read one."""
+    from pipeline.models.rep import BRANCH_DEFAULTS, check_num_branches
+
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{where}: `model_kwargs` must be a mapping of timm.create_model arguments; {fix}")
+    allowed = [*BRANCH_DEFAULTS, *DROP_RATES]
+    unknown = sorted(str(k) for k in kwargs if k not in allowed)
+    if unknown:
+        raise UserError(f"{where}: model_kwargs {', '.join(unknown)} not allowed (only {', '.join(allowed)}: another "
+                        f"timm argument may name a file to load); {fix}")
+    for key, value in kwargs.items():
+        flag = isinstance(BRANCH_DEFAULTS.get(key), bool)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is None:
+            continue
+        if key == "num_branches":
+            try:
+                check_num_branches(value)
+            except ValueError as err:
+                raise UserError(f"{where}: model_kwargs.{err}; {fix}") from None
+        elif flag and not isinstance(value, bool):
+            raise UserError(f"{where}: model_kwargs.{key} must be true or false, got {value!r}; {fix}")
+        elif not flag and not (number and (key not in DROP_RATES or 0 <= value < 1)):
+            want = "a number in [0, 1)" if key in DROP_RATES else "a finite number"
+            raise UserError(f"{where}: model_kwargs.{key} must be {want}, got {value!r}; {fix}")
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------- student spec
@@ -94,15 +130,7 @@ class StudentSpec:
         return cls(**spec)._checked(where, fix)
 
     def _checked(self, where: str, fix: str) -> "StudentSpec":
-        from pipeline.models.rep import check_num_branches
-
-        if not isinstance(self.model_kwargs, dict):
-            raise UserError(f"{where}: `model_kwargs` must be a mapping of timm.create_model arguments; {fix}")
-        if self.model_kwargs.get("num_branches") is not None:
-            try:
-                check_num_branches(self.model_kwargs["num_branches"])
-            except ValueError as err:
-                raise UserError(f"{where}: model_kwargs.{err}; {fix}") from None
+        check_model_kwargs(self.model_kwargs, where, fix)
         size = self.input_size[-1] if isinstance(self.input_size, (list, tuple)) else self.input_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise UserError(f"{where}: `input_size: {self.input_size!r}` must be a number of pixels; {fix}")
@@ -126,6 +154,45 @@ class StudentSpec:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+def _check_record(data: dict, where: str, fix: str) -> None:
+    """The fields student.json and fuse.json share, each of its type and range, as a spec's are."""
+    from pipeline.teachers import NAME
+
+    def bad(key, want):
+        raise UserError(f"{where}: `{key}: {data[key]!r}` must be {want}; {fix}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(data["model"], str):
+        bad("model", "a timm model name")
+    for key in ("num_classes", "input_size"):
+        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
+            bad(key, "a positive integer")
+    for key in ("mean", "std"):
+        if not isinstance(data[key], list) or len(data[key]) != 3 or not all(map(number, data[key])):
+            bad(key, "three numbers (R, G, B)")
+    if not number(data["crop_pct"]) or not 0 < data["crop_pct"] <= 1:
+        bad("crop_pct", "a number in (0, 1]")
+    if not isinstance(data["teachers"], list) or not all(isinstance(t, str) and NAME.fullmatch(t) and ".." not in t
+                                                          for t in data["teachers"]):
+        bad("teachers", "a list of plain teacher names")
+    if not isinstance(data["recipe"], dict):
+        bad("recipe", "a mapping of the recipe's fields")
+    check_model_kwargs(data["model_kwargs"], where, fix)
+
+
+def _check_digests(folder: Path, digests, where: str, fix: str, *required: str) -> None:
+    """Every file a record lists (name -> sha256, `required` among them) still bears the digest it was written with."""
+    if not isinstance(digests, dict) or not all(name in digests for name in required):
+        raise UserError(f"{where} lists no digest of {', '.join(required)} (an interrupted run); {fix}")
+    for name, digest in digests.items():
+        file = folder / Path(str(name)).name
+        if not file.is_file() or sha256_file(file) != digest:
+            raise UserError(f"{file} is missing or is not the file {where} describes (changed, corrupt, or another "
+                            f"or an interrupted run); {fix}")
 
 
 def _freeze_preprocessing(record) -> None:
@@ -160,6 +227,8 @@ class TrainedStudent:
     views_from: str | None          # key of the store whose views a labels-only student replayed
     weights: str                    # model.safetensors or ema.safetensors: the one fuse deploys by default
     weights_choice: dict            # the rule and the val top-1 figures behind `weights`
+    val_curve: list                 # per validated epoch: epoch, top1 (and ema_top1), val_images (train.val_curve)
+    sha256: dict                    # file name -> digest of the weights files this record describes
 
     def __post_init__(self):
         _freeze_preprocessing(self)
@@ -175,6 +244,8 @@ class TrainedStudent:
             raise UserError(f"{path} not found: {student_dir} is not a finished student; {fix} first")
         data = _read_json(path, fix)
         _check_keys(cls, data, str(path), fix)
+        _check_record(data, str(path), fix)
+        _check_digests(Path(student_dir), data["sha256"], str(path), fix, str(data["weights"]))
         return cls(**data)
 
     def write(self, student_dir) -> None:
@@ -207,6 +278,7 @@ class FusedStudent:
     fused_check: dict               # fused vs training form (pipeline.fuse.compare_outputs)
     onnx_check: dict | None         # ONNX vs torch; None: no model.onnx
     training_form: dict             # params and MACs before fusion
+    val_curve: list                 # student.json's: the training curve the report draws
     sha256: dict                    # file name -> digest of every file this record describes
 
     def __post_init__(self):
@@ -222,15 +294,9 @@ class FusedStudent:
             raise UserError(f"{path} not found; run `pipeline fuse --out {fused_dir}` first")
         data = _read_json(path, fix)
         _check_keys(cls, data, str(path), fix)
-        record = cls(**data)
-        if not isinstance(record.sha256, dict) or FUSED not in record.sha256:
-            raise UserError(f"{path} lists no digest of {FUSED} (an interrupted fuse); {fix}")
-        for name, digest in record.sha256.items():
-            file = fused_dir / Path(str(name)).name
-            if not file.is_file() or sha256_file(file) != digest:
-                raise UserError(f"{file} is missing or is not the file {path} describes (another or an "
-                                f"interrupted fuse run); {fix}")
-        return record
+        _check_record(data, str(path), fix)
+        _check_digests(fused_dir, data["sha256"], str(path), fix, FUSED)
+        return cls(**data)
 
     def write(self, fused_dir) -> None:
         atomic_write_json(Path(fused_dir) / FUSE_JSON, dataclasses.asdict(self))
@@ -253,6 +319,10 @@ def load_fused(fused_dir):
 
     record = FusedStudent.read(fused_dir)
     model = create_stock_model(record.stock_model, num_classes=record.num_classes)
-    model.load_state_dict(load_safetensors(Path(fused_dir) / FUSED, f"re-run `pipeline fuse --out {fused_dir}`"),
-                          strict=True)
+    fix = f"re-run `pipeline fuse --out {fused_dir}`"
+    try:
+        model.load_state_dict(load_safetensors(Path(fused_dir) / FUSED, fix), strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{Path(fused_dir) / FUSED} does not fit the {record.stock_model} that {FUSE_JSON} names "
+                        f"({str(err).splitlines()[0][:120]}); {fix}") from None
     return model.eval(), record

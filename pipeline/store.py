@@ -1,34 +1,50 @@
 """The teacher logit store: one zarr v3 group per (dataset, view plan, teacher, K, encoding).
 
 Arrays (row i = sample i of the split, column v = view v):
-    values  f16 [N,V,K]   top-k log-probabilities log p = z - lse, sorted by class index
+    values  f32 [N,V,K]   top-k log-probabilities log p = z - lse at tau 1, sorted by class index; stored as
+                          int16 steps of 1/181 (the default `logp-s181` encoding; `f16` keeps plain f16)
     indices i16/i32 [N,V,K]  their classes, ascending (int16 whenever the classes fit)
-    lse     f32 [N,V]     logsumexp over ALL classes: logits z = values + lse; rest mass = 1 - sum(exp(values))
-    lse_tau f16 [N,V,T]   per stored temperature tau (provenance "temperatures", 1 first): the offset
-                          logsumexp(z / tau) - lse / tau over ALL classes (0 at tau = 1; in [0, (1 - 1/tau) log C]),
-                          so tempered top-k probabilities exp(values / tau - offset) and the tempered rest are exact
+    lse     f32 [N,V]     logsumexp over ALL classes (logits z = values + lse), 10 mantissa bits kept
+    rest    u16 [N,V,T]   per stored temperature tau (provenance "temperatures", 1 first): the tempered rest
+                          as d_tau = -log(1 - r_tau), r_tau = the mass of softmax(z / tau) off the top-k:
+                          d < 1 as its f16 bits (relative 2^-11: a rest of 1e-6 is kept), d >= 1 in steps
+                          of 2^-12 (d <= 13.25: a top-k holding >= 1.8e-6 of the tempered mass)
     params  u16 [N,V,P]   the view parameters (pipeline.data.views), so a view replays from the store alone
     labels  i16/i32 [N]
-    done    u8  [S]       one flag per shard of rows, set after that shard's arrays are written
+    done    u8  [S,W]     one record per shard of rows, written after that shard's arrays: a done flag, the
+                          digest of the store's metadata and the sha256 of each array's shard file
 
-Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 classes):
-- values are log-probabilities, not raw logits: f16 keeps ~3 significant digits of log p, which is
-  where the KL lives (raw logits of 20-30 would lose precision in f16 for nothing).
+What the KD loss gets (decode_logp / tempered): at every stored tau the k + 1 buckets (top-k classes + rest)
+of the tempered teacher, with the rest mass r_tau from `rest` (never 1 - a sum of rounded values: that
+cancels) and the top-k normalised to 1 - r_tau; at tau 1 the largest class's probability is
+1 - r_1 - (the others), so the value that matters most is not rounded at all.
+
+Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 classes with tau 1, 2, 4):
+- values are log-probabilities, not raw logits, in fixed point: a step of 1/181 is an absolute error of
+  at most 0.28 % on every tempered probability p^(1/tau), small or large. Students close to the
+  teacher (a late student) need that: their KL shrinks as the square of their distance, the error of a
+  rounded target only linearly (bench_kd_fidelity's `near` cases: f16 log p with 6 mantissa bits was
+  2-9x off the 1e-3 target there, with the rest taken as 1 - sum(exp(values))).
+- the rest per tau in fixed point is an absolute error of at most 1.2e-4 in log(1 - r_tau): the
+  normalisation of the top-k, the other error that does not shrink with the student's distance.
 - sorting each view's top-k by class index makes `indices` increasing, so a Delta filter + zstd
   stores about one byte per index instead of two; values are permuted alongside.
-- the optional `f16-keepN` encoding zeroes all but N mantissa bits of log p (numcodecs BitRound):
-  a relative error of 2^-(N+1) on log p. The default keep6 keeps the KD loss within 1e-3 (relative)
-  of the exact coarsened KL at every stored tau, also for late students (bench_kd_fidelity); keep5
-  saves ~1.2 B/view but misses that by up to 1.5x.
-- lse_tau: 2 bytes per stored temperature (f16 offsets of at most (1 - 1/tau) log C, ~3e-3 absolute).
+- lse only gives the logits back (the audit compares it); the loss never uses it.
 - rows are written one zarr shard at a time (sharding codec: few files, big compressed chunks), and
   a shard is the unit of resume and of work sharing between torchrun ranks: no two processes ever
   touch the same file, and zarr's LocalStore writes every file atomically (temp + rename).
+
+What we write we can verify: the done record of a shard holds the sha256 of every array's shard file, as
+written, and the digest of the store's metadata (its provenance but the teacher's measured top-1, and every
+array's zarr.json). `verify` re-hashes the files (`store inspect --verify`, and the student before it
+reads the targets and params), and every open checks the metadata digest: a changed byte anywhere, an edited
+plan or temperature list, a dtype changed in zarr.json or in consolidated metadata, is one line naming it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -42,19 +58,27 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, TransposeCodec
+from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, FixedScaleOffset, TransposeCodec
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, stable_hash
 
 
-FORMAT = 2
-ARRAYS = ("values", "indices", "lse", "lse_tau", "params", "labels")
-DEFAULT_VALUES = "f16-keep6"  # bench_kd_fidelity: keep5 misses the 1e-3 KL target on late students
+FORMAT = 3  # 3: fixed-point values, the tempered rest per tau, checksummed done records (2: f16 lse offsets)
+ARRAYS = ("values", "indices", "lse", "rest", "params", "labels")
+DEFAULT_VALUES = "logp-s181"  # bench_kd_fidelity: s128 misses the 1e-2 gradient target on near students
+REST_SCALE = 2048  # `rest` codes (encode_rest): d < 1 as its f16 bits, d >= 1 in steps of 1 / REST_SCALE
+REST_ONE = int(np.float16(1.0).view(np.uint16))  # 15360: the code of d = 1 in both regimes
+REST_MAX = 1 + (65535 - REST_ONE) / REST_SCALE  # 25.5: a top-k holding >= 1e-11 of the tempered mass
+LSE_KEEPBITS = 10  # lse only gives the logits back (the loss never uses it): 4.9e-4 relative
+DIGEST = 32  # sha256 bytes
+DONE_WIDTH = 1 + DIGEST * (1 + len(ARRAYS))  # flag, metadata digest, one digest per array's shard file
+# provenance fields written after the shards (the teacher's measured top-1): outside the metadata digest
+MEASURED = ("teacher_top1_views", "teacher_top1_clean_val")
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 # What a store of ours may name: no pickle/object codec (numcodecs.pickle unpickles every chunk it reads).
 SAFE_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "numcodecs.delta",
-               "numcodecs.bitround"}
+               "numcodecs.bitround", "numcodecs.fixedscaleoffset"}
 SAFE_DTYPES = {"float16", "float32", "int16", "int32", "uint16", "uint8"}
 STALE_PARTIAL_S = 60  # a zarr temp file (*.partial) this old belongs to no live writer: a killed run left it
 
@@ -67,13 +91,14 @@ def numcodecs_quiet():
         yield
 
 
-def value_keepbits(encoding: str) -> int | None:
-    """'f16' -> None (plain f16 log p); 'f16-keepN' -> N mantissa bits kept (1..10)."""
+def value_scale(encoding: str) -> int | None:
+    """'logp-sN' -> N (log p stored in int16 steps of 1/N, N = 16..1024); 'f16' -> None (plain f16 log p)."""
     if encoding == "f16":
         return None
-    if encoding.startswith("f16-keep") and encoding[8:].isdigit() and 1 <= int(encoding[8:]) <= 10:
-        return int(encoding[8:])
-    raise UserError(f"value encoding '{encoding}' is not one of: f16, f16-keepN (N = 1..10 mantissa bits)")
+    if encoding.startswith("logp-s") and encoding[6:].isdigit() and 16 <= int(encoding[6:]) <= 1024:
+        return int(encoding[6:])
+    raise UserError(f"value encoding '{encoding}' is not one of: logp-sN (log-probabilities in steps of 1/N, "
+                    f"N = 16..1024; default {DEFAULT_VALUES}), f16 (plain f16 log-probabilities)")
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -96,25 +121,62 @@ def check_temperatures(temperatures) -> list[float]:
     return [1.0] + [t for t in taus if t != 1.0]
 
 
-def encode_lse_tau(logits: torch.Tensor, temperatures) -> np.ndarray:
-    """[B,C] logits -> f16 [B,T] offsets logsumexp(z / tau) - logsumexp(z) / tau, as stored."""
+def encode_rest(logits: torch.Tensor, k: int, temperatures) -> np.ndarray:
+    """[B,C] logits -> u16 [B,T] codes of d_tau = logsumexp(z / tau) - logsumexp(top-k z / tau) = -log(1 - r_tau)
+    (r_tau: the tempered mass off the top-k) at each stored tau, as stored (REST_SCALE steps)."""
     z = logits.double()
-    lse = torch.logsumexp(z, 1)
-    offsets = [torch.logsumexp(z / tau, 1) - lse / tau for tau in check_temperatures(temperatures)]
-    return torch.stack(offsets, 1).cpu().numpy().astype(np.float16)
+    top = z.topk(k, dim=1).values
+    d = torch.stack([torch.logsumexp(z / tau, 1) - torch.logsumexp(top / tau, 1)
+                     for tau in check_temperatures(temperatures)], 1)
+    d = d.clamp(0, REST_MAX).cpu().numpy()
+    small = np.minimum(d, 1.0).astype(np.float16).view(np.uint16)  # f16 rounds d near 1 up to 1.0: code REST_ONE
+    large = (REST_ONE + np.round((d - 1) * REST_SCALE)).clip(REST_ONE, 65535).astype(np.uint16)
+    return np.where(d < 1, small, large)
 
 
-def encode_topk(logits: torch.Tensor, k: int, encoding: str = "f16") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[B,C] logits -> (log p f16 [B,K], classes [B,K] ascending, lse f32 [B]) as stored."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=1)
-    top, idx = logits.topk(k, dim=1)
+def rest_d(codes: torch.Tensor) -> torch.Tensor:
+    """`rest` codes -> float64 d = -log(1 - r) (encode_rest's two regimes)."""
+    codes = codes.long()
+    small = torch.from_numpy(codes.clamp_max(REST_ONE).to(torch.int16).numpy().view(np.float16).astype(np.float64))
+    return torch.where(codes < REST_ONE, small, 1 + (codes - REST_ONE).double() / REST_SCALE)
+
+
+def encode_topk(logits: torch.Tensor, k: int, encoding: str = DEFAULT_VALUES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B,C] logits -> (log p [B,K], classes [B,K] ascending, lse f32 [B]) as stored (callers see the rounding)."""
+    z = logits.double()
+    lse = torch.logsumexp(z, dim=1)
+    top, idx = z.topk(k, dim=1)
     idx, order = idx.sort(dim=1)
-    logp = (top.gather(1, order) - lse[:, None]).cpu().numpy().astype(np.float16)
-    keep = value_keepbits(encoding)
-    if keep is not None:  # what the BitRound filter will store; applied here too so callers see the stored values
-        logp = numcodecs.BitRound(keepbits=keep).encode(logp).view(np.float16).reshape(logp.shape)
-    return logp, idx.cpu().numpy(), lse.cpu().numpy()
+    logp = (top.gather(1, order) - lse[:, None]).cpu().numpy()
+    scale = value_scale(encoding)
+    if scale is None:
+        logp = logp.astype(np.float16)
+    else:  # what the FixedScaleOffset filter stores: int16 steps of 1/scale (log p below -32767/scale is clipped)
+        logp = (np.rint(np.clip(logp, -32767 / scale, 0) * scale) / scale).astype(np.float32)
+    lse32 = numcodecs.BitRound(keepbits=LSE_KEEPBITS).encode(lse.float().cpu().numpy()).view(np.float32)
+    return logp, idx.cpu().numpy(), lse32.copy()
+
+
+def decode_logp(values: torch.Tensor, rest1: torch.Tensor) -> torch.Tensor:
+    """Stored log p [B,K] and the tau-1 rest code [B] -> float64 log p of the k buckets, summing to 1 - r_1.
+
+    The largest class's probability is not read from its rounded value but is 1 - r_1 - (the others): at
+    tau 1 it is most of the mass, where a rounded log p would cost the most (at least the others' largest).
+    """
+    v = values.double()
+    p = v.exp()
+    top = v.argmax(1, keepdim=True)
+    others = p.scatter(1, top, 0.0)
+    known = torch.exp(-rest_d(rest1))  # 1 - r_1
+    p_top = torch.maximum(known - others.sum(1), others.max(1).values).clamp_min(1e-300)
+    p = others.scatter(1, top, p_top[:, None])
+    return p.log() + (known.log() - p.sum(1).log())[:, None]  # a no-op unless p_top was clamped
+
+
+def tempered_lse(logp: torch.Tensor, rest_tau: torch.Tensor, tau: float) -> torch.Tensor:
+    """logsumexp(log p / tau) over ALL classes, float64 [B], from the k buckets and the rest code at tau:
+    the top-k hold 1 - r_tau = exp(-d_tau) of the tempered mass."""
+    return torch.logsumexp(logp / tau, 1) + rest_d(rest_tau)
 
 
 def rows_per_chunk(shard_rows: int, num_views: int) -> int:
@@ -155,9 +217,10 @@ def zarr_store(path, read_only: bool = False):
     return FsspecStore.from_url(str(path), read_only=read_only)
 
 
-def check_metadata(path) -> None:
+def check_metadata(path) -> bytes:
     """Read the store's zarr.json files as plain JSON before zarr does: zarr v3 only, our arrays only,
-    codecs and dtypes from SAFE_CODECS / SAFE_DTYPES (so opening the store can never unpickle)."""
+    codecs and dtypes from SAFE_CODECS / SAFE_DTYPES (so opening the store can never unpickle), consolidated
+    metadata (zarr never reads it here) saying the same. Returns the digest of the metadata (metadata_digest)."""
     fs, root = fsspec.core.url_to_fs(str(path))
 
     def codec_names(codecs):
@@ -168,6 +231,7 @@ def check_metadata(path) -> None:
             for inner in ("codecs", "index_codecs"):
                 yield from codec_names((config or {}).get(inner))
 
+    metas = {}
     for node in ("", *ARRAYS, "done"):
         meta_path = f"{path}/{node}/zarr.json" if node else f"{path}/zarr.json"
         try:
@@ -180,11 +244,46 @@ def check_metadata(path) -> None:
                             "with a fresh --store-root") from None
         if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
             raise UserError(f"store metadata {meta_path} is not zarr v3 metadata; re-run `pipeline teach`")
+        if not node:
+            check_format(path, (meta.get("attributes") or {}).get("provenance"))
         if node:
             unsafe = sorted(str(n) for n in codec_names(meta.get("codecs")) if n not in SAFE_CODECS)
             if unsafe or meta.get("data_type") not in SAFE_DTYPES or meta.get("storage_transformers"):
                 raise UserError(f"store array {meta_path} names codecs/dtype not written by `pipeline teach` "
                                 f"({', '.join(unsafe) or meta.get('data_type')}); refused (reading it could run code)")
+        metas[node] = meta
+    consolidated = metas[""].get("consolidated_metadata")
+    entries = consolidated.get("metadata") if isinstance(consolidated, dict) else consolidated
+    if entries is not None:
+        for node, meta in (entries.items() if isinstance(entries, dict) else [("?", entries)]):
+            own = metas.get(node)
+            if own is None or not isinstance(meta, dict) or any(meta.get(f) != own.get(f) for f in CONSOLIDATED_FIELDS):
+                raise UserError(f"store metadata {path}/zarr.json: its consolidated metadata for '{node}' differs from "
+                                f"{path}/{node}/zarr.json (dtype, shape or codecs); refused: re-run `pipeline teach` "
+                                "into a fresh --store-root")
+    return metadata_digest(metas)
+
+
+def check_format(path, provenance) -> None:
+    """A store of another format (an older pipeline's) is refused in one line: teach writes a new one."""
+    if isinstance(provenance, dict) and provenance.get("format", 2) != FORMAT:
+        raise UserError(f"teacher store {path} has store format {provenance.get('format', 2)}; this pipeline reads "
+                        f"format {FORMAT} (fixed-point values, the rest mass per tau, chunk checksums): re-run "
+                        "`pipeline teach` (the store key changed with the format: it writes a new store)")
+
+
+CONSOLIDATED_FIELDS = ("data_type", "shape", "codecs", "chunk_grid", "chunk_key_encoding", "fill_value", "node_type")
+
+
+def metadata_digest(metas: dict) -> bytes:
+    """sha256 of what defines a store's numbers: its provenance (less the teacher's measured top-1, written
+    after the shards) and every array's zarr.json. Parsed JSON, so zarr may rewrite a file in another order."""
+    provenance = (metas[""].get("attributes") or {}).get("provenance")
+    if isinstance(provenance, dict):
+        provenance = {k: v for k, v in provenance.items() if k not in MEASURED}
+    arrays = {node: meta for node, meta in metas.items() if node}
+    text = json.dumps({"provenance": provenance, "arrays": arrays}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).digest()
 
 
 def chunk_file(array, shard: int) -> str:
@@ -227,39 +326,61 @@ class LogitStore:
         return self.arrays["done"].shape[0]
 
     def done_mask(self) -> np.ndarray:
-        return self.arrays["done"][:].astype(bool)
+        return self.records()[:, 0] == 1
+
+    def records(self) -> np.ndarray:
+        """uint8 [S, DONE_WIDTH]: each shard's done record (flag, metadata digest, array file digests)."""
+        try:
+            recs = np.asarray(self.arrays["done"][:], dtype=np.uint8)
+        except Exception as err:  # noqa: BLE001 - any codec/IO failure: the records cannot be trusted
+            raise UserError(f"teacher store {self.path}: its done records (done/) are unreadable ({type(err).__name__}); "
+                            "re-run `pipeline teach` into a fresh --store-root") from None
+        if recs.shape != (self.num_shards, DONE_WIDTH):
+            raise UserError(f"teacher store {self.path}: its done records have shape {list(recs.shape)}, not "
+                            f"[{self.num_shards}, {DONE_WIDTH}]; re-run `pipeline teach` into a fresh --store-root")
+        return recs
 
     @property
     def complete(self) -> bool:
         return bool(self.done_mask().all())
 
-    def damaged_shards(self, full: bool = False) -> dict[int, str]:
-        """Done shards whose data is gone: {shard: why}. Cheap: every array's chunk file exists. `full`:
-        also read every array of the shard and check the logsumexp is finite."""
+    def check_metadata_digest(self, digest: bytes) -> None:
+        """Every done shard was written under metadata with this digest (check_metadata's); else one line."""
+        recs = self.records()
+        for shard in map(int, np.flatnonzero(recs[:, 0] == 1)):
+            if recs[shard, 1:1 + DIGEST].tobytes() != digest:
+                raise UserError(f"teacher store {self.path}: its metadata (zarr.json: provenance, plan, temperatures or an "
+                                f"array's dtype/codecs) is not what shard {shard} was written under; refused: re-run "
+                                "`pipeline teach` into a fresh --store-root")
+
+    def damaged_shards(self, full: bool = False, names=ARRAYS) -> dict[int, str]:
+        """Done shards whose data is gone or changed: {shard: why}. Cheap: every array's shard file exists.
+        `full`: every file's sha256 is the one its done record holds (one read and one hash per file)."""
         bad = {}
         fs, root = fsspec.core.url_to_fs(str(self.path))
-        # lse_tau may be left unwritten when tau = 1 is all that is kept (see write_shard)
-        names = [n for n in ARRAYS if n != "lse_tau" or len(self.temperatures) > 1]
-        for shard in map(int, np.flatnonzero(self.done_mask())):
+        recs = self.records()
+        for shard in map(int, np.flatnonzero(recs[:, 0] == 1)):
             for name in names:
                 rel = chunk_file(self.arrays[name], shard)
-                if not fs.isfile(f"{root}/{rel}"):
+                if not full:
+                    if not fs.isfile(f"{root}/{rel}"):
+                        bad[shard] = f"{rel} missing"
+                        break
+                    continue
+                try:
+                    data = fs.cat_file(f"{root}/{rel}")
+                except FileNotFoundError:
                     bad[shard] = f"{rel} missing"
                     break
-            if full and shard not in bad:
-                rows = self.shard_rows_range(shard)
-                try:
-                    data = {name: self.arrays[name][rows.start:rows.stop] for name in ARRAYS}
-                except Exception as err:  # noqa: BLE001 - any codec/IO failure means the chunk is unreadable
-                    bad[shard] = f"unreadable ({type(err).__name__})"
-                    continue
-                if not np.isfinite(data["lse"]).all() or not np.isfinite(data["values"]).all():
-                    bad[shard] = "holds non-finite values"
+                at = 1 + DIGEST * (1 + ARRAYS.index(name))
+                if hashlib.sha256(data).digest() != recs[shard, at:at + DIGEST].tobytes():
+                    bad[shard] = f"{rel} is not the file written (its sha256 differs from the shard's done record)"
+                    break
         return bad
 
-    def check_intact(self, full: bool = False) -> None:
+    def check_intact(self, full: bool = False, names=ARRAYS) -> None:
         """UserError naming the first damaged shard (see damaged_shards) and the fix."""
-        bad = self.damaged_shards(full)
+        bad = self.damaged_shards(full, names)
         if bad:
             shard, why = next(iter(bad.items()))
             raise UserError(f"teacher store {self.path}: {len(bad)} shard(s) marked done have lost data (shard "
@@ -280,19 +401,32 @@ class LogitStore:
                             "was asked for; use the store's plan (LogitStore.plan) or re-run `pipeline teach`")
 
     def targets(self) -> dict[str, torch.Tensor]:
-        """Every stored target in memory (values f16, indices, lse, labels): ~5 bytes per top-k entry."""
+        """Every stored target in memory (values as int16 steps, indices, lse, rest, labels; ~5 bytes per top-k
+        entry), read after checking every done shard's files against their checksums (one hash per file)."""
         if self._targets is None:
+            names = ("values", "indices", "lse", "rest", "labels")
+            self.check_intact(full=True, names=names)
             g = self.arrays
-            self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:]))
-                             for name in ("values", "indices", "lse", "lse_tau", "labels")}
+            self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:])) for name in names}
+            scale = value_scale(self.provenance["values_encoding"])
+            if scale is not None:  # exact: the stored values are multiples of 1/scale
+                self._targets["values"] = (self._targets["values"].double() * scale).round().short()
+            self._scale = scale or 1
         return self._targets
 
-    def lookup(self, index: torch.Tensor, view: torch.Tensor):
-        """(topk_logits f32 [B,K], topk_indices int64 [B,K], lse f32 [B]) for samples `index`, views `view`."""
+    def log_probs(self, index: torch.Tensor, view: torch.Tensor):
+        """(log p float64 [B,K] at tau 1 (decode_logp), classes int64 [B,K], rest codes [B,T], lse f64 [B])."""
         t = self.targets()
         index, view = index.long().cpu(), view.long().cpu()
-        lse = t["lse"][index, view]
-        return t["values"][index, view].float() + lse[:, None], t["indices"][index, view].long(), lse
+        rest = t["rest"][index, view].int()
+        logp = decode_logp(t["values"][index, view].double() / self._scale, rest[:, 0])
+        return logp, t["indices"][index, view].long(), rest, t["lse"][index, view].double()
+
+    def lookup(self, index: torch.Tensor, view: torch.Tensor):
+        """(topk_logits f64 [B,K], topk_indices int64 [B,K], lse f64 [B]) for samples `index`, views `view`:
+        logits - lse are the decoded log p (their probabilities sum to 1 - r_1 exactly)."""
+        logp, classes, _, lse = self.log_probs(index, view)
+        return logp + lse[:, None], classes, lse
 
     def require_tau(self, tau: float) -> None:
         """UserError naming the stored temperatures unless `tau` is one of them."""
@@ -305,16 +439,18 @@ class LogitStore:
     def lookup_tau(self, index: torch.Tensor, view: torch.Tensor, tau: float):
         """lookup() + logsumexp(z / tau) over all classes f64 [B], for a stored tau (UserError otherwise)."""
         self.require_tau(tau)
-        z, classes, lse = self.lookup(index, view)
-        offset = self.targets()["lse_tau"][index.long().cpu(), view.long().cpu(), self.temperatures.index(float(tau))]
-        return z, classes, lse, lse.double() / tau + offset.double()
+        logp, classes, rest, lse = self.log_probs(index, view)
+        offset = tempered_lse(logp, rest[:, self.temperatures.index(float(tau))], tau)
+        return logp + lse[:, None], classes, lse, lse / tau + offset
 
     def params(self, index: int, view: int) -> np.ndarray:
         """The stored parameter vector of one view (for replaying it without recomputing)."""
         return self.arrays["params"][index, view]
 
     def all_params(self) -> np.ndarray:
-        """Every stored view's parameters, uint16 [N, V, P] in memory: what the student replays."""
+        """Every stored view's parameters, uint16 [N, V, P] in memory: what the student replays (its files
+        checked against their checksums first)."""
+        self.check_intact(full=True, names=("params",))
         return np.ascontiguousarray(self.arrays["params"][:])
 
     def bytes_per_view(self) -> float:
@@ -324,14 +460,15 @@ class LogitStore:
 def open_store(path, require_complete: bool = True) -> LogitStore:
     """Open a store read-only; UserError if it is missing, not a store, or (by default) unfinished."""
     path = store_location(path)
-    check_metadata(path)
+    digest = check_metadata(path)
     try:
-        group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+        group = zarr.open_group(zarr_store(path, read_only=True), mode="r", use_consolidated=False)
         store = LogitStore(group, path)
     except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.GroupNotFoundError,
             zarr.errors.NodeTypeValidationError) as err:
         raise UserError(f"{path} is not a readable teacher logit store ({type(err).__name__}); run `pipeline teach` "
                         "to make one") from None
+    store.check_metadata_digest(digest)
     if require_complete and not store.complete:
         done = int(store.done_mask().sum())
         raise UserError(f"teacher store {path} is incomplete ({done}/{store.num_shards} shards); "
@@ -382,10 +519,12 @@ def write_pointer(pointer, store: LogitStore) -> dict:
 class StoreWriter(LogitStore):
     """The write side: create the arrays once, then fill shard by shard (any order, any process)."""
 
-    def __init__(self, group, path):
+    def __init__(self, group, path, digest: bytes):
         # every chunk file is written, even one equal to the fill value: a missing file then always means lost data
         with zarr.config.set({"array.write_empty_chunks": True}):
             super().__init__(group, path)
+        self.digest = digest  # of the metadata every done record is written under (check_metadata)
+        self.check_metadata_digest(digest)
         remove_stale_partials(path)
 
     def forget_shards(self, shards) -> None:
@@ -399,21 +538,27 @@ class StoreWriter(LogitStore):
                 if fs.exists(chunk):
                     fs.rm_file(chunk)
 
-    def write_shard(self, shard: int, values, indices, lse, params, labels, lse_tau=None) -> None:
-        """One shard's rows; `lse_tau` (encode_lse_tau) may be left out only when tau = 1 is all that is kept."""
+    def write_shard(self, shard: int, values, indices, lse, params, labels, rest) -> None:
+        """One shard's rows (encode_topk's values/indices/lse, encode_rest's rest codes), then its done record:
+        the flag, the metadata digest and the sha256 of each array's shard file as written."""
         rows = self.shard_rows_range(shard)
         s = slice(rows.start, rows.stop)
         g = self.arrays
-        if lse_tau is None and len(self.temperatures) > 1:
-            raise ValueError(f"store {self.path} keeps temperatures {self.temperatures}: write_shard needs lse_tau")
-        g["values"][s] = values
-        g["indices"][s] = indices
-        g["lse"][s] = lse
-        if lse_tau is not None:
-            g["lse_tau"][s] = lse_tau
-        g["params"][s] = params
-        g["labels"][s] = labels
-        g["done"][shard] = 1  # last: a killed writer leaves the shard not done, to be written again
+        for name, data in zip(ARRAYS, (values, indices, lse, rest, params, labels)):
+            g[name][s] = data
+        self.seal(shard)
+
+    def seal(self, shard: int) -> None:
+        """Write the done record of a shard whose array files are written: flag, metadata digest, file digests."""
+        g = self.arrays
+        fs, root = fsspec.core.url_to_fs(str(self.path))
+        record = np.zeros(DONE_WIDTH, np.uint8)
+        record[0] = 1
+        record[1:1 + DIGEST] = np.frombuffer(self.digest, np.uint8)
+        for i, name in enumerate(ARRAYS):
+            data = fs.cat_file(f"{root}/{chunk_file(g[name], shard)}")
+            record[1 + DIGEST * (1 + i):1 + DIGEST * (2 + i)] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+        g["done"][shard] = record  # last: a killed writer leaves the shard not done, to be written again
 
     def finish(self, run: dict) -> None:
         self.group.attrs["run"] = run
@@ -440,8 +585,7 @@ def create_or_open(path, provenance: dict, *, num_samples: int, num_views: int, 
                 if old.get("key") != provenance["key"]:
                     raise UserError(f"{path} holds teacher logits for other inputs (key {old.get('key')}, not "
                                     f"{provenance['key']}); remove it or choose another --store-root")
-                check_metadata(path)
-                return StoreWriter(group, path)
+                return StoreWriter(group, path, check_metadata(path))
         with numcodecs_quiet():
             return _create(path, provenance, num_samples=num_samples, num_views=num_views, k=k, params_dim=params_dim,
                            num_classes=num_classes, shard_rows=shard_rows, values=values,
@@ -475,7 +619,7 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
             temperatures):
     group = zarr.open_group(zarr_store(path), mode="w")
     idx = index_dtype(num_classes)
-    keep = value_keepbits(values)
+    scale = value_scale(values)
     chunk = rows_per_chunk(shard_rows, num_views)
 
     def blosc(typesize, bit=False):
@@ -487,18 +631,22 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
                            shards=(shard_rows,) + shape[1:], filters=list(filters), compressors=compressors,
                            fill_value=0)
 
-    array("values", (num_samples, num_views, k), np.float16,
-          [BitRound(keepbits=keep)] if keep is not None else [], blosc(2, bit=keep is not None))
+    if scale is None:
+        array("values", (num_samples, num_views, k), np.float16, [], blosc(2))
+    else:
+        array("values", (num_samples, num_views, k), np.float32,
+              [FixedScaleOffset(offset=0, scale=scale, dtype="<f4", astype="<i2")], blosc(2, bit=True))
     array("indices", (num_samples, num_views, k), idx, [Delta(dtype=str(idx))], blosc(idx.itemsize))
-    array("lse", (num_samples, num_views), np.float32, [], blosc(4))
-    array("lse_tau", (num_samples, num_views, len(temperatures)), np.float16, [], blosc(2))
+    array("lse", (num_samples, num_views), np.float32, [BitRound(keepbits=LSE_KEEPBITS)], blosc(4, bit=True))
+    array("rest", (num_samples, num_views, len(temperatures)), np.uint16, [TransposeCodec(order=(2, 0, 1))],
+          blosc(2, bit=True))
     array("params", (num_samples, num_views, params_dim), np.uint16, [TransposeCodec(order=(2, 0, 1))], blosc(2))
     array("labels", (num_samples,), idx, [], blosc(idx.itemsize))
-    group.create_array("done", shape=(math.ceil(num_samples / shard_rows),), dtype=np.uint8, chunks=(1,),
-                       compressors=None, fill_value=0)
-    group.attrs["provenance"] = {**provenance, "shard_rows": shard_rows, "num_classes": num_classes,
+    group.create_array("done", shape=(math.ceil(num_samples / shard_rows), DONE_WIDTH), dtype=np.uint8,
+                       chunks=(1, DONE_WIDTH), compressors=None, fill_value=0)
+    group.attrs["provenance"] = {**provenance, "format": FORMAT, "shard_rows": shard_rows, "num_classes": num_classes,
                                  "index_dtype": str(idx), "values_encoding": values, "temperatures": temperatures}
-    return StoreWriter(group, path)
+    return StoreWriter(group, path, check_metadata(path))
 
 
 def summarize(store: LogitStore) -> dict:
@@ -523,6 +671,7 @@ def summarize(store: LogitStore) -> dict:
         info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
         if info["teacher_top1_views"] is None:
             info["teacher_top1_views"] = top1_vs_labels(store, rows)
+        info["teacher_top1_per_class"] = top1_per_class(store, rows)  # on the views
         if info["mean_topk_mass"] > 1 + MASS_SLACK:
             info["problems"] = [f"mean top-k mass {info['mean_topk_mass']} > 1: the stored values are not "
                                 "log-probabilities; re-run `pipeline teach` into a new --store-root"]
@@ -541,6 +690,21 @@ def top1_vs_labels(store: LogitStore, rows=None) -> float:
         top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
         hits += int((top1 == g["labels"].get_orthogonal_selection(part)[:, None]).sum())
     return round(100.0 * hits / max(len(rows) * store.num_views, 1), 2)
+
+
+def top1_per_class(store: LogitStore, rows) -> dict[int, float]:
+    """Teacher top-1 (%) on the stored views of each label class over `rows` (classes with no row left
+    out), read one shard of rows at a time: a view plan that erases a few classes hides in the overall figure."""
+    g, rows = store.arrays, np.asarray(rows)
+    hits, counts = np.zeros(store.num_classes, np.int64), np.zeros(store.num_classes, np.int64)
+    for start in range(0, len(rows), store.shard_rows):
+        part = (rows[start:start + store.shard_rows],)
+        values, indices = g["values"].get_orthogonal_selection(part), g["indices"].get_orthogonal_selection(part)
+        labels = g["labels"].get_orthogonal_selection(part).astype(np.int64)
+        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
+        np.add.at(hits, labels, (top1 == labels[:, None]).sum(1))
+        np.add.at(counts, labels, store.num_views)
+    return {int(c): round(100.0 * hits[c] / counts[c], 2) for c in np.flatnonzero(counts)}
 
 
 # f16 log-probabilities round by at most ~1e-3 relative: a top-k mass beyond this is a broken store.

@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from pipeline.manifests import load_spec, spec_path
+from pipeline.records import check_model_kwargs
 
 SOURCES = ("timm", "torchscript")
 CODE_SOURCES = {"export": "torch.export.load"}  # refused: it unpickles with weights_only=False
@@ -93,9 +94,20 @@ def resolve_spec(name_or_spec) -> dict:
     _check_values(spec)
     if spec.get("weights") is not None and not isinstance(spec["weights"], (str, Path)):
         raise UserError(f"teacher '{name}': `weights: {spec['weights']!r}` must be a file path; fix it in its spec")
-    if not isinstance(spec.get("model_kwargs") or {}, dict):
-        raise UserError(f"teacher '{name}': `model_kwargs` must be a mapping of timm.create_model arguments")
+    check_model_kwargs(spec.get("model_kwargs") or {}, f"teacher '{name}'", "fix it in its spec")
     return spec
+
+
+def artifact_spec(spec, where: str) -> dict:
+    """A teacher spec read from an artifact (a store's provenance), resolved: an artifact may name a model but
+    never grants trust, so a spec naming a file that runs when loaded (TorchScript) is refused in one line."""
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} holds no teacher spec mapping; re-run `pipeline teach`")
+    if spec.get("source", "timm") != "timm" or "trust_code" in spec:
+        raise UserError(f"{where} names the {spec.get('source')} teacher file {spec.get('model')!r}, a program that "
+                        "runs when loaded, refused: trust comes only from a spec you name, never from an artifact; "
+                        "give the teacher's spec yourself (e.g. `pipeline store audit --teacher SPEC.yaml`)")
+    return resolve_spec(spec)
 
 
 def _check_values(spec: dict) -> None:

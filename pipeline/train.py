@@ -18,6 +18,7 @@ channels_last.
 """
 
 import csv
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -34,14 +35,15 @@ from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import ensemble_target
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json
-from pipeline.loop import KDLoss, fit
+from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir
+from pipeline.loop import CHECKPOINT, KDLoss, fit
 from pipeline.models.rep import check_num_branches, rep_settings
-from pipeline.recipes import Recipe
-from pipeline.records import StudentSpec, TrainedStudent
+from pipeline.recipes import Recipe, branch_budget_note
+from pipeline.records import STUDENT_JSON, StudentSpec, TrainedStudent
 from pipeline.runtime import Normalize, init_distributed, resolve_device, set_threads
 from pipeline.teachers import state_digest
 
+OUTPUTS = (CHECKPOINT, "model.safetensors", "ema.safetensors", STUDENT_JSON, "state.json")  # what it writes in --out
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
 
 
@@ -58,7 +60,7 @@ def student_size(student: StudentSpec, recipe: Recipe) -> int:
     return size
 
 
-REP_FIELDS = ("num_branches", "scale_branch", "identity_branch")  # recipe fields that are rep_* model kwargs
+REP_FIELDS = ("num_branches", "scale_branch", "identity_branch", "branch_bn_init")  # recipe fields that are rep_* model kwargs
 
 
 def build_student(student: StudentSpec, recipe: Recipe, num_classes: int, init: str | None = None):
@@ -237,8 +239,16 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
         raise UserError(f"batch_size {recipe.batch_size} is larger than the train split "
                         f"({manifest['splits']['train']['count']} samples); lower it (--batch-size)")
 
+    if rank == 0:
+        curves = ("metrics.json", "plots.csv")
+        claim_out_dir(out, (*OUTPUTS, *(() if curves_dir else curves)), "student")
+        if curves_dir:
+            claim_out_dir(curves_dir, curves, "student")
     torch.manual_seed(recipe.seed)
     model, model_kwargs, init_record = build_student(student, recipe, num_classes, init)
+    note = branch_budget_note(recipe.epochs, model_kwargs, init is not None)
+    if note and rank == 0:
+        tqdm.write(note)
     if world > 1 and recipe.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -280,7 +290,7 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
             "init": init_record, "threads": torch.get_num_threads(),
-            "views_from": views_from.key if views_from is not None else None,
+            "views_from": views_from.key if views_from is not None else None, "val_curve": val_curve(history),
         })
     return history[-1] if history else {}
 
@@ -296,17 +306,26 @@ def _write_epoch(out: Path, curves: Path, state: dict) -> None:
 def _save_final(out: Path, core, ema, history, info: dict) -> None:
     """model.safetensors, ema.safetensors and student.json (TrainedStudent `info`), whose "weights" names the
     better of the two."""
-    atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(core.state_dict()))
+    files = {"model.safetensors": _safetensors_bytes(core.state_dict())}
     if ema:
-        atomic_write_bytes(out / "ema.safetensors", _safetensors_bytes(ema.module.state_dict()))
+        files["ema.safetensors"] = _safetensors_bytes(ema.module.state_dict())
     else:
         (out / "ema.safetensors").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
     last = history[-1]
     use_ema = ema is not None and last.get("ema_top1", -1) >= last["top1"]
     choice = {"rule": "better val top-1 at the last epoch (EMA on a tie)", "model_top1": last["top1"],
               "ema_top1": last.get("ema_top1")}  # what `pipeline fuse` deploys by default
     weights = "ema.safetensors" if use_ema else "model.safetensors"
-    TrainedStudent(**info, weights=weights, weights_choice=choice).write(out)
+    TrainedStudent(**info, weights=weights, weights_choice=choice,
+                   sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()}).write(out)
+
+
+def val_curve(history) -> list[dict]:
+    """The validated epochs' val top-1 (raw and EMA) and how many images they saw: the curve the report draws."""
+    keys = ("epoch", "top1", "ema_top1", "val_images")
+    return [{k: row[k] for k in keys if k in row} for row in history if "top1" in row]
 
 
 def _metrics(history) -> dict:

@@ -49,9 +49,17 @@ class StageGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:  # a bad option of `pipeline` itself
+            usage_error(err)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a bad command, option or value: one line, like ours (no Usage/Try lines)
+            usage_error(err)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
@@ -62,6 +70,12 @@ class StageGroup(click.Group):
             click.echo(f"error: disk full{where} ({err.strerror}); every output is written as a temp file + rename, "
                        "so what was already there is unchanged: free space and re-run the same command", err=True)
             sys.exit(2)
+
+
+def usage_error(err: click.UsageError):
+    where = f"`{err.ctx.command_path}`: " if err.ctx is not None else ""
+    click.echo(f"error: {where}{' '.join(err.format_message().split())} (see --help)", err=True)
+    sys.exit(2)
 
 
 def load_params(path: Path, explicit: bool = False) -> dict:

@@ -21,13 +21,18 @@ def _teach_section() -> dict:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output directory: weights.safetensors, teacher.yaml (give it to `pipeline teach --teacher`), "
                    "metrics.json; checkpoint.safetensors after each epoch until the run finishes (--resume).")
-@click.option("--epochs", default=10, show_default=True, help="Passes over the train split.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per optimizer step.")
-@click.option("--lr", default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay, linear warmup).")
-@click.option("--weight-decay", default=0.05, show_default=True, help="AdamW weight decay.")
-@click.option("--warmup-epochs", default=1.0, show_default=True, help="Epochs of linear learning-rate warmup.")
-@click.option("--label-smoothing", default=0.1, show_default=True, help="Cross-entropy label smoothing.")
-@click.option("--img-size", type=click.IntRange(min=8), default=None,
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Passes over the train split.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per optimizer step.")
+@click.option("--lr", default=2e-3, show_default=True, type=options.Finite(min=0, min_open=True),
+              help="Peak AdamW learning rate (cosine decay, linear warmup).")
+@click.option("--weight-decay", default=0.05, show_default=True, type=options.Finite(min=0), help="AdamW weight decay.")
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=options.Finite(min=0),
+              help="Epochs of linear learning-rate warmup.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=options.Finite(0, 1, max_open=True),
+              help="Cross-entropy label smoothing.")
+@click.option("--img-size", type=options.PIXELS, default=None,
               help="Training/eval resolution in px [default: the spec's input_size].")
 @click.option("--plan", default=FROM_TEACH, show_default=True,
               help="View plan to train on: 'teach' = params.yaml's `teach: plan:` (the views `pipeline teach` "
@@ -36,6 +41,11 @@ def _teach_section() -> dict:
 @click.option("--num-views", type=click.IntRange(min=1), default=None,
               help="Views per image (V) the epochs cycle through [default: params.yaml's teach num-views with "
                    "--plan teach, else --epochs].")
+@click.option("--name", default=None,
+              help="Name of the fine-tuned teacher (its teacher.yaml `name:`, hence its store, its pointer "
+                   "{teach --out}/{name}.json and its rows in the report) [default: TEACHER's name + '-ft']; never "
+                   "TEACHER's own, so the fitted and the unfitted teacher are told apart. Give one per fine-tune "
+                   "when several of one teacher are taught into the same directory.")
 @options.threads
 @click.option("--seed", default=0, show_default=True,
               help="Seed of the initial weights and the sample order (the views' seed is the plan's).")
@@ -55,6 +65,6 @@ def command(teacher, shards, out_dir, plan, num_views, **kwargs):
     metrics = finetune_teacher(teacher, shards, out_dir, plan=PlanParam().convert(plan, None, None),
                                num_views=num_views, **kwargs)
     before, after = metrics["before"], metrics["after"]
-    click.echo(f"teacher {metrics['teacher']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "
+    click.echo(f"teacher {metrics['teacher']} -> {metrics['name']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "
                f"on views {before['views']:.2f}% -> {after['views']:.2f}% after {metrics['epochs']} epochs from "
                f"{metrics['init']} ({metrics['seconds']:.0f} s); spec {out_dir / 'teacher.yaml'}")

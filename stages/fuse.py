@@ -21,7 +21,7 @@ CHECKPOINTS = ("best", "ema", "model")
                    "or the raw model.")
 @click.option("--check-images", default=64, show_default=True, type=click.IntRange(min=1),
               help="Validation images on which fused and training form (and ONNX) must agree.")
-@click.option("--atol", default=1e-3, show_default=True, type=click.FloatRange(min=0),
+@click.option("--atol", default=1e-3, show_default=True, type=options.Finite(min=0),
               help="Largest allowed |logit difference|; beyond it (or on a clear top-1 flip) the stage fails.")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and check model.onnx.")
 @click.option("--name", default=None, help="Student name in fuse.json and the report [default: the student dir name].")

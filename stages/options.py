@@ -4,9 +4,23 @@ tests/test_cli.py checks that every command spells them through these decorators
 default) and that no command uses a retired alias (e.g. --views for --num-views).
 """
 
+import math
 from pathlib import Path
 
 import click
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: NaN compares false, so a NaN tolerance would disable its check."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+# a side in pixels that an image is rendered to or a model run at: 4096 px is 50 MB per RGB image
+PIXELS = click.IntRange(16, 4096)
 
 SHARDS = "data/shards"  # where dvc.yaml's shard stage writes
 STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores (pipeline.teach.STORE_ROOT)

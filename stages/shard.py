@@ -23,18 +23,18 @@ RENDERED_SIZE = 64
               help="Output directory for {split}-NNNNNN.tar and manifest.json (replaced atomically, but only if it "
                    "is new, empty or an earlier output of this command).")
 @click.option("--name", default=None, help="Dataset name in the manifest [default: from the source].")
-@click.option("--val-fraction", default=0.2, type=float,
+@click.option("--val-fraction", default=0.2, type=shared.Finite(0, 1, max_open=True),
               help="Fraction of each class held out as val when the source has no val split (0 = none).")
 @click.option("--seed", default=0, type=int, help="Seed of the val split and of the fixed sample order.")
 @click.option("--shard-size", default=10000, type=click.IntRange(min=1),
               help="Maximum number of images per shard (webdataset ShardWriter maxcount).")
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
               help="A corrupt image stops with an error naming it, or is skipped and listed in the manifest.")
-@click.option("--image-size", default=None, type=click.IntRange(min=8),
+@click.option("--image-size", default=None, type=shared.PIXELS,
               help="Render every image once with its shorter side at this many pixels (bicubic; JPEGs re-encoded "
                    "at quality 95), e.g. 64 for 32-px CIFAR images: GhostNet students need >= 64 px. "
                    f"[default: original images; digits / synthetic: {RENDERED_SIZE}]")
-@click.option("--crop-pct", default=1.0, type=click.FloatRange(0.1, 1.0),
+@click.option("--crop-pct", default=1.0, type=shared.Finite(0.1, 1.0),
               help="The dataset's evaluation centre crop, recorded in the manifest for the students' val: 1.0 "
                    "(whole image) for small or object-centred images, 0.875 for ImageNet-like photos.")
 @click.option("--num-classes", default=4, type=click.IntRange(min=1), help="Synthetic source: number of classes.")

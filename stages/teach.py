@@ -9,7 +9,7 @@ from stages import options
 
 # pipeline.store's DEFAULT_VALUES / DEFAULT_TEMPERATURES, spelt here so that --help does not import
 # zarr/torch (tests/test_cli.py checks they agree)
-DEFAULT_VALUES = "f16-keep6"
+DEFAULT_VALUES = "logp-s181"
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 
 
@@ -24,13 +24,20 @@ class PlanParam(click.ParamType):
         return ViewPlan.load(value, f"--plan {value}" if isinstance(value, (str, Path)) else "params `teach: plan:`")
 
 
+TEMPERATURES = (0.1, 100.0)  # the range of a KD temperature: beyond it exp(z / tau) leaves what f16 offsets hold
+
+
 def _temperatures(value) -> list[float]:
-    """'1,2,4' or [1, 2, 4] (params.yaml) -> [1.0, 2.0, 4.0]."""
+    """'1,2,4' or [1, 2, 4] (params.yaml) -> [1.0, 2.0, 4.0], each in TEMPERATURES."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    low, high = TEMPERATURES
     try:
-        return [float(t) for t in items if str(t).strip()]
-    except ValueError:
-        raise UserError(f"--temperatures must be numbers like 1,2,4, got {value!r}") from None
+        taus = [float(t) for t in items if str(t).strip()]
+    except (TypeError, ValueError):
+        taus = None
+    if taus is None or not all(low <= t <= high for t in taus):  # NaN fails every comparison
+        raise UserError(f"--temperatures must be numbers in [{low:g}, {high:g}] like 1,2,4, got {value!r}")
+    return taus
 
 
 @click.command(context_settings={"show_default": True})
@@ -40,8 +47,8 @@ def _temperatures(value) -> list[float]:
 @click.option("--plan", "plan", type=PlanParam(), default=None,
               help="View plan: a YAML file of ViewPlan fields (pipeline/data/views.py; those left out take "
                    "ViewPlan's defaults); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan's defaults.")
-@click.option("--num-views", default=4, type=click.IntRange(min=1),
-              help="Views per sample (V).")
+@click.option("--num-views", default=4, type=click.IntRange(1, 1000),
+              help="Views per sample (V; the paper's ImageNet runs store 50).")
 @click.option("--k", default=10, type=click.IntRange(min=1), help="Top-k logits kept per view.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Views per teacher forward.")
 @options.device
@@ -56,11 +63,12 @@ def _temperatures(value) -> list[float]:
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Weights file (.safetensors or a plain checkpoint) overriding the spec's weights.")
 @click.option("--values", default=DEFAULT_VALUES,
-              help="Value encoding: f16 (log-probabilities, lossless f16) or f16-keepN (N mantissa bits).")
+              help="Value encoding: logp-sN (log-probabilities in int16 steps of 1/N, N = 16..1024) or f16 "
+                   "(plain f16 log-probabilities, ~2.5 B/view more at K=10).")
 @click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
               help="Comma-separated KD temperatures tau whose logsumexp(z / tau) over all classes is stored "
                    "(2 bytes per view each): the student's KD is the exact top-k + rest KL at these tau only.")
-@click.option("--shard-rows", default=256, type=click.IntRange(min=1),
+@click.option("--shard-rows", default=256, type=click.IntRange(1, 65536),
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
 @options.threads

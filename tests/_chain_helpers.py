@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import pipeline.models  # noqa: F401  (registers rep students)
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import synthetic
+from pipeline.io import sha256_file
 from pipeline.models.rep import rep_settings
 from pipeline.records import TrainedStudent
 
@@ -48,5 +49,7 @@ def fake_student(out: Path, model: str = "rep_ghostnetv3_050", num_classes: int 
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, interpolation="bicubic",
         teachers=tuple(teachers), teacher_weights=None, recipe=recipe, view_plan={}, num_views=1, epochs=1, init=None,
         threads=1, views_from=None, weights="ema.safetensors",
-        weights_choice={"rule": "fixed by the test helper", "model_top1": 0.0, "ema_top1": 0.0}).write(out)
+        weights_choice={"rule": "fixed by the test helper", "model_top1": 0.0, "ema_top1": 0.0},
+        val_curve=[{"epoch": 1, "top1": 0.0, "ema_top1": 0.0, "val_images": 1}],
+        sha256={name: sha256_file(out / name) for name in ("model.safetensors", "ema.safetensors")}).write(out)
     return out

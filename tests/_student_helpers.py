@@ -6,7 +6,7 @@ import torch
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, view_params
 from pipeline.records import StudentSpec
-from pipeline.store import check_temperatures, create_or_open, encode_lse_tau, encode_topk, open_store, store_key, write_pointer
+from pipeline.store import create_or_open, encode_rest, encode_topk, open_store, store_key, write_pointer
 from tests._data_helpers import synthetic_shards
 
 SPEC = {"name": "tiny", "model": "test_efficientnet", "input_size": 64, "mean": [0.5, 0.5, 0.5],
@@ -49,9 +49,9 @@ def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, 
     values, indices, lse = encode_topk(logits.reshape(n * num_views, c), k, "f16")
     if params is None:
         params = np.stack([[view_params(plan, reader.key(i), v) for v in range(num_views)] for i in range(n)])
-    lse_tau = encode_lse_tau(logits.reshape(n * num_views, c), check_temperatures(temperatures))
+    rest = encode_rest(logits.reshape(n * num_views, c), k, temperatures)
     writer.write_shard(0, values.reshape(n, num_views, k), indices.reshape(n, num_views, k),
-                       lse.reshape(n, num_views), params, labels, lse_tau=lse_tau.reshape(n, num_views, -1))
+                       lse.reshape(n, num_views), params, labels, rest=rest.reshape(n, num_views, -1))
     store = open_store(writer.path)
     write_pointer(f"{root}/{name}.json", store)
     return store

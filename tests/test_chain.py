@@ -19,13 +19,13 @@ TINY = {
     "launch": {"teach": "pipeline", "student": "pipeline"},
     "shard": {"source": "synthetic", "num-classes": 4, "per-class": 12, "image-size": 64, "val-fraction": 0.25},
     "finetune-teacher": {"epochs": 1, "batch-size": 16, "quiet": True},  # on teach's plan
-    "finetune": {"demo-resnet10t": {"teacher": "demo-resnet10t"}},
-    "teachers": {"demo-resnet10t": {"spec": "outputs/teachers/demo-resnet10t/teacher.yaml"}},
+    "finetune": {"demo-resnet10t-ft": {"teacher": "demo-resnet10t"}},
+    "teachers": {"demo-resnet10t-ft": {"spec": "outputs/teachers/demo-resnet10t-ft/teacher.yaml"}},
     "teach": {"num-views": 2, "k": 3, "batch-size": 32, "quiet": True,
               "plan": {"seed": 0, "size": 64, "scale": [0.5, 1.0], "hflip": 0.0, "auto_augment": None,
                        "re_prob": 0.0}},
     "student": {"recipe": "demo", "quiet": True},
-    "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t", "alpha": 0.5, "epochs": 1,
+    "students": {"gnv3": {"student": "ghostnetv3-050", "teachers": "demo-resnet10t-ft", "alpha": 0.5, "epochs": 1,
                           "batch-size": 16}},
     "fuse": {"check-images": 8},
     "evaluate": {"latency-runs": 5, "latency-batch": 4, "threads": 1, "quiet": True},
@@ -49,13 +49,13 @@ def test_dvc_chain_end_to_end(tmp_path):
     _write_params(root, params)
 
     first = ran(dvc(root, "repro"))
-    assert first == {"shard", "finetune-teacher@demo-resnet10t", "teach@demo-resnet10t", "student@gnv3",
+    assert first == {"shard", "finetune-teacher@demo-resnet10t-ft", "teach@demo-resnet10t-ft", "student@gnv3",
                      "fuse@gnv3", "evaluate@gnv3", "report"}
 
     metrics = json.loads((root / "outputs/eval/gnv3.json").read_text())
     assert metrics["val_samples"] == 12 and 0 <= metrics["top1"] <= metrics["top5"] <= 100
     assert set(metrics["latency_ms"]) == {"torch", "onnx"}
-    assert metrics["teacher_agreement"]["demo-resnet10t"] is not None
+    assert metrics["teacher_agreement"]["demo-resnet10t-ft"] is not None
     assert metrics["fused_check"]["max_abs_diff"] < 1e-3 and metrics["onnx_check"]["max_abs_diff"] < 1e-3
     fuse_info = json.loads((root / "outputs/fused/gnv3/fuse.json").read_text())
     stock = create_stock_model(fuse_info["stock_model"], num_classes=4)
@@ -68,13 +68,13 @@ def test_dvc_chain_end_to_end(tmp_path):
 
     params["students"]["plain"] = {"student": "ghostnetv3-050", "alpha": 0.0, "num-branches": 1,
                                    "scale-branch": False, "identity-branch": False, "epochs": 1, "batch-size": 16,
-                                   "views-from": "demo-resnet10t"}
+                                   "views-from": "demo-resnet10t-ft"}
     _write_params(root, params)
     assert ran(dvc(root, "repro")) == {"student@plain", "fuse@plain", "evaluate@plain", "report"}
     plain = json.loads((root / "outputs/eval/plain.json").read_text())
     assert plain["teachers"] == [] and "labels only, plain (stock network)" in plain["recipe_summary"]
     twin = json.loads((root / "outputs/students/plain/student.json").read_text())
-    assert twin["views_from"] == json.loads((root / "outputs/teach/demo-resnet10t.json").read_text())["key"]
+    assert twin["views_from"] == json.loads((root / "outputs/teach/demo-resnet10t-ft.json").read_text())["key"]
 
     curves = list(csv.DictReader((root / "outputs/curves/gnv3/plots.csv").open()))
     assert [row["epoch"] for row in curves] == ["1"] and {"loss", "top1", "ema_top1"} <= set(curves[0])

@@ -31,7 +31,8 @@ def test_finetuned_spec_is_a_teacher_for_the_shards(tmp_path, shards):
     result = _run(shards, tmp_path / "t", "--epochs", "1")
     assert result.exit_code == 0, result.output
     spec = yaml.safe_load((tmp_path / "t" / "teacher.yaml").read_text())
-    assert spec["num_classes"] == 3 and spec["pretrained"] is False and spec["name"] == "demo-resnet10t"
+    assert spec["num_classes"] == 3 and spec["pretrained"] is False
+    assert spec["name"] == "demo-resnet10t-ft"  # named apart from its source: its own store, pointer, report rows
     model, digest = load_teacher(str(tmp_path / "t" / "teacher.yaml"))
     assert model.num_classes == 3 and len(digest) == 64
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
@@ -117,3 +118,9 @@ def test_export_teacher_is_refused(tmp_path, shards):
     result = CliRunner().invoke(main, ["finetune-teacher", "--teacher", str(spec), "--shards", str(shards),
                                        "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "torch.jit.save" in result.output, result.output
+
+
+def test_a_finetuned_teacher_may_not_keep_its_sources_name(tmp_path, shards):
+    result = _run(shards, tmp_path / "t", "--epochs", "1", "--name", "demo-resnet10t")
+    assert result.exit_code == 2 and "other than its source's 'demo-resnet10t'" in result.output
+    assert not (tmp_path / "t" / "teacher.yaml").exists()

@@ -44,13 +44,17 @@ def fused_record(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kwargs, teachers, recipe, expected", [
+    # branches from scratch at a budget where they were measured not to help: the column says so
     ({"num_branches": 3, "scale_branch": True, "identity_branch": True}, ["t1", "t2"], DEMO,
-     "demo: KD a=0.5 tau=1 from t1+t2, re-param N=3 + 1x1 + identity, 6 ep lamb"),
+     "demo: KD a=0.5 tau=1 from t1+t2, re-param N=3 + 1x1 + identity (below the branches' measured budget), "
+     "6 ep lamb"),
+    ({"num_branches": 3, "scale_branch": True, "identity_branch": True}, ["t"], {**DEMO, "epochs": 600},
+     "demo: KD a=0.5 tau=1 from t, re-param N=3 + 1x1 + identity, 600 ep lamb"),
     ({"num_branches": 1, "scale_branch": False, "identity_branch": False}, [], {**DEMO, "alpha": 0.0},
      "demo: labels only, plain (stock network), 6 ep lamb"),
     # N=1 without the 1x1 still had the identity BN in many blocks: not the stock network
     ({"num_branches": 1, "scale_branch": False, "identity_branch": True}, [], {**DEMO, "alpha": 0.0},
-     "demo: labels only, re-param N=1 + identity, 6 ep lamb"),
+     "demo: labels only, re-param N=1 + identity (below the branches' measured budget), 6 ep lamb"),
     ({}, ["t"], {**DEMO, "alpha": 0.9}, "demo: KD a=0.9 tau=1 from t, stock model, 6 ep lamb"),
 ])
 def test_recipe_summary(fused_record, kwargs, teachers, recipe, expected):
@@ -75,6 +79,7 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
     assert "pipeline teach" in m["teacher_notes"]["ghost-teacher"]
     assert m["throughput_batch"] == 2 and m["torch_threads"] == 1 and m["stock_model"] == "ghostnetv2_050"
     assert m["deploy"].startswith("timm GhostNet(width=0.5")  # what the report names: a call timm has
+    assert m["val_curve"] == [{"epoch": 1, "top1": 0.0, "ema_top1": 0.0, "val_images": 1}]  # student.json's, via fuse
 
 
 def test_latency_is_interleaved_with_median_and_spread():

@@ -255,8 +255,10 @@ def test_shard_swap_never_loses_the_old_output(tmp_path, monkeypatch):
     assert (out / "manifest.json").read_text() == old_manifest
 
     # a run killed between the two renames left the old output aside: the next run puts it back
+    from pipeline.io import mark_ours
+
     aside = tmp_path / ".shards.old-killed"
-    aside.mkdir()
+    mark_ours(aside)  # as _replace_dir marks the folder it sets the old output aside in
     os.replace(out, aside / "shards")
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
@@ -548,8 +550,10 @@ def test_fuse_negative_atol_is_a_usage_error_not_a_bug(tmp_path):
 def test_leftover_temp_files_are_cleaned_by_the_next_run(base, tmp_path, leftover):
     _, spec, shards = base
     if leftover == "shard tmp dir":
+        from pipeline.io import mark_ours
+
         junk = tmp_path / ".o.tmp-killed"
-        junk.mkdir()
+        mark_ours(junk)  # as write_shards marks its temp folder
         (junk / "train-000000.tar").write_bytes(b"x" * 100)
         assert cli(*shard_args(tmp_path / "o")).exit_code == 0
     elif leftover == "checkpoint tmp":
@@ -565,3 +569,349 @@ def test_leftover_temp_files_are_cleaned_by_the_next_run(base, tmp_path, leftove
         os.utime(junk, (time.time() - 3600, time.time() - 3600))
         assert cli(*teach_args(spec, shards, root)).exit_code == 0
     assert not junk.exists()
+
+
+# ======================================================================= issue 23: hardening II
+# ---------------------------------------------------------------- critical: trust comes only from what the user wrote
+
+def test_a_store_never_makes_the_pipeline_run_its_teachers_code(base, tmp_path, monkeypatch):
+    """The user vouched for their TorchScript teacher when teaching; the store's provenance records that spec.
+    `store audit` and `evaluate` must not load it from there: an artifact never grants trust_code."""
+    from pipeline.evaluate import teacher_agreement
+
+    _, _, shards = base
+    own = tmp_path / "own.pt"
+    torch.jit.save(torch.jit.script(Own().eval()), str(own))
+    root = tmp_path / "root"
+    assert cli(*teach_args(own_spec(tmp_path, "torchscript", own, trust_code=True), shards, root)).exit_code == 0
+
+    def no_code(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran a file an artifact named")
+
+    monkeypatch.setattr(torch.jit, "load", no_code)
+    result = cli("store", "audit", str(root / "out" / "own.json"), "--shards", str(shards), "--samples", "2")
+    assert_one_line_error(result, "refused", "--teacher")
+    from pipeline.audit import audit_store
+    from pipeline.store import open_pointer
+
+    with pytest.raises(UserError, match="refused"):  # the library, not only the CLI
+        audit_store(open_pointer(root / "out" / "own.json"), shards, samples=2)
+    scores, notes = teacher_agreement(torch.zeros(4, NUM_CLASSES), shards, ["own"], root / "out", None, 8, True)
+    assert scores == {"own": None} and "refused" in notes["own"]
+
+
+@pytest.mark.parametrize("where", ["teacher spec", "student spec", "student.json"])
+def test_model_kwargs_are_an_allow_list(base, tmp_path, where):
+    """timm.create_model takes checkpoint_path / pretrained_cfg_overlay=dict(file=...): a spec or record naming a
+    file to load (or any unknown argument) is refused in one line before anything is built."""
+    _, spec, shards = base
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil.pth").write_bytes(payload_pickle(marker))
+    if where == "teacher spec":
+        bad = {**yaml.safe_load(spec.read_text()), "model_kwargs": {"checkpoint_path": str(tmp_path / "evil.pth")}}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        result = cli(*teach_args(tmp_path / "bad.yaml", shards, tmp_path / "r"))
+    elif where == "student spec":
+        (tmp_path / "s.yaml").write_text("model: test_efficientnet\nmodel_kwargs: {bogus_knob: 1}\n")
+        result = cli("student", "--student", str(tmp_path / "s.yaml"), "--recipe", "demo", "--shards", str(shards),
+                     "--out", str(tmp_path / "s"), "--img-size", "48", "--epochs", "1", "--alpha", "0", "--quiet")
+    else:
+        from tests._chain_helpers import fake_student
+
+        student = fake_student(tmp_path / "student")
+        info = json.loads((student / "student.json").read_text())
+        info["model_kwargs"]["pretrained_cfg_overlay"] = {"file": str(tmp_path / "evil.pth")}
+        (student / "student.json").write_text(json.dumps(info))
+        result = cli("fuse", "--student-dir", str(student), "--shards", str(shards), "--out", str(tmp_path / "f"),
+                     "--no-onnx")
+    assert_one_line_error(result, "model_kwargs")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- high: a user's files are never lost
+
+def test_shard_leaves_leftovers_without_our_marker_alone(tmp_path):
+    """`.o.old-*` / `.o.tmp-*` folders of the user's are neither deleted nor restored into --out."""
+    aside, tmp = tmp_path / ".o.old-mine", tmp_path / ".o.tmp-mine"
+    (aside / "o").mkdir(parents=True)
+    (aside / "o" / "thesis.txt").write_text("years of work")
+    tmp.mkdir()
+    (tmp / "draft.txt").write_text("draft")
+    result = cli(*shard_args(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert (aside / "o" / "thesis.txt").read_text() == "years of work" and (tmp / "draft.txt").read_text() == "draft"
+    assert (tmp_path / "o" / "manifest.json").is_file() and not (tmp_path / "o" / "thesis.txt").exists()
+
+
+@pytest.mark.parametrize("files", [("manifest.json",), ("manifest.json", "backup-000001.tar")])
+def test_shard_out_is_ours_only_by_our_marker(tmp_path, files):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text(f"my {name}")
+    assert_one_line_error(cli(*shard_args(out)), "--out", "nothing was changed")
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert all((out / name).read_text() == f"my {name}" for name in files)
+
+
+@pytest.mark.parametrize("stage,name", [("teach", "tiny.json"), ("student", "model.safetensors"),
+                                        ("fuse", "model.onnx"), ("finetune-teacher", "metrics.json")])
+def test_stages_write_only_their_own_files(base, tmp_path, fused_dir, stage, name):
+    """A file of the user's where a stage would write one is refused in one line and left as it was."""
+    _, spec, shards = base
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine")
+    if stage == "teach":
+        args = teach_args(spec, shards, tmp_path / "root")
+        args[args.index("--out") + 1] = str(out)
+    elif stage == "student":
+        (tmp_path / "s.yaml").write_text("model: test_efficientnet\n")
+        args = ["student", "--student", str(tmp_path / "s.yaml"), "--recipe", "demo", "--shards", str(shards),
+                "--out", str(out), "--img-size", "48", "--epochs", "1", "--batch-size", "4", "--alpha", "0", "--quiet"]
+    elif stage == "fuse":
+        from tests._chain_helpers import fake_student
+
+        args = ["fuse", "--student-dir", str(fake_student(tmp_path / "student")), "--shards",
+                str(fused_dir(tmp_path / "copy").parent / "shards"), "--out", str(out), "--check-images", "2"]
+    else:
+        args = ["finetune-teacher", "--teacher", str(spec), "--shards", str(shards), "--out", str(out), "--epochs", "1",
+                "--batch-size", "8", "--img-size", "32", "--quiet"]
+    assert_one_line_error(cli(*args), name, "did not write")
+    assert (out / name).read_text() == "mine"
+
+
+# ---------------------------------------------------------------- high: what we write we can verify
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_student_weights_are_checked_before_fusing(base, tmp_path):
+    from tests._chain_helpers import fake_student
+
+    _, _, shards = base
+    student = fake_student(tmp_path / "student")
+    flip_byte(student / "ema.safetensors", -10)  # tensor data, not the header: still a readable file
+    result = cli("fuse", "--student-dir", str(student), "--shards", str(shards), "--out", str(tmp_path / "f"),
+                 "--no-onnx")
+    assert_one_line_error(result, "ema.safetensors")
+    assert not (tmp_path / "f" / "fuse.json").exists()
+
+
+@pytest.mark.parametrize("edit", ["labels in a shard index", "num_classes"])
+def test_manifest_edits_are_caught(base, tmp_path, edit):
+    """The fingerprint covers what readers use (keys AND labels of the shard indexes); num_classes is its classes'."""
+    import hashlib
+
+    _, spec, shards = base
+    root, _ = copied_store(base, tmp_path / "root")
+    changed = tmp_path / "shards"
+    shutil.copytree(shards, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    if edit == "num_classes":
+        manifest["num_classes"] += 1
+        (changed / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match="num_classes"):
+            __import__("pipeline.data.shards").data.shards.read_manifest(changed)
+        return
+    shard = manifest["splits"]["train"]["shards"][0]
+    index = json.loads((changed / shard["index"]).read_text())
+    index["labels"][0] = (index["labels"][0] + 1) % NUM_CLASSES
+    data = (json.dumps(index, separators=(",", ":")) + "\n").encode()
+    (changed / shard["index"]).write_bytes(data)
+    shard["index_sha256"] = hashlib.sha256(data).hexdigest()
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(cli(*teach_args(spec, changed, root)), "manifest.json")
+
+
+def test_non_finite_teacher_logits_stop_teach(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, spec, shards = base
+    bad = yaml.safe_load(spec.read_text())
+    state = load_file(bad["weights"])
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    result = cli(*teach_args(spec, shards, tmp_path / "root", "--weights", str(tmp_path / "nan.safetensors")))
+    assert_one_line_error(result, "NaN", "batch 0")
+    assert not (tmp_path / "root" / "out" / "tiny.json").exists()
+
+
+def test_temperatures_out_of_range_are_refused(base, tmp_path):
+    _, spec, shards = base
+    for value in ("1,nan", "inf", "1e-30"):
+        result = cli(*teach_args(spec, shards, tmp_path / "root", "--temperatures", value))
+        assert_one_line_error(result, "--temperatures")
+    assert not (tmp_path / "root").exists()
+
+
+def test_checkpoint_with_a_flipped_byte_is_refused_on_resume(tmp_path):
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, {"model": {"w": torch.arange(64, dtype=torch.float32)}, "progress": {"epoch": 1}})
+    flip_byte(path, -5)
+    with pytest.raises(UserError, match="sha256"):
+        load_checkpoint(path)
+
+
+def test_fused_weights_of_another_graph_are_refused(fused_dir, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    fused = fused_dir(tmp_path / "copy")
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(fused / "fused.safetensors"))
+    info = json.loads((fused / "fuse.json").read_text())
+    info["sha256"]["fused.safetensors"] = hashlib.sha256((fused / "fused.safetensors").read_bytes()).hexdigest()
+    (fused / "fuse.json").write_text(json.dumps(info))
+    result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"),
+                 "--out", str(tmp_path / "m.json"), "--latency-runs", "1", "--latency-batch", "1", "--quiet")
+    assert_one_line_error(result, "fused.safetensors", "does not fit")
+
+
+# ---------------------------------------------------------------- medium/low: one range per value, one line per error
+
+@pytest.mark.parametrize("args,option", [
+    (["fuse", "--student-dir", "s", "--out", "f", "--atol", "nan"], "--atol"),
+    (["store", "audit", "x.json", "--max-kl", "inf"], "--max-kl"),
+    (["finetune-teacher", "--teacher", "t", "--out", "o", "--lr", "nan"], "--lr"),
+    (["finetune-teacher", "--teacher", "t", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["finetune-teacher", "--teacher", "t", "--out", "o", "--img-size", "8"], "--img-size"),
+    (["shard", "--source", "synthetic", "--out", "o", "--crop-pct", "nan"], "--crop-pct"),
+    (["shard", "--source", "synthetic", "--out", "o", "--image-size", "100000"], "--image-size"),
+    (["teach", "--teacher", "t", "--num-views", str(10 ** 9)], "--num-views"),
+    (["teach", "--teacher", "t", "--shard-rows", str(10 ** 12)], "--shard-rows"),
+    (["teach", "--shards", "s"], "--teacher"),  # click's own usage errors are one line too
+    (["no-such-command"], "no-such-command"),
+])
+def test_option_values_are_checked_where_parsed(tmp_path, monkeypatch, args, option):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli(*args), option)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("record,field,value", [
+    ("student.json", "teachers", ["../../x"]), ("student.json", "num_classes", "four"),
+    ("student.json", "mean", [0.5, 0.5]), ("student.json", "crop_pct", 0), ("student.json", "model_kwargs", []),
+    ("fuse.json", "teachers", ["../../x"]), ("fuse.json", "input_size", 0), ("fuse.json", "recipe", 5)])
+def test_records_are_read_with_ranges(base, fused_dir, tmp_path, record, field, value):
+    from tests._chain_helpers import fake_student
+
+    _, _, shards = base
+    folder = fake_student(tmp_path / "student") if record == "student.json" else fused_dir(tmp_path / "copy")
+    info = json.loads((folder / record).read_text())
+    info[field] = value
+    (folder / record).write_text(json.dumps(info))
+    if record == "student.json":
+        result = cli("fuse", "--student-dir", str(folder), "--shards", str(shards), "--out", str(tmp_path / "f"),
+                     "--no-onnx")
+    else:
+        result = cli("evaluate", "--fused-dir", str(folder), "--shards", str(folder.parent / "shards"),
+                     "--teach-dir", str(tmp_path), "--out", str(tmp_path / "m.json"), "--latency-runs", "1",
+                     "--latency-batch", "1", "--quiet")
+    assert_one_line_error(result, record, field)
+
+
+@pytest.mark.parametrize("field,value", [("re_count", 1000000), ("ratio", [0.75, float("inf")]),
+                                         ("auto_augment", "rand-mxx"), ("size", 100000)])
+def test_view_plan_values_have_ranges(field, value):
+    """A plan value beyond what can be rendered (or a RandAugment section timm would silently skip) is refused
+    where the plan is parsed, before a teacher is loaded."""
+    from pipeline.data.views import ViewPlan
+
+    with pytest.raises(UserError, match=field if field != "auto_augment" else "section 'mxx'"):
+        ViewPlan.load({field: value}, "params `teach: plan:`")
+
+
+# ---------------------------------------------------------------- issue 19 / 23: every byte of a store is checked
+
+STORE_ARRAYS = ("values", "indices", "lse", "rest", "params", "labels")
+
+
+def store_shard_file(store: Path, name: str, shard: int = 1) -> Path:
+    """The file holding store shard `shard` of array `name` (zarr's sharding codec: one file per shard)."""
+    path = store / name / "c" / str(shard)
+    return path if path.is_file() else next(p for p in sorted(path.rglob("*")) if p.is_file())
+
+
+def change_one_byte(path: Path, offset=None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", STORE_ARRAYS)
+def test_one_changed_byte_in_any_array_is_caught_naming_the_shard(base, tmp_path, name):
+    """Each done record holds the sha256 of every array's shard file: inspect --verify and the student's reads
+    (targets, params) find one changed byte, every time, and name the shard."""
+    from pipeline.store import open_store
+
+    _, store = copied_store(base, tmp_path / "root")
+    change_one_byte(store_shard_file(store, name))
+    assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "shard 1", f"{name}/c/1")
+    opened = open_store(store)
+    with pytest.raises(UserError, match=f"shard 1: {name}/c/1"):
+        opened.all_params() if name == "params" else opened.targets()
+
+
+def test_student_refuses_a_changed_store_before_training(base, tmp_path):
+    _, _, shards = base
+    root, store = copied_store(base, tmp_path / "root")
+    change_one_byte(store_shard_file(store, "values"))
+    (tmp_path / "s.yaml").write_text("model: test_efficientnet\n")
+    result = cli("student", "--student", str(tmp_path / "s.yaml"), "--recipe", "demo", "--shards", str(shards),
+                 "--teach-dir", str(root / "out"), "--teachers", "tiny", "--out", str(tmp_path / "s"),
+                 "--img-size", "48", "--epochs", "1", "--batch-size", "4", "--set", "num_branches=null",
+                 "--set", "scale_branch=null", "--set", "plan=null", "--quiet")
+    assert_one_line_error(result, "shard 1", "values/c/1")
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_a_truncated_chunk_is_one_line_naming_the_shard(base, tmp_path):
+    from pipeline.store import open_store
+
+    _, store = copied_store(base, tmp_path / "root")
+    chunk = store_shard_file(store, "values")
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "shard 1")
+    with pytest.raises(UserError, match="shard 1"):
+        open_store(store).targets()  # what the student reads: zarr's checksum traceback before
+
+
+@pytest.mark.parametrize("edit", ["plan and plan_hash", "temperatures", "values dtype"])
+def test_edited_store_metadata_is_refused(base, tmp_path, edit):
+    """The done records hold a digest of the provenance and the arrays' zarr.json: a plan edited with its hash (a
+    student would replay views the teacher never saw) or temperatures [1,2,4] -> [1,3,4] (tau 3 would use tau 2's
+    numbers) is refused in one line by every open."""
+    from pipeline.data.views import ViewPlan
+
+    root, store = copied_store(base, tmp_path / "root")
+    node = store / ("values" if edit == "values dtype" else "") / "zarr.json"
+    meta = json.loads(node.read_text())
+    if edit == "values dtype":
+        meta["data_type"] = "int16" if meta["data_type"] != "int16" else "uint16"
+    else:
+        p = meta["attributes"]["provenance"]
+        if edit == "temperatures":
+            p["temperatures"] = [1.0, 3.0, 4.0]
+        else:
+            p["plan"]["seed"] += 1
+            p["plan_hash"] = ViewPlan.load(p["plan"]).hash()
+    node.write_text(json.dumps(meta))
+    assert_one_line_error(cli("store", "inspect", str(store)), "its metadata", "is not what shard")
+    assert_one_line_error(cli("store", "inspect", str(root / "out" / "tiny.json")), "its metadata", "is not what shard")
+
+
+def test_consolidated_metadata_that_changes_a_dtype_is_refused(base, tmp_path):
+    _, store = copied_store(base, tmp_path / "root")
+    meta = json.loads((store / "zarr.json").read_text())
+    values = json.loads((store / "values" / "zarr.json").read_text())
+    other = "float32" if values["data_type"] == "float16" else "float16"
+    meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                     "metadata": {"values": {**values, "data_type": other}}}
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert_one_line_error(cli("store", "inspect", str(store)), "consolidated metadata for 'values' differs")

@@ -36,7 +36,7 @@ def outputs(tmp_path_factory):
     shards = tiny_shards(root / "data")
     student = fake_student(root / "outputs" / "students" / "ghostnetv3")
     fuse_student(student, shards, root / "outputs" / "fused" / "ghostnetv3", check_images=4)
-    make_store(root / "outputs" / "stores" / "demo-resnet10t" / "demo-resnet10t-k1.zarr")
+    make_store(root / "outputs" / "stores" / "demo-resnet10t-ft" / "demo-resnet10t-ft-k1.zarr")
     return root
 
 

@@ -58,6 +58,9 @@ def test_kd_run_learns_and_writes_outputs(data, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epoch"] == 5 and metrics["val"]["top1"] == last["top1"]
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5]
+    # the training curve travels with the student (student.json -> fuse.json -> evaluate -> report)
+    assert [(c["epoch"], c["top1"], c["ema_top1"]) for c in info["val_curve"]] == [
+        (int(r["epoch"]), float(r["top1"]), float(r["ema_top1"])) for r in history]
 
 
 def test_resume_replays_the_uninterrupted_run(data, tmp_path, monkeypatch):
@@ -139,7 +142,11 @@ def test_cli_plain_ce_ensemble_and_errors(data, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "out" / "student.json").read_text())
-    assert info["model_kwargs"] == {"num_branches": 2, "scale_branch": False, "identity_branch": False}
+    assert info["model_kwargs"] == {"num_branches": 2, "scale_branch": False, "identity_branch": False,
+                                    "branch_bn_init": 0.0}
+    # branches from scratch at a budget where they were measured not to help: said once, before training
+    [note] = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert "at 1 epochs" in note and "--num-branches 1 --no-scale-branch --no-identity-branch" in note
     assert info["teachers"] == ["t1", "t2"] and info["teacher_weights"] == [2.0, 1.0]
     assert info["weights"] == "model.safetensors" and not (tmp_path / "out" / "ema.safetensors").exists()
 

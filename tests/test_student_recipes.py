@@ -8,7 +8,7 @@ from timm.optim import create_optimizer_v2
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
-from pipeline.recipes import load_recipe, parse_overrides
+from pipeline.recipes import BRANCHES_MEASURED, branch_budget_note, load_recipe, parse_overrides
 from pipeline.loop import create_optimizer, create_scheduler
 
 
@@ -17,11 +17,26 @@ def test_paper_recipe_holds_the_papers_values():
     assert (r.batch_size, r.opt, r.lr, r.sched, r.min_lr, r.weight_decay, r.epochs) == (
         2048, "lamb", 5e-3, "cosine", 0.0, 0.05, 600)
     assert (r.ema_decay, r.alpha, r.tau, r.num_branches, r.scale_branch) == (0.9999, 0.5, 1.0, 3, True)
+    assert r.branch_bn_init is None  # the models' default (0); the paper's init is the named option branch_bn_init=1
     assert (r.mixup, r.cutmix) == (0.0, 0.0)
     # its views are the store's plan, else ViewPlan's defaults: the paper's RandAugment + RandomErasing
     plan = ViewPlan.load(r.plan)
     assert r.plan is None and (plan.auto_augment, plan.re_prob, plan.scale) == ("rand-m9-mstd0.5", 0.25, (0.08, 1.0))
     assert r.warmup_epochs > 0 and r.label_smoothing > 0
+
+
+def test_branch_budget_note_only_where_the_branches_were_measured_not_to_help():
+    branches = {"num_branches": 3, "scale_branch": True, "identity_branch": True}
+    plain = {"num_branches": 1, "scale_branch": False, "identity_branch": False}
+    short = min(BRANCHES_MEASURED)
+    note = branch_budget_note(short, branches, pretrained=False)
+    with_branches, without = BRANCHES_MEASURED[short]
+    assert note.startswith("note:") and f"{with_branches:.1f} vs {without:.1f} % at {short}" in note
+    assert branch_budget_note(short, {**plain, "identity_branch": True}, pretrained=False)  # the BN identity is a branch
+    assert branch_budget_note(short, plain, pretrained=False) is None
+    assert branch_budget_note(short, {}, pretrained=False) is None  # a stock (non-rep) model
+    assert branch_budget_note(short, branches, pretrained=True) is None  # measured from scratch only
+    assert branch_budget_note(10 * max(BRANCHES_MEASURED), branches, pretrained=False) is None  # not measured there
 
 
 def test_overrides_as_strings_or_dict():
@@ -41,6 +56,14 @@ def test_overrides_as_strings_or_dict():
     (["alpha"], "not key=value"),
     (["grad_clip=0"], "grad_clip must be > 0 or null"),
     (["identity_branch=1"], "'identity_branch' must be bool"),
+    (["branch_bn_init=2"], r"branch_bn_init must be in \[0, 1\]"),
+    (["warmup_epochs=.inf"], "warmup_epochs must be a finite number"),
+    (["lr=.nan"], "lr must be a finite number"),
+    (["sched=step", "decay_epochs=0"], "decay_epochs must be > 0"),
+    (["min_lr=-1"], "min_lr and warmup_lr must be >= 0"),
+    (["warmup_lr=-1"], "min_lr and warmup_lr must be >= 0"),
+    (["img_size=100000"], "img_size must be in 8..4096"),
+    (["seed=18446744073709551616"], "seed must be in 0..2"),
     (["plan={sed: 1}"], r"recipe 'demo' plan: unknown view plan fields \['sed'\]; the fields are seed, size"),
     (["plan={re_mode: blur}"], "recipe 'demo' plan: view plan re_mode 'blur' must be one of"),
     (["plan=no-such-plan.yaml"], "recipe 'demo' plan: file not found"),

@@ -30,11 +30,12 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file, stable_hash, umask_mode
+from pipeline.io import (MARKER, atomic_write_bytes, atomic_write_json, is_ours, mark_ours, sha256_file, stable_hash,
+                         umask_mode)
 from pipeline.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
-MANIFEST = "manifest.json"
+MANIFEST, MANIFEST_FORMAT = "manifest.json", 2  # format 2: the fingerprint covers each shard index (keys, labels)
 SHARD_MTIME = 0  # fixed tar member times: the same input gives byte-identical shards
 INDEX_SUFFIX, INDEX_FORMAT = ".idx.json", 1  # per-shard index: key, image offset/size, label
 OUR_FILES = re.compile(rf"{re.escape(MANIFEST)}|[A-Za-z0-9_-]+-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})")  # what shard writes
@@ -223,13 +224,17 @@ def read_manifest(shard_dir) -> dict:
     missing = [k for k in ("classes", "splits", "fingerprint") if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise UserError(f"{path} is corrupt (no {', '.join(missing)}); re-run `pipeline shard` to rewrite it")
+    if not isinstance(manifest["classes"], list) or manifest.get("num_classes") != len(manifest["classes"]):
+        raise UserError(f"{path} was edited: num_classes {manifest.get('num_classes')!r} is not the number of its "
+                        "classes; re-run `pipeline shard` to rewrite it")
     return manifest
 
 
 def dataset_fingerprint(manifest: dict) -> str:
-    """Hash of the classes, each split's keys + labels, and every shard's sha256: the dataset's content."""
+    """Hash of the classes, each split's keys + labels, every shard's sha256 and its index's (the keys and
+    labels readers use): the dataset's content."""
     return stable_hash({"classes": manifest["classes"],
-                        "splits": {k: [v["fingerprint"], [s["sha256"] for s in v["shards"]]]
+                        "splits": {k: [v["fingerprint"], [[s["sha256"], s.get("index_sha256")] for s in v["shards"]]]
                                    for k, v in manifest["splits"].items()}})
 
 
@@ -268,6 +273,10 @@ def verified_manifest(shard_dir) -> dict:
     fingerprint is the one of that content. Fast path: a shard whose size and mtime match a cached
     hash is not read again; any other is hashed in full (and cached)."""
     manifest = read_manifest(shard_dir)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{Path(shard_dir) / MANIFEST} is of format {manifest.get('format', 1)}, written by an "
+                        f"older `pipeline shard` (this one reads format {MANIFEST_FORMAT}); re-run `pipeline shard` "
+                        "to rewrite it")
     cache, fresh = _read_hash_cache(), {}
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -327,22 +336,26 @@ def check_out_dir(out_dir, inputs=()) -> None:
         return
     if not out.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory path")
-    foreign = sorted(p.name for p in out.iterdir() if not OUR_FILES.fullmatch(p.name))
-    if foreign or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        what = f"holds {foreign[0]!r}" if foreign else f"has no {MANIFEST}"
+    foreign = sorted(p.name for p in out.iterdir() if not OUR_FILES.fullmatch(p.name) and p.name != MARKER)
+    if foreign or (any(out.iterdir()) and not is_ours(out)):
+        what = f"holds {foreign[0]!r}" if foreign else f"has no {MARKER} marker"
         raise UserError(f"--out {out_dir} exists and is not a shard directory of `pipeline shard` (it {what}); "
                         "nothing was changed: choose a new or empty directory, or remove it yourself")
 
 
 def recover_out_dir(out_dir) -> None:
-    """Finish what a killed run left: put back an old output swapped aside, drop temp directories."""
+    """Finish what a killed run left: put back an old output swapped aside, drop temp directories. Only folders
+    carrying our marker are touched: a user's `.{out}.old-*` or `.{out}.tmp-*` is left alone."""
     out = Path(out_dir)
     for aside in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not is_ours(aside):
+            continue
         if not out.exists() and (aside / out.name).is_dir():
             os.replace(aside / out.name, out)
         shutil.rmtree(aside, ignore_errors=True)
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_ours(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes: list[str],
@@ -370,8 +383,10 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        manifest = {"dataset": dataset, "classes": list(classes), "num_classes": len(classes),
-                    "source": source, "crop_pct": float(crop_pct), "tool_version": __version__, "splits": {}}
+        mark_ours(tmp)  # a killed run's temp folder is recognised by it, and the output carries it
+        manifest = {"format": MANIFEST_FORMAT, "dataset": dataset, "classes": list(classes),
+                    "num_classes": len(classes), "source": source, "crop_pct": float(crop_pct),
+                    "tool_version": __version__, "splits": {}}
         total = sum(len(s) for s in splits.values())
         with progress(total=total, desc="shard", unit="img", disable=quiet) as bar:
             for split, samples in splits.items():
@@ -428,6 +443,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
     is put back at once, and a run killed right there gets it back from recover_out_dir."""
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+        mark_ours(old)
         os.replace(dest, old / dest.name)
         try:
             os.replace(new, dest)

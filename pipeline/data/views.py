@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degree
 PARAMS_LAYOUT = 2
 ERASE_AREA = (0.02, 1 / 3)  # timm RandomErasing defaults (fraction of the image)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
+MAX_ERASE = 8  # erase boxes per view (timm's RandomErasing max_count); each takes 4 params slots
+MAX_SIZE = 4096  # px of a rendered view
+RA_SECTION = re.compile(r"(m|n|mstd|mmax|inc|p)\d+(\.\d+)?")  # the sections of a RandAugment spec timm reads
 ERASE_FILL = (124, 116, 104)  # ImageNet mean in uint8, timm's fill for geometric ops and const erase
 CROP_SLOTS, FLIP_SLOT, LAYERS_SLOT = 2, 2, 3
 CROP_TRIES = 10  # timm RandomResizedCrop's attempts before its centre-crop fallback
@@ -91,8 +95,6 @@ class ViewPlan:
             raise UserError(f"view plan ratio {self.ratio} must satisfy 0 < min <= max")
         if self.re_mode not in ("pixel", "rand", "const"):
             raise UserError(f"view plan re_mode '{self.re_mode}' must be one of pixel, rand, const")
-        if self.re_count < 1:
-            raise UserError(f"view plan re_count {self.re_count} must be >= 1")
         if self.renderer not in RENDERERS:
             raise UserError(f"view plan renderer '{self.renderer}' must be one of {', '.join(RENDERERS)}")
         _rand_augment(self.auto_augment, self.size, self.interpolation)  # fail early on a bad spec
@@ -173,22 +175,23 @@ class ViewPlan:
 def _check_types(plan: "ViewPlan") -> None:
     """Field types and ranges before anything uses them: a bad plan value is one line, not a traceback."""
     def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     def check(ok, field, want):
         if not ok:
             raise UserError(f"view plan {field}: {getattr(plan, field)!r} must be {want}")
 
     check(isinstance(plan.seed, int) and not isinstance(plan.seed, bool), "seed", "an integer")
-    check(isinstance(plan.size, int) and not isinstance(plan.size, bool) and plan.size >= 8, "size",
-          "an integer number of pixels >= 8")
+    check(isinstance(plan.size, int) and not isinstance(plan.size, bool) and 8 <= plan.size <= MAX_SIZE, "size",
+          f"an integer number of pixels in 8..{MAX_SIZE}")
     for field in ("hflip", "re_prob"):
         check(number(getattr(plan, field)) and 0 <= getattr(plan, field) <= 1, field, "a probability in [0, 1]")
     for field in ("scale", "ratio"):
         value = getattr(plan, field)
         check(isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)), field,
               "two numbers [min, max]")
-    check(isinstance(plan.re_count, int) and not isinstance(plan.re_count, bool), "re_count", "an integer")
+    check(isinstance(plan.re_count, int) and not isinstance(plan.re_count, bool) and 1 <= plan.re_count <= MAX_ERASE,
+          "re_count", f"an integer in 1..{MAX_ERASE}")
     check(plan.auto_augment is None or isinstance(plan.auto_augment, str), "auto_augment", "a RandAugment spec or null")
     check(isinstance(plan.interpolation, str), "interpolation", "a name such as bicubic")
 
@@ -198,8 +201,13 @@ def _rand_augment(spec, size, interpolation):
     """timm's RandAugment for a spec, with every hparam fixed so no op draws anything at call time."""
     if not spec:
         return _NoAugment()
-    if not spec.startswith("rand"):
+    sections = spec.split("-")
+    if sections[0] != "rand":
         raise UserError(f"auto_augment '{spec}' is not supported: use a RandAugment spec such as rand-m9-mstd0.5")
+    unknown = [part for part in sections[1:] if not RA_SECTION.fullmatch(part)]
+    if unknown:  # timm skips a section it cannot parse: the plan would silently be another one
+        raise UserError(f"RandAugment spec '{spec}': section {unknown[0]!r} is not one of m, n, mstd, mmax, inc, p "
+                        "followed by a number (e.g. rand-m9-mstd0.5)")
     hparams = dict(translate_const=int(size * 0.45), img_mean=ERASE_FILL,
                    interpolation=str_to_pil_interp(interpolation))
     try:

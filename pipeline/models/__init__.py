@@ -91,16 +91,17 @@ def create_stock_model(name: str, num_classes: int = 1000) -> nn.Module:
 
 
 def to_stock(model: nn.Module) -> nn.Module:
-    """The stock architecture (eval mode) holding the fused weights of `model`, loaded strictly.
+    """The stock architecture (eval mode, `model`'s device and dtype) holding the fused weights of `model`, loaded strictly.
 
     `model` is a rep student made by timm.create_model; an unfused one is fused on a copy.
     """
     if any(isinstance(m, RepConvBN) and m.fused is None for m in model.modules()):
         model = reparameterize(copy.deepcopy(model))
+    like = next(model.parameters())
     stock = create_stock_model(model.pretrained_cfg["architecture"], num_classes=model.num_classes)
+    stock = stock.to(device=like.device, dtype=like.dtype)  # loading into float32 would round float64 weights
     stock.load_state_dict(stock_state_dict(model), strict=True)
-    device = next(model.parameters()).device
-    return stock.to(device).eval()
+    return stock.eval()
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import re
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.ghostnet import GhostBottleneck, GhostNet
 
 from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
@@ -44,14 +44,25 @@ def stock_ghostnetv2(width: float, num_classes: int = 1000, **kwargs) -> GhostNe
     return GhostNet(GHOSTNET_CFGS, num_classes=num_classes, width=width, version="v2", **kwargs)
 
 
+@torch.fx.wrap
+def check_input_size(x: torch.Tensor, min_size: int = MIN_INPUT_SIZE) -> torch.Tensor:
+    """`x`, or ValueError when it is smaller than `min_size`: an FX leaf (FX cannot branch on a traced size),
+    scriptable (the default argument, not a global, carries the limit into TorchScript)."""
+    if min(x.shape[-2], x.shape[-1]) < min_size:
+        raise ValueError(f"GhostNet input {x.shape[-2]}x{x.shape[-1]} is too small: its DFC attention needs at least "
+                         f"{min_size}x{min_size} pixels (64 or more recommended); render or resize the images larger")
+    return x
+
+
 class RepGhostNetV3(GhostNet):
     """GhostNetV3 training form; `pipeline.models.reparameterize` turns it into GhostNetV2's deploy form."""
 
     def __init__(self, cfgs=GHOSTNET_CFGS, width: float = 1.0, num_branches: int | None = None,
-                 scale_branch: bool | None = None, identity_branch: bool | None = None, **kwargs):
+                 scale_branch: bool | None = None, identity_branch: bool | None = None,
+                 branch_bn_init: float | None = None, **kwargs):
         """Branch knobs left None: pipeline.models.rep.BRANCH_DEFAULTS."""
         super().__init__(cfgs, width=width, version="v2", **kwargs)
-        rep = branch_settings(num_branches, scale_branch, identity_branch)
+        rep = branch_settings(num_branches, scale_branch, identity_branch, branch_bn_init)
         identity = rep.pop("identity_branch")
         for block in self.modules():
             if not isinstance(block, GhostBottleneck):
@@ -63,11 +74,11 @@ class RepGhostNetV3(GhostNet):
                 replace_conv_bn(block, "conv_dw", "bn_dw", identity=False, **rep)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
-            raise ValueError(f"GhostNet input {tuple(x.shape[-2:])} is too small: its DFC attention needs at "
-                             f"least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (64 or more recommended); "
-                             "render or resize the images larger")
-        return super().forward_features(x)
+        # timm's GhostNet.forward_features after the size check (TorchScript has no super())
+        x = self.act1(self.bn1(self.conv_stem(check_input_size(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x, flatten=True)
+        return self.blocks(x)
 
 
 # timm ghostnetv3 training-form names -> ours (the rest of the state dict is named alike).

@@ -22,15 +22,16 @@ STOCK = {"rep_mobilenetv2_100": "mobilenetv2_100", "rep_mobilenetv2_140": "mobil
 
 
 def _rep_mobilenetv2(stock: str, num_branches: int | None = None, scale_branch: bool | None = None,
-                     identity_branch: bool | None = None, **kwargs):
+                     identity_branch: bool | None = None, branch_bn_init: float | None = None, **kwargs):
     """Build the stock timm model and swap its block convs for RepConvBN blocks (knobs left None:
     pipeline.models.rep.BRANCH_DEFAULTS)."""
     model = timm.create_model(stock, **kwargs)
-    rep = branch_settings(num_branches, scale_branch, identity_branch)
+    rep = branch_settings(num_branches, scale_branch, identity_branch, branch_bn_init)
     for block in model.blocks.modules():
         for conv_name, bn_name in _CONV_BN_PAIRS.get(type(block), ()):
             replace_conv_bn(block, conv_name, bn_name, num_branches=rep["num_branches"],
-                            scale_branch=rep["scale_branch"], identity=rep["identity_branch"])
+                            scale_branch=rep["scale_branch"], identity=rep["identity_branch"],
+                            branch_bn_init=rep["branch_bn_init"])
     return model
 
 
@@ -48,8 +49,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs):
+    # features_only: timm's FeatureListNet over the flattened blocks (timm's own 'cfg' mode for EfficientNet)
     return build_model_with_cfg(_rep_mobilenetv2, variant, pretrained, stock=STOCK[variant],
-                                pretrained_filter_fn=rep_state_dict, **kwargs)
+                                pretrained_filter_fn=rep_state_dict, feature_cfg=dict(flatten_sequential=True),
+                                **kwargs)
 
 
 @register_model

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 # The re-parameterization knobs of every rep_* model: their ONE default (the paper's, Table 2: N=3 kxk
 # branches + the 1x1 scale branch; the BN identity branch where shapes allow) and ONE range check (N in 1..5,
 # the paper's ablation range). Specs and recipes that leave a knob unset (null) get these.
-BRANCH_DEFAULTS = {"num_branches": 3, "scale_branch": True, "identity_branch": True}
+BRANCH_DEFAULTS = {"num_branches": 3, "scale_branch": True, "identity_branch": True, "branch_bn_init": 0.0}
 MAX_BRANCHES = 5
 
 
@@ -25,9 +25,10 @@ def check_num_branches(num_branches) -> None:
         raise ValueError(f"num_branches must be in 1..{MAX_BRANCHES}, got {num_branches!r}")
 
 
-def branch_settings(num_branches=None, scale_branch=None, identity_branch=None) -> dict:
+def branch_settings(num_branches=None, scale_branch=None, identity_branch=None, branch_bn_init=None) -> dict:
     """The knobs a rep model is built with: the given ones, BRANCH_DEFAULTS for those left None."""
-    given = {"num_branches": num_branches, "scale_branch": scale_branch, "identity_branch": identity_branch}
+    given = {"num_branches": num_branches, "scale_branch": scale_branch, "identity_branch": identity_branch,
+             "branch_bn_init": branch_bn_init}
     return {k: BRANCH_DEFAULTS[k] if v is None else v for k, v in given.items()}
 
 
@@ -67,6 +68,7 @@ class RepConvBN(nn.Module):
             num_branches: int = BRANCH_DEFAULTS["num_branches"],
             scale_branch: bool = BRANCH_DEFAULTS["scale_branch"],
             identity: bool = BRANCH_DEFAULTS["identity_branch"],
+            branch_bn_init: float = BRANCH_DEFAULTS["branch_bn_init"],
             eps: float = 1e-5,
     ):
         super().__init__()
@@ -87,14 +89,25 @@ class RepConvBN(nn.Module):
         self.identity = None
         if identity and stride == 1 and in_chs == out_chs and centred:
             self.identity = nn.BatchNorm2d(out_chs, eps=eps)
+        self.branch_bn_init = branch_bn_init
+        with torch.no_grad():
+            for bn in self.extra_branch_bns():
+                bn.weight.fill_(branch_bn_init)
         self.fused = None
+
+    def extra_branch_bns(self) -> list[nn.BatchNorm2d]:
+        """The BatchNorms of every branch but the first: their weight scales what the extra capacity adds."""
+        bns = [branch.bn for branch in self.convs[1:]]
+        bns += [self.scale.bn] if self.scale is not None else []
+        return bns + ([self.identity] if self.identity is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
             return self.fused(x)
         out = self.convs[0](x)
-        for branch in self.convs[1:]:
-            out = out + branch(x)
+        for i, branch in enumerate(self.convs):  # not self.convs[1:]: TorchScript cannot iterate a sliced ModuleList
+            if i > 0:
+                out = out + branch(x)
         if self.scale is not None:
             out = out + self.scale(x)
         if self.identity is not None:
@@ -149,12 +162,17 @@ def replace_conv_bn(parent: nn.Module, conv_name: str, bn_name: str, **kwargs) -
 
     The RepConvBN takes the conv's slot; the BN slot keeps only the activation of a timm BatchNormAct2d
     (or becomes Identity), so the forward code of the stock model runs unchanged and the fused weights map
-    back onto the stock conv + BN names (`stock_state_dict`).
+    back onto the stock conv + BN names (`stock_state_dict`). The first branch takes over the stock conv + BN
+    as initialised by the stock model, so with `branch_bn_init=0` (extra branches add zero) a training form
+    starts as exactly the stock network its seed builds: rep and plain twins share one init.
     """
     conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-    rep = RepConvBN(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
-                    conv.groups, eps=bn.eps, **kwargs)
+    with torch.device(conv.weight.device):  # the stock model's device and dtype (timm's device=, dtype=, e.g. meta)
+        rep = RepConvBN(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                        conv.groups, eps=bn.eps, **kwargs).to(conv.weight.dtype)
     rep.stock_bn = bn_name
+    rep.convs[0].conv.load_state_dict(conv.state_dict())
+    rep.convs[0].bn.load_state_dict(bn.state_dict(), strict=False)  # a timm BatchNormAct2d also holds its act
     setattr(parent, conv_name, rep)
     act = getattr(bn, "act", None)
     setattr(parent, bn_name, nn.Identity() if act is None else act)
@@ -162,7 +180,7 @@ def replace_conv_bn(parent: nn.Module, conv_name: str, bn_name: str, **kwargs) -
 
 
 def rep_settings(model: nn.Module) -> dict:
-    """{num_branches, scale_branch, identity_branch} as built into an unfused model's RepConvBN blocks ({} for
+    """{num_branches, scale_branch, identity_branch, branch_bn_init} as built into an unfused model's RepConvBN blocks ({} for
     a model without any): recorded with a run so that its label says what was on, not what was asked."""
     blocks = [m for m in model.modules() if isinstance(m, RepConvBN)]
     if not blocks:
@@ -171,7 +189,8 @@ def rep_settings(model: nn.Module) -> dict:
         raise ValueError("rep_settings reads the training form: call it before reparameterize(model)")
     return {"num_branches": max(len(b.convs) for b in blocks),
             "scale_branch": any(b.scale is not None for b in blocks),
-            "identity_branch": any(b.identity is not None for b in blocks)}
+            "identity_branch": any(b.identity is not None for b in blocks),
+            "branch_bn_init": blocks[0].branch_bn_init}
 
 
 def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -231,8 +250,10 @@ def rep_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     eval mode (and at the first training step) the extra branches add exactly zero: the training form
     computes the stock function, and training then grows the extra capacity. A block already in training
     form with the same branches is copied as is; with other branches (N, scale, identity) it is first
-    folded into one conv, which is exact in eval mode. A classifier of another class count keeps the
-    model's own initialisation (timm's convention). Anything else that does not fit raises ValueError.
+    folded into one conv, which is exact in eval mode. The classifier and the first conv pass through as
+    they are, because timm reconciles them after this filter exactly as for its own models: it drops a
+    classifier of another class count (num_classes=0, features_only) and adapts the first conv to another
+    in_chans. Anything else that does not fit raises ValueError.
     """
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -267,20 +288,20 @@ def rep_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
             block[f"{prefix}{name}.weight"].zero_()
             block[f"{prefix}{name}.bias"].zero_()
         out.update(block)
-    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    cfg = getattr(model, "pretrained_cfg", {})
+    reconciled = {f"{cfg[name]}.{p}" for name in ("classifier", "first_conv") if cfg.get(name)
+                  for p in ("weight", "bias")}
     for key, want in own.items():
         if key in out:
             continue
         have = state.pop(key, None)
         if have is None:
             raise ValueError(f"the weights have no tensor {key}")
-        if have.shape != want.shape:
-            if classifier and key.startswith(f"{classifier}."):
-                have = want  # another class count: a fresh classifier, as timm does
-            else:
-                raise ValueError(f"{key} has shape {tuple(have.shape)} in the weights but {tuple(want.shape)} "
-                                 "in the model (another width or variant?)")
+        if have.shape != want.shape and key not in reconciled:
+            raise ValueError(f"{key} has shape {tuple(have.shape)} in the weights but {tuple(want.shape)} "
+                             "in the model (another width or variant?)")
         out[key] = have
+    out.update((key, state.pop(key)) for key in reconciled & state.keys())  # timm drops a head the model lacks
     if state:
         raise ValueError(f"the weights hold {len(state)} tensor(s) this model lacks, e.g. {sorted(state)[0]}")
     return out
