@@ -94,8 +94,8 @@ def render_tiles(store, shards, rows: np.ndarray) -> np.ndarray:
 def draw_grid(tiles: np.ndarray, notes: list[dict], title: str) -> tuple[Image.Image, list[tuple]]:
     """The gallery image and each tile's box (x0, y0, x1, y1) in it."""
     size = tiles.shape[1]
-    scale = max(1, math.ceil(TILE_MIN / size))
-    tile = size * scale
+    zoom = max(1, math.ceil(TILE_MIN / size))
+    tile = size * zoom
     font = ImageFont.load_default(size=FONT_PX)
     line = FONT_PX + 3
     cols = min(COLUMNS, len(tiles))
@@ -110,7 +110,7 @@ def draw_grid(tiles: np.ndarray, notes: list[dict], title: str) -> tuple[Image.I
         x, y = PAD + (j % cols) * cell_w, top + (j // cols) * cell_h
         edge = tile + 2 * FRAME - 1
         draw.rectangle([x, y, x + edge, y + edge], fill=WRONG if note["wrong"] else RIGHT)
-        big = np.repeat(np.repeat(pixels, scale, 0), scale, 1)
+        big = np.repeat(np.repeat(pixels, zoom, 0), zoom, 1)
         canvas.paste(Image.fromarray(np.ascontiguousarray(big)), (x + FRAME, y + FRAME))
         boxes.append((x + FRAME, y + FRAME, x + FRAME + tile, y + FRAME + tile))
         lines = [(f"label {note['label_name']}  #{note['index']} v{note['view']}", LABEL_INK)]

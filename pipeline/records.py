@@ -13,6 +13,7 @@ input size; the re-parameterization knobs default in the model (pipeline.models.
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def _floats(values) -> tuple:
     return tuple(float(v) for v in values)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a teacher name names files: {root}/{name}-{key}.zarr, {name}.json
 DROP_RATES = ("drop_rate", "drop_path_rate")  # timm.create_model's dropout knobs, each in [0, 1)
 
 
@@ -158,8 +160,6 @@ class StudentSpec:
 
 def _check_record(data: dict, where: str, fix: str) -> None:
     """The fields student.json and fuse.json share, each of its type and range, as a spec's are."""
-    from pipeline.teachers import NAME
-
     def bad(key, want):
         raise UserError(f"{where}: `{key}: {data[key]!r}` must be {want}; {fix}")
 

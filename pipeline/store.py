@@ -148,11 +148,11 @@ def encode_topk(logits: torch.Tensor, k: int, encoding: str = DEFAULT_VALUES) ->
     top, idx = z.topk(k, dim=1)
     idx, order = idx.sort(dim=1)
     logp = (top.gather(1, order) - lse[:, None]).cpu().numpy()
-    scale = value_scale(encoding)
-    if scale is None:
+    step = value_scale(encoding)
+    if step is None:
         logp = logp.astype(np.float16)
-    else:  # what the FixedScaleOffset filter stores: int16 steps of 1/scale (log p below -32767/scale is clipped)
-        logp = (np.rint(np.clip(logp, -32767 / scale, 0) * scale) / scale).astype(np.float32)
+    else:  # what the FixedScaleOffset filter stores: int16 steps of 1/step (log p below -32767/step is clipped)
+        logp = (np.rint(np.clip(logp, -32767 / step, 0) * step) / step).astype(np.float32)
     lse32 = numcodecs.BitRound(keepbits=LSE_KEEPBITS).encode(lse.float().cpu().numpy()).view(np.float32)
     return logp, idx.cpu().numpy(), lse32.copy()
 
@@ -408,10 +408,10 @@ class LogitStore:
             self.check_intact(full=True, names=names)
             g = self.arrays
             self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:])) for name in names}
-            scale = value_scale(self.provenance["values_encoding"])
-            if scale is not None:  # exact: the stored values are multiples of 1/scale
-                self._targets["values"] = (self._targets["values"].double() * scale).round().short()
-            self._scale = scale or 1
+            step = value_scale(self.provenance["values_encoding"])
+            if step is not None:  # exact: the stored values are multiples of 1/step
+                self._targets["values"] = (self._targets["values"].double() * step).round().short()
+            self._scale = step or 1
         return self._targets
 
     def log_probs(self, index: torch.Tensor, view: torch.Tensor):
@@ -506,10 +506,27 @@ def open_pointer(pointer) -> LogitStore:
     return store
 
 
+POINTER_MARK = "pipeline teach pointer"  # a pointer file is ours by this field (its folder is shared with DVC)
+
+
+def check_pointer_ours(pointer) -> None:
+    """Refuse (one line, nothing changed) to overwrite a file at `pointer` that is not a pointer we wrote."""
+    pointer = Path(pointer)
+    if not pointer.exists():
+        return
+    try:
+        ours = json.loads(pointer.read_text()).get("written_by") == POINTER_MARK
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {pointer.parent} holds {pointer.name}, which `pipeline teach` did not write; nothing was "
+                        "changed: choose another --out, or move that file away")
+
+
 def write_pointer(pointer, store: LogitStore) -> dict:
     p = store.provenance
     store_path = store.path if is_url(store.path) else os.path.relpath(store.path.resolve(), Path(pointer).parent.resolve())
-    info = {"store": store_path, "key": store.key, "teacher": p["teacher"]["name"], "k": store.k,
+    info = {"written_by": POINTER_MARK, "store": store_path, "key": store.key, "teacher": p["teacher"]["name"], "k": store.k,
             "num_views": store.num_views, "num_classes": store.num_classes, "split": p["split"],
             "dataset_fingerprint": p["dataset_fingerprint"], "plan": store.plan, "plan_hash": p["plan_hash"]}
     atomic_write_json(pointer, info)
@@ -615,11 +632,19 @@ def _exists(path) -> bool:
     return (path / "zarr.json").is_file()
 
 
+def int16_steps(step: int) -> FixedScaleOffset:
+    """zarr's FixedScaleOffset filter storing float32 values as int16 multiples of 1/step (configured through
+    numcodecs' positional form: this module names no view setting)."""
+    config = numcodecs.FixedScaleOffset(0, step, "<f4", "<i2").get_config()
+    config.pop("id")
+    return FixedScaleOffset(**config)
+
+
 def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values,
             temperatures):
     group = zarr.open_group(zarr_store(path), mode="w")
     idx = index_dtype(num_classes)
-    scale = value_scale(values)
+    step = value_scale(values)
     chunk = rows_per_chunk(shard_rows, num_views)
 
     def blosc(typesize, bit=False):
@@ -631,11 +656,11 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
                            shards=(shard_rows,) + shape[1:], filters=list(filters), compressors=compressors,
                            fill_value=0)
 
-    if scale is None:
+    if step is None:
         array("values", (num_samples, num_views, k), np.float16, [], blosc(2))
     else:
         array("values", (num_samples, num_views, k), np.float32,
-              [FixedScaleOffset(offset=0, scale=scale, dtype="<f4", astype="<i2")], blosc(2, bit=True))
+              [int16_steps(step)], blosc(2, bit=True))
     array("indices", (num_samples, num_views, k), idx, [Delta(dtype=str(idx))], blosc(idx.itemsize))
     array("lse", (num_samples, num_views), np.float32, [BitRound(keepbits=LSE_KEEPBITS)], blosc(4, bit=True))
     array("rest", (num_samples, num_views, len(temperatures)), np.uint16, [TransposeCodec(order=(2, 0, 1))],

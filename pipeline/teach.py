@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.io import claim_out_dir
 from pipeline.progress import progress
 from pipeline.runtime import (Normalize, amp_dtype, autocast, barrier, close_distributed, init_distributed,
                               resolve_device)
-from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_temperatures, create_or_open,
-                            encode_rest, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
+from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_pointer_ours, check_temperatures,
+                            create_or_open, encode_rest, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
 from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
 
 STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores
@@ -94,7 +93,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
         raise UserError(f"--num-views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
     temperatures = check_temperatures(temperatures)
     if out is not None:
-        claim_out_dir(out, [f"{spec['name']}.json"], "teach")
+        check_pointer_ours(Path(out) / f"{spec['name']}.json")
     model, digest = load_teacher(spec)
     dev = resolve_device(device)
     rank, world, own_group = init_distributed(dev)

@@ -19,7 +19,6 @@ example inputs and retries with ``weights_only=False``, so a crafted file runs c
 import hashlib
 import os
 import pickle
-import re
 from pathlib import Path
 
 import torch
@@ -28,14 +27,13 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from pipeline.manifests import load_spec, spec_path
-from pipeline.records import check_model_kwargs
+from pipeline.records import NAME, check_model_kwargs
 
 SOURCES = ("timm", "torchscript")
 CODE_SOURCES = {"export": "torch.export.load"}  # refused: it unpickles with weights_only=False
 SAFE_WEIGHTS = ("save the weights as safetensors (safetensors.torch.save_file(model.state_dict(), PATH)) and give a "
                 "timm `model:` with `weights: PATH`")
 SAFE_FORMAT = f"{SAFE_WEIGHTS}, or save a model you made with torch.jit.save (source: torchscript, trust_code: true)"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a teacher name names files: {root}/{name}-{key}.zarr, {name}.json
 SPEC_KEYS = {"name", "model", "source", "pretrained", "weights", "model_kwargs", "input_size", "mean",
              "std", "interpolation", "crop_pct", "num_classes", "description", "trust_code"}
 

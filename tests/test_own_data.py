@@ -67,19 +67,19 @@ def test_own_data_path_on_a_cifar10_subset(tmp_path):
                                     "input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 10}))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"teach": {"num-views": 2, "plan": PLAN}}))
-    out = _cli("finetune-teacher", "--teacher", spec, "--shards", shards, "--out", tmp_path / "teacher",
+    out = _cli("finetune-teacher", "--teacher", spec, "--shards", shards, "--out", tmp_path / "own-ft",
                "--epochs", "1", "--batch-size", "32", "--threads", "1", "--quiet", params=params)
     assert "on views" in out
-    tuned = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    tuned = json.loads((tmp_path / "own-ft" / "metrics.json").read_text())
     assert tuned["plan"]["auto_augment"] == PLAN["auto_augment"] and tuned["before"] != tuned["after"]
 
-    _cli("teach", "--teacher", tmp_path / "teacher" / "teacher.yaml", "--shards", shards, "--num-views", "2", "--k", "5",
+    _cli("teach", "--teacher", tmp_path / "own-ft" / "teacher.yaml", "--shards", shards, "--num-views", "2", "--k", "5",
          "--batch-size", "64", "--device", "cpu", "--store-root", tmp_path / "stores", "--out", tmp_path / "teach",
          "--quiet", params=params)
 
     stock = create_stock_model("rep_ghostnetv3_050")  # a locally saved stock checkpoint (GhostNetV2 0.5x)
     save_file(stock.state_dict(), str(tmp_path / "stock.safetensors"))
-    _cli("student", "--student", "ghostnetv3-050", "--teachers", "own", "--teach-dir", tmp_path / "teach",
+    _cli("student", "--student", "ghostnetv3-050", "--teachers", "own-ft", "--teach-dir", tmp_path / "teach",
          "--shards", shards, "--out", tmp_path / "student", "--recipe", "demo", "--epochs", "1", "--batch-size", "20",
          "--init", tmp_path / "stock.safetensors", "--threads", "1", "--val-samples", "20", "--quiet")
     info = json.loads((tmp_path / "student" / "student.json").read_text())

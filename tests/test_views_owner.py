@@ -79,7 +79,8 @@ def test_a_new_view_setting_reaches_every_consumer_untouched(extended, tmp_path,
     (tmp_path / "plan.yaml").write_text("blur_prob: 0.6\n")
     assert stages.teach.PlanParam().convert(str(tmp_path / "plan.yaml"), None, None).blur_prob == 0.6
     scores = {"clean": 0.0, "views": 0.0}
-    metrics = {"teacher": "t", "before": scores, "after": scores, "epochs": 1, "init": "scratch", "seconds": 0}
+    metrics = {"teacher": "t", "name": "t-ft", "before": scores, "after": scores, "epochs": 1, "init": "scratch",
+               "seconds": 0}
     monkeypatch.setattr(pipeline.finetune, "finetune_teacher",
                         lambda *a, plan, **k: seen.setdefault("plan", plan) and metrics)
     for extra, want in (((), 0.5), (("--plan", str(tmp_path / "plan.yaml")), 0.6)):
