@@ -167,7 +167,8 @@ def _validate(where, r: Recipe) -> None:
 
     for name, kind in TYPES.items():  # every number finite (nan and inf pass most comparisons below)
         value = getattr(r, name)
-        check(kind is not float or value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
+        check(kind is not float or value is None or math.isfinite(value),
+              f"{name} must be a finite number, got {value}")
     check(1 <= r.epochs <= 100_000, f"epochs must be in 1..100000, got {r.epochs}")
     check(1 <= r.batch_size <= 1_000_000, f"batch_size must be in 1..1000000, got {r.batch_size}")
     check(0 <= r.seed < 2**32, f"seed must be in 0..2**32-1, got {r.seed}")

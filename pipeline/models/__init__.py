@@ -91,7 +91,8 @@ def create_stock_model(name: str, num_classes: int = 1000) -> nn.Module:
 
 
 def to_stock(model: nn.Module) -> nn.Module:
-    """The stock architecture (eval mode, `model`'s device and dtype) holding the fused weights of `model`, loaded strictly.
+    """The stock architecture (eval mode, `model`'s device and dtype) holding the fused weights of `model`,
+    loaded strictly.
 
     `model` is a rep student made by timm.create_model; an unfused one is fused on a copy.
     """

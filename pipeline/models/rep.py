@@ -180,8 +180,9 @@ def replace_conv_bn(parent: nn.Module, conv_name: str, bn_name: str, **kwargs) -
 
 
 def rep_settings(model: nn.Module) -> dict:
-    """{num_branches, scale_branch, identity_branch, branch_bn_init} as built into an unfused model's RepConvBN blocks ({} for
-    a model without any): recorded with a run so that its label says what was on, not what was asked."""
+    """{num_branches, scale_branch, identity_branch, branch_bn_init} as built into an unfused model's RepConvBN
+    blocks ({} for a model without any): recorded with a run so that its label says what was on, not what was
+    asked."""
     blocks = [m for m in model.modules() if isinstance(m, RepConvBN)]
     if not blocks:
         return {}
