@@ -10,6 +10,7 @@ from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
+from pipeline.models.rep import adds_branches
 from pipeline.recipes import branch_budget_note
 from pipeline.records import ONNX, FusedStudent, load_fused
 from pipeline.runtime import Normalize, set_threads
@@ -36,7 +37,7 @@ def _branches(kwargs: dict) -> str:
         return "stock model"
     branches = (("scale_branch", "1x1"), ("identity_branch", "identity"))
     on = [f"N={kwargs['num_branches']}"] + [name for key, name in branches if kwargs[key]]
-    return "plain (stock network)" if on == ["N=1"] else "re-param " + " + ".join(on)
+    return "re-param " + " + ".join(on) if adds_branches(kwargs) else "plain (stock network)"
 
 
 def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:

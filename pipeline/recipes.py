@@ -94,11 +94,11 @@ NULLABLE = {k for k, t in HINTS.items() if type(None) in typing.get_args(t)}
 def branch_budget_note(epochs: int, model_kwargs: dict, pretrained: bool) -> str | None:
     """One line for a student whose re-parameterized branches train from scratch at a budget where they were
     measured not to help (BRANCHES_MEASURED), naming the figures and the switch to the plain network; else None."""
-    on = model_kwargs.get("num_branches", 1) > 1 or model_kwargs.get("scale_branch") or model_kwargs.get(
-        "identity_branch")
+    from pipeline.models.rep import adds_branches  # lazily: stages import recipes without torch
+
     gains = {e: round(w - wo, 1) for e, (w, wo) in BRANCHES_MEASURED.items()}
     first_gain = min((e for e, g in gains.items() if g >= BRANCH_GAIN), default=max(gains) + 1)
-    if not on or pretrained or epochs >= first_gain:
+    if not adds_branches(model_kwargs) or pretrained or epochs >= first_gain:
         return None
     figures = ", ".join(f"{BRANCHES_MEASURED[e][0]:.1f} vs {BRANCHES_MEASURED[e][1]:.1f} % at {e}" for e in gains)
     return (f"note: at {epochs} epochs from scratch the re-parameterized branches are not measured to help "

@@ -194,6 +194,12 @@ def rep_settings(model: nn.Module) -> dict:
             "branch_bn_init": blocks[0].branch_bn_init}
 
 
+def adds_branches(settings: dict) -> bool:
+    """Whether recorded knobs (rep_settings; {} for a stock model) add anything to the stock network: more than
+    one kxk branch, the 1x1 or the BN identity."""
+    return settings.get("num_branches", 1) > 1 or bool(settings.get("scale_branch") or settings.get("identity_branch"))
+
+
 def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a fused model renamed onto the stock architecture.
 
