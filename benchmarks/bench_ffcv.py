@@ -25,7 +25,7 @@ SIZE = 224
 
 
 def ours(pool, boxes) -> float:
-    from pipeline.data.shards import Source, opencv
+    from pipeline.data.images import Source, opencv
 
     cv2 = opencv()
     start = time.process_time()
@@ -79,7 +79,7 @@ def main():
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_scale import _pool
-    from pipeline.data.shards import Source
+    from pipeline.data.images import Source
     from pipeline.data.views import ViewPlan, crop_box, view_params
 
     torch.set_num_threads(1)

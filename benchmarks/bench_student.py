@@ -33,11 +33,10 @@ from pipeline.data import shards as shard_io
 from pipeline.data import sources
 from pipeline.data.loaders import student_loader
 from pipeline.data.views import ViewPlan
-from pipeline.distill import dense_target, kd_loss
+from pipeline.distill import Targets, dense_target, kd_loss
 from pipeline.runtime import Normalize, autocast, student_amp
 from pipeline.store import open_pointer
 from pipeline.teach import teach
-from pipeline.train import Targets
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TEACHERS = {"resnet101": "resnet101", "deit_base": "deit_base_patch16_224"}

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.views import ViewPlan, view_params
-from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, create_or_open, encode_rest, encode_topk
+from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES
+from pipeline.store import bytes_on_disk, create_or_open, encode_rest, encode_topk
 
 ENCODINGS = ("f16", "logp-s256", "logp-s181", "logp-s128", "logp-s64")
 
@@ -108,7 +109,8 @@ def throughput(args, tmp):
     import timm
     from safetensors.torch import save_file
 
-    from pipeline.teach import Forward, teach
+    from pipeline.teach import teach
+    from pipeline.teachers import Forward
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=1000).eval()

@@ -21,8 +21,8 @@ from pipeline.data.views import ViewPlan
 from pipeline.distill import bucket_kl, teacher_target
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
-from pipeline.teach import Forward, teacher_spec
-from pipeline.teachers import artifact_spec, load_teacher
+from pipeline.store import VIEW_ARRAYS
+from pipeline.teachers import Forward, artifact_spec, load_teacher, teacher_spec
 
 MAX_KL = 1e-2  # nats: f16/BitRound storage costs ~1e-4; a view rendered differently costs far more
 MAX_LSE_DIFF = 5e-2
@@ -52,17 +52,18 @@ def audit_store(store, shards, *, teacher=None, weights=None, samples: int | str
     rows = draw_views(len(rows_done), store.num_views, samples, seed)
     rows[:, 0] = rows_done[rows[:, 0]]
     count = len(rows)
-    plan, params = ViewPlan.load(store.plan, f"teacher store {store.path}"), store.all_params()
+    plan = ViewPlan.load(store.plan, f"teacher store {store.path}")
+    stored = store.read_views(rows[:, 0], rows[:, 1], VIEW_ARRAYS)  # the sampled views only, checked as read
     forward = Forward(model, spec, resolve_device(device), p.get("amp", "none"))
-    fresh = torch.cat([forward(replay_views(shards, p["split"], plan, rows[s:s + batch_size], params,
+    fresh = torch.cat([forward(replay_views(shards, p["split"], plan, rows[s:s + batch_size], stored,
                                             spec["input_size"])).cpu() for s in range(0, count, batch_size)])
     index, view = torch.from_numpy(rows[:, 0]), torch.from_numpy(rows[:, 1])
-    z, classes, lse = store.lookup(index, view)
+    z, classes, lse = stored.lookup(index, view)
     target = teacher_target(z, classes, lse, store.num_classes)
     kl = bucket_kl(fresh, target, reduction="none")
     lse_diff = (stored_lse(torch.logsumexp(fresh.double(), 1)) - lse.double()).abs()  # both as the store rounds
     stored_top1 = classes.gather(1, z.argmax(1, keepdim=True))[:, 0]
-    mismatch = replay_mismatch(shards, p["split"], plan, params, samples=count, seed=seed)
+    mismatch = replay_mismatch(shards, p["split"], plan, stored, samples=count, seed=seed)
     result = {"store": str(store.path), "teacher": spec["name"], "samples": count,
               "of_views": len(rows_done) * store.num_views,
               "top1_agreement": round(float((stored_top1 == fresh.argmax(1)).float().mean()), 4),

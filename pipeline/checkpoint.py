@@ -12,8 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, remove_stale_temps
-from pipeline.teachers import state_digest
+from pipeline.io import atomic_write_bytes, remove_stale_temps, state_digest
 
 _REF = "__tensor__"
 

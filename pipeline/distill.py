@@ -13,7 +13,7 @@ What is not: the coarsened KL is not the dense KL. It leaves out how the teacher
 over the C - k other classes; the gap grows with the tempered tail mass (bench_kd_fidelity reports
 it per tau). A tau that is NOT stored has no L_tau; `flat_tail=True` (train's --flat-tail) then
 models the tail as flat, z_rest = L + log(r) - log(C - k): exact at tau = 1 and for a flat tail,
-otherwise it over-estimates the tempered tail for tau > 1 (measured 6-79 % off at tau 2-4).
+otherwise it over-estimates the tempered tail for tau > 1 (bench_kd_fidelity's flat_tail figures).
 
 Ensembles. Several teachers are combined as a weighted mean m = sum_j w_j p_j of their (tempered)
 probabilities. m(c) is known only where EVERY teacher (of weight > 0) knows p_j(c): on the
@@ -129,6 +129,38 @@ def ensemble_target(stored, num_classes: int, tau: float = 1.0, weights=None, fl
     probs = sum(w / total * t.probs for w, t in zip(weights, targets) if w > 0)
     known = torch.stack([t.known for w, t in zip(weights, targets) if w > 0]).all(0)
     return SoftTarget(probs, known)
+
+
+class Targets:
+    """Teacher targets of a batch's (index, view) pairs from one or more stores (weighted ensemble).
+
+    A student installs each epoch's numbers with `use` (store.StoredViews: its rank's pairs of that epoch,
+    read ahead); until then each call reads its pairs from the stores (LogitStore.lookup: for a few batches).
+    """
+
+    def __init__(self, stores: list, num_classes: int, tau: float, weights=None, flat_tail: bool = False):
+        """`tau` must be stored in every store (exact coarsened KL); else UserError, unless `flat_tail`
+        accepts the flat-tail approximation (self.exact is then False)."""
+        if weights is not None and len(weights) != len(stores):
+            raise UserError(f"{len(weights)} teacher weights given for {len(stores)} teachers")
+        self.stores, self.num_classes, self.tau, self.weights = stores, num_classes, tau, weights
+        self.exact = all(float(tau) in s.temperatures for s in stores)
+        if not self.exact and not flat_tail:
+            for store in stores:
+                store.require_tau(tau)
+        self.sources = list(stores)
+
+    def use(self, views: list) -> None:
+        """Serve the targets from `views` (store.StoredViews, one per store, in the stores' order)."""
+        self.sources = list(views)
+
+    def __call__(self, index, view, device):
+        if self.exact:
+            stored = [s.lookup_tau(index, view, self.tau) for s in self.sources]
+        else:
+            stored = [s.lookup(index, view) for s in self.sources]
+        stored = [tuple(t.to(device) for t in s) for s in stored]
+        return ensemble_target(stored, self.num_classes, self.tau, self.weights, flat_tail=not self.exact)
 
 
 def bucket_kl(student_logits, target: SoftTarget, tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:

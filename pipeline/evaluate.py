@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
 from pipeline.models.rep import adds_branches
 from pipeline.recipes import branch_budget_note
-from pipeline.records import ONNX, FusedStudent, load_fused
+from pipeline.records import FUSED, ONNX, FusedStudent, load_fused
 from pipeline.runtime import Normalize, set_threads
 
 
@@ -62,7 +62,7 @@ def _teacher_spec(name: str, teach_dir, teacher_dir) -> tuple[dict, str]:
 def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch_size: int, quiet: bool):
     """Top-1 agreement (%) with each teacher on val; a teacher that cannot be loaded, or is not the one
     whose logits the student learned from, is skipped with a note."""
-    from pipeline.teachers import load_teacher
+    from pipeline.teachers import load_teacher, preprocess_of
 
     scores, notes = {}, {}
     for name in teachers:
@@ -76,10 +76,9 @@ def teacher_agreement(logits, shard_dir, teachers, teach_dir, teacher_dir, batch
         if loaded != digest:
             notes[name] = f"skipped: the weights of teacher '{name}' differ from those that made its store"
             continue
-        val = eval_loader(shard_dir, "val", size=spec["input_size"], crop_pct=spec["crop_pct"],
-                          interpolation=spec["interpolation"], batch_size=batch_size)
-        teacher_logits, _ = predict(teacher, val, Normalize(spec["mean"], spec["std"]), quiet=quiet,
-                                    desc=f"teacher {name}")
+        pre = preprocess_of(spec)
+        val = eval_loader(shard_dir, "val", pre, batch_size=batch_size)
+        teacher_logits, _ = predict(teacher, val, Normalize.of(pre), quiet=quiet, desc=f"teacher {name}")
         scores[name] = agreement(logits, teacher_logits)
     return scores, notes
 
@@ -98,6 +97,18 @@ def teacher_top1(teachers, teach_dir) -> dict:
         figures[name] = {"views": p.get("teacher_top1_views"), "clean_val": p.get("teacher_top1_clean_val"),
                          "weights_digest": p["weights_digest"]}
     return figures
+
+
+def check_onnx(model, run_onnx, images, fused_dir, info: FusedStudent) -> None:
+    """model.onnx must compute what the fused weights do: its digest in fuse.json proves only that it is the
+    file fuse.json names, not that it is the graph fuse exported (an edited digest, a file from elsewhere)."""
+    with torch.inference_mode():
+        diff = (model(images) - run_onnx(images)).abs().max().item()
+    allowed = max(1e-3, 2 * info.onnx_check["max_abs_diff"]) if info.onnx_check else 1e-3
+    if not diff <= allowed:
+        raise UserError(f"{Path(fused_dir) / ONNX} does not compute what {FUSED} does (max |logit diff| "
+                        f"{diff:.3g} > {allowed:.3g} on {len(images)} val images); re-run `pipeline fuse --out "
+                        f"{fused_dir}`")
 
 
 def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, latency_runs: int = 100, batch: int = 32,
@@ -122,10 +133,9 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     if manifest["num_classes"] != info.num_classes:
         raise UserError(f"{fused_dir} predicts {info.num_classes} classes but {shard_dir} has "
                         f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
-    size = info.input_size
-    val = eval_loader(shard_dir, "val", size=size, crop_pct=info.crop_pct, interpolation=info.interpolation,
-                      batch_size=batch_size)
-    logits, labels = predict(model, val, Normalize(info.mean, info.std), quiet=quiet, desc=info.student)
+    size = info.preprocess.input_size
+    val = eval_loader(shard_dir, "val", info.preprocess, batch_size=batch_size)
+    logits, labels = predict(model, val, Normalize.of(info.preprocess), quiet=quiet, desc=info.student)
     acc = topk_accuracy(logits, labels)
     params, macs = count_params_macs(model, size)
     teachers = list(info.teachers)
@@ -134,6 +144,8 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     onnx_path = Path(fused_dir) / ONNX
     if onnx_path.is_file():
         runners["onnx"] = onnx_runner(onnx_path, threads)
+        check_onnx(model, runners["onnx"], Normalize.of(info.preprocess)(next(iter(val))["image"][:16]), fused_dir,
+                   info)
     timing = speed(runners, size, runs=latency_runs, batch=batch)
     return {
         "student": info.student, "model": info.model, "stock_model": info.stock_model,

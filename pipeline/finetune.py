@@ -1,14 +1,13 @@
 """Fine-tune a teacher spec on the train shards: fit its classes, and fit it to the views it will label.
 
 Function matching only helps when the teacher is right on the augmented views: a teacher that is good
-on clean images can be poor on strong views (measured: 83 % clean, 52 % on the stored views, and KD from
-it lost to labels only). So the teacher trains on the SAME view plan that `pipeline teach` uses, and the
-summary gives top-1 on clean val and on val views before and after.
+on clean images can be poor on strong views, and KD from it can lose to labels only. So the teacher trains
+on the SAME view plan that `pipeline teach` uses, and the summary gives top-1 on clean val and on val views
+before and after.
 
 timm teachers start from their pretrained weights where they can be had (the classifier is replaced to
 fit the dataset's classes) and from scratch otherwise; a TorchScript teacher trains its own parameters
-(its class count must already match) and is saved as TorchScript again. torch.export programs are
-refused: their graph is fixed in the mode it was exported in and cannot be saved back after training.
+(its class count must already match) and is saved as TorchScript again.
 
 Fine-tuning is training with alpha = 0 on the teacher: the epochs run in the student's loop (pipeline.loop.fit)
 with a labels-only KDLoss and a Recipe of AdamW + cosine to lr/100 after a linear warmup from lr/100, label
@@ -19,9 +18,8 @@ stale resume point would outlive the run). The result is a weights file plus a t
 `pipeline teach --teacher {out}/teacher.yaml` accepts.
 """
 
+import dataclasses
 import hashlib
-import io
-import logging
 import time
 from pathlib import Path
 
@@ -37,44 +35,10 @@ from pipeline.loop import CHECKPOINT, KDLoss, fit
 from pipeline.metrics import accuracy
 from pipeline.recipes import Recipe
 from pipeline.runtime import Normalize, set_threads
-from pipeline.teachers import NAME, check_num_classes, load_teacher, read_state_dict, resolve_spec
+from pipeline.teachers import NAME, SOURCES, preprocess_of, resolve_spec, source_of
 
-_logger = logging.getLogger(__name__)
-
-WEIGHTS = "weights.safetensors"
-SCRIPT = "teacher.pt"  # a fine-tuned TorchScript teacher
 SPEC = "teacher.yaml"
 METRICS = "metrics.json"
-
-
-def build_model(spec: dict, num_classes: int, pretrained: bool):
-    """The spec's timm model with a `num_classes` head; returns (model, where its weights came from)."""
-    import timm
-
-    if spec["source"] == "torchscript":
-        check_num_classes(spec, num_classes)
-        model = load_teacher(spec)[0]
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, f"torchscript {spec['model']}"
-    if spec["source"] != "timm":
-        raise UserError(f"teacher '{spec['name']}': a {spec['source']} teacher cannot be fine-tuned (its graph is "
-                        "fixed in the mode it was exported in); save it with torch.jit.save (source: torchscript) "
-                        "or give a timm model with `weights:` (safetensors)")
-    kwargs = dict(spec.get("model_kwargs") or {})
-    model = timm.create_model(spec["model"], pretrained=False, num_classes=num_classes, **kwargs)
-    if spec.get("weights"):
-        state = read_state_dict(Path(spec["weights"]), spec["name"])
-        own = model.state_dict()
-        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(fitting, strict=False)
-        return model, f"{spec['weights']} ({len(fitting)}/{len(own)} tensors)"
-    if pretrained:
-        try:
-            return timm.create_model(spec["model"], pretrained=True, num_classes=num_classes, **kwargs), "pretrained"
-        except (OSError, RuntimeError) as err:  # offline, no cache, or no pretrained tag
-            _logger.warning("teacher '%s': no pretrained weights (%s); training from scratch", spec["name"], err)
-    return model, "scratch"
 
 
 def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_size: int = 64, lr: float = 2e-3,
@@ -82,7 +46,8 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
                      img_size: int | None = None, seed: int = 0, pretrained: bool | None = None, workers: int = 0,
                      quiet: bool = False, plan=None, num_views: int | None = None, threads: int | None = None,
                      resume: bool = False, name: str | None = None) -> dict:
-    """Train, write {out}/weights.safetensors (or teacher.pt) + teacher.yaml + metrics.json; return the metrics.
+    """Train, write the fine-tuned teacher (its source's file: weights.safetensors, teacher.pt) + teacher.yaml +
+    metrics.json into `out_dir`; return the metrics.
 
     Args:
         teacher: a manifests/teachers spec (name, path or dict); its weights are the start.
@@ -100,27 +65,27 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
         name: the fine-tuned teacher's name [default: `{source name}-ft`]; never the source's, so that its store,
             pointer and report rows are told apart from the source teacher's.
     """
-    from safetensors.torch import save
-
     set_threads(threads)
     spec = resolve_spec(teacher)
     manifest = read_manifest(shard_dir)
     num_classes = manifest["num_classes"]
     size = int(img_size or spec["input_size"])
+    pre = dataclasses.replace(preprocess_of(spec), input_size=size)  # scored on clean val at the size it trains at
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     name = tuned_name(spec["name"], name)
     out_dir = Path(out_dir)
-    claim_out_dir(out_dir, (WEIGHTS, SCRIPT, SPEC, METRICS, CHECKPOINT), "finetune-teacher")
+    tuned_files = [s.tuned_file for s in SOURCES.values() if s.tuned_file]  # what each source saves
+    claim_out_dir(out_dir, (*tuned_files, SPEC, METRICS, CHECKPOINT), "finetune-teacher")
 
     torch.manual_seed(seed)
     use_pretrained = spec.get("pretrained", False) if pretrained is None else pretrained
-    model, origin = build_model(spec, num_classes, bool(use_pretrained))
+    source = source_of(spec)
+    model, origin = source.trainable(spec, num_classes, bool(use_pretrained))
     plan = ViewPlan.load(plan)
     num_views = num_views or epochs
-    val = eval_loader(shard_dir, "val", size=size, crop_pct=spec["crop_pct"], interpolation=spec["interpolation"],
-                      batch_size=128, workers=workers)
-    normalize = Normalize(spec["mean"], spec["std"])  # of the view loaders' uint8 images (finetuning is on the CPU)
+    val = eval_loader(shard_dir, "val", pre, batch_size=128, workers=workers)
+    normalize = Normalize.of(pre)  # of the view loaders' uint8 images (finetuning is on the CPU)
 
     def views_top1() -> float:
         """top-1 on one view per val image (the plan at the teacher's size)."""
@@ -137,24 +102,16 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     run_id = {"recipe": recipe.to_dict(), "teacher": spec, "shards": manifest["fingerprint"], "init": origin,
               "plan": plan.to_dict(), "num_views": num_views}
     started = time.time()
-    history, _ = fit(model, recipe, KDLoss(label_smoothing=label_smoothing), epoch_loader,
+    history, _ = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes), epoch_loader,
                      -(-manifest["splits"]["train"]["count"] // batch_size), out_dir, run_id, normalize=normalize,
                      resume=resume,
                      val=lambda last: (val, manifest["splits"]["val"]["count"]), val_every=epochs, quiet=quiet,
                      name=f"finetune {spec['name']}")
     last = history[-1]  # validated on clean val: the last epoch always is
     after = {"clean": last["top1"], "views": views_top1()}
-    tuned = {k: v for k, v in spec.items() if k != "pretrained"}
-    if spec["source"] == "torchscript":
-        buf = io.BytesIO()
-        torch.jit.save(model, buf)
-        weights = buf.getvalue()
-        atomic_write_bytes(out_dir / SCRIPT, weights)
-        tuned.update(model=SCRIPT)  # relative to teacher.yaml
-    else:
-        weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
-        atomic_write_bytes(out_dir / WEIGHTS, weights)
-        tuned.update(pretrained=False, weights=WEIGHTS)  # relative to teacher.yaml
+    weights, points_at = source.save(model)
+    atomic_write_bytes(out_dir / source.tuned_file, weights)
+    tuned = {k: v for k, v in spec.items() if k != "pretrained"} | points_at  # relative to teacher.yaml
     tuned.update(name=name, num_classes=num_classes, input_size=size,
                  description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
                              f"({epochs} epochs from {origin}; val top-1 {last['top1']:.2f}%; weights sha256 "

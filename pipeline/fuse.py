@@ -16,15 +16,14 @@ import torch
 from safetensors.torch import save
 
 from pipeline.data.loaders import eval_loader
+from pipeline.defaults import CHECKPOINTS
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, claim_out_dir, sha256_file, umask_mode
 from pipeline.metrics import onnx_runner
-from pipeline.records import FUSE_JSON, FUSED, ONNX, FusedStudent, TrainedStudent, load_safetensors
+from pipeline.records import FUSE_JSON, FUSED, ONNX, STUDENT_JSON, FusedStudent, TrainedStudent, load_safetensors
 from pipeline.runtime import Normalize
 
 _logger = logging.getLogger(__name__)
-
-CHECKPOINTS = ("best", "ema", "model")
 
 
 def load_trained_student(student_dir, checkpoint: str = "best"):
@@ -47,7 +46,12 @@ def load_trained_student(student_dir, checkpoint: str = "best"):
         path = student_dir / "model.safetensors"
     if not path.is_file():
         raise UserError(f"{path} not found; re-run `pipeline student --out {student_dir}`")
-    model = timm.create_model(info.model, num_classes=info.num_classes, **info.model_kwargs)
+    try:
+        model = timm.create_model(info.model, num_classes=info.num_classes, **info.model_kwargs)
+    except (TypeError, RuntimeError) as err:  # knobs the model does not take, a model timm does not know
+        raise UserError(f"{student_dir / STUDENT_JSON}: `model: {info.model}` cannot be built with its model_kwargs "
+                        f"{info.model_kwargs} ({str(err).splitlines()[0][:120]}); was it edited? re-run `pipeline "
+                        f"student --out {student_dir}`") from None
     try:
         model.load_state_dict(load_safetensors(path, f"re-run `pipeline student --out {student_dir}`"))
     except RuntimeError as err:
@@ -58,9 +62,8 @@ def load_trained_student(student_dir, checkpoint: str = "best"):
 
 def validation_images(shard_dir, info: TrainedStudent, count: int) -> torch.Tensor:
     """The first `count` validation images, preprocessed exactly as the student sees them at eval."""
-    loader = eval_loader(shard_dir, "val", size=info.input_size, crop_pct=info.crop_pct,
-                         interpolation=info.interpolation, batch_size=count)
-    return Normalize(info.mean, info.std)(next(iter(loader))["image"][:count])
+    loader = eval_loader(shard_dir, "val", info.preprocess, batch_size=count)
+    return Normalize.of(info.preprocess)(next(iter(loader))["image"][:count])
 
 
 def compare_outputs(reference: torch.Tensor, candidate: torch.Tensor, atol: float = 1e-3) -> dict:
@@ -120,7 +123,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     model, info, weights = load_trained_student(student_dir, checkpoint)
     images = validation_images(shard_dir, info, check_images)
-    size = info.input_size
+    size = info.preprocess.input_size
     stock = to_stock(model)
     with torch.inference_mode():
         reference, fused_logits = model(images), stock(images)
@@ -150,8 +153,7 @@ def fuse_student(student_dir, shard_dir, out_dir, *, checkpoint: str = "best", c
         student=name or student_dir.name, student_dir=str(student_dir), checkpoint=weights.name,
         checkpoint_choice=checkpoint if checkpoint != "best" else info.weights_choice,
         model=info.model, model_kwargs=info.model_kwargs, stock_model=stock_model,
-        deploy=deploy_spec(info.model, info.num_classes), num_classes=info.num_classes, input_size=size,
-        mean=info.mean, std=info.std, crop_pct=info.crop_pct, interpolation=info.interpolation,
+        deploy=deploy_spec(info.model, info.num_classes), num_classes=info.num_classes, preprocess=info.preprocess,
         teachers=info.teachers, recipe=info.recipe, init=info.init, fused_check=fused_check, onnx_check=onnx_check,
         training_form={"params": train_params, "macs": train_macs}, val_curve=info.val_curve,
         sha256={f: sha256_file(out_dir / f) for f in (FUSED, ONNX) if (out_dir / f).is_file()})

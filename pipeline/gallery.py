@@ -87,7 +87,8 @@ def render_tiles(store, shards, rows: np.ndarray) -> np.ndarray:
     p = store.provenance
     plan = ViewPlan.load(store.plan, f"teacher store {store.path}")
     size = int(p["teacher"]["input_size"])
-    images = replay_views(shards, p["split"], plan, rows, store.arrays["params"], size)
+    stored = store.read_views(rows[:, 0], rows[:, 1], ("params",))
+    images = replay_views(shards, p["split"], plan, rows, stored, size)
     return images.permute(0, 2, 3, 1).numpy()
 
 

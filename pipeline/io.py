@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and digests."""
+"""Small file helpers shared by every stage: atomic writes and digests (of files, objects and state dicts)."""
 
 import hashlib
 import json
@@ -79,6 +79,21 @@ def sha256_file(path, block: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over the tensors of a state dict (names, dtypes, shapes, bytes), in name order."""
+    import torch  # here, not at the top: the commands' --help imports this module without torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.distill import kd_loss
+from pipeline.distill import Targets, kd_loss
 from pipeline.errors import UserError
 from pipeline.metrics import accuracy
 from pipeline.progress import progress
@@ -74,7 +74,7 @@ class KDLoss:
     """The objective of a batch, in the shape of timm's training tasks (forward + loss -> a dict of terms).
 
     (1 - alpha) * CE(labels) + alpha * tau^2 * KL(teacher || model) with pipeline.distill.kd_loss, against
-    `targets` (train.Targets: the stored teacher targets of each (sample, view)); without targets it is
+    `targets` (distill.Targets: the stored teacher targets of each (sample, view)); without targets it is
     labels only (alpha 0: a labels-only student, a fine-tuned teacher). With timm Mixup/CutMix the batch is
     mixed with its flip and so are the labels and the teacher target (linear in lam).
     """
@@ -87,7 +87,11 @@ class KDLoss:
         self.targets, self.mixup = targets, mixup
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, num_classes: int, targets=None) -> "KDLoss":
+    def from_recipe(cls, recipe: Recipe, num_classes: int, stores=(), weights=None,
+                    flat_tail: bool = False) -> "KDLoss":
+        """The recipe's objective against opened teacher `stores` (`weights`: their shares of the ensemble
+        target; no stores: labels only). The recipe's tau reaches the targets and the loss here, together."""
+        targets = Targets(list(stores), num_classes, recipe.tau, weights, flat_tail) if stores else None
         mixup = None
         if recipe.mixup > 0 or recipe.cutmix > 0:
             mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, mode="batch",
@@ -118,15 +122,26 @@ def _check_finite(loss, epoch, step) -> None:
                         f"(--lr) or check the teacher store")
 
 
-def _resume_point(path: Path, run_id: dict) -> dict:
-    """The checkpoint at `path` if the same run wrote it; a different run's is refused (one line)."""
+def _resume(path: Path, run_id: dict, model, optimizer, ema) -> tuple[int, int, list]:
+    """Restore model, optimizer and EMA from the checkpoint at `path` if the same run wrote it; return its (epoch,
+    step, history). A different run's checkpoint, or one lacking a part (its digest covers the tensors, not the
+    tree that places them), is refused in one line."""
     ckpt = load_checkpoint(path)
-    written = ckpt["state"]["run"]
-    if written != run_id:
-        differ = sorted(k for k in set(run_id) | set(written) if run_id.get(k) != written.get(k))
-        raise UserError(f"{path} was written by a different run ({', '.join(differ)} differ); drop --resume "
-                        f"(or delete it) to start over")
-    return ckpt
+    try:
+        written, state = ckpt["state"]["run"], ckpt["state"]
+        if written != run_id:
+            differ = sorted(k for k in set(run_id) | set(written) if run_id.get(k) != written.get(k))
+            raise UserError(f"{path} was written by a different run ({', '.join(differ)} differ); drop --resume "
+                            f"(or delete it) to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema:
+            ema.module.load_state_dict(ckpt["ema"])
+        return state["epoch"], state["step"], state["history"]
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"checkpoint {path} lacks what a resume needs ({type(err).__name__}: {first}); drop --resume "
+                        "(or delete it) to start over") from None
 
 
 def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int, out_dir, run_id: dict, *,
@@ -165,12 +180,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
 
     start_epoch, step, history = 0, 0, []
     if resume and (out / CHECKPOINT).is_file():
-        ckpt = _resume_point(out / CHECKPOINT, run_id)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema:
-            ema.module.load_state_dict(ckpt["ema"])
-        start_epoch, step, history = ckpt["state"]["epoch"], ckpt["state"]["step"], ckpt["state"]["history"]
+        start_epoch, step, history = _resume(out / CHECKPOINT, run_id, model, optimizer, ema)
 
     core = model
     if world > 1:

@@ -186,8 +186,13 @@ def _validate(where, r: Recipe) -> None:
     check(r.ema_decay is None or 0 < r.ema_decay < 1, f"ema_decay must be in (0, 1) or null, got {r.ema_decay}")
     check(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix are Beta alphas, >= 0")
     check(r.img_size is None or 8 <= r.img_size <= 4096, f"img_size must be in 8..4096 px or null, got {r.img_size}")
-    check(r.branch_bn_init is None or 0 <= r.branch_bn_init <= 1,
-          f"branch_bn_init must be in [0, 1] or null, got {r.branch_bn_init}")
+    if r.branch_bn_init is not None:  # the models' own range (pipeline.models.rep), as for a spec's model_kwargs
+        from pipeline.models.rep import check_branch_bn_init
+
+        try:
+            check_branch_bn_init(r.branch_bn_init)
+        except ValueError as err:
+            raise UserError(f"{where}: {err} (or null)") from None
     check(r.num_views is None or 1 <= r.num_views <= 100_000, f"num_views must be in 1..100000, got {r.num_views}")
     from timm.optim import list_optimizers
 

@@ -6,13 +6,14 @@ hand) in one line that names the file and the stage to re-run. Nothing downstrea
 guesses a default.
 
 A student spec (manifests/students/*.yaml) states only what differs from its model's timm
-`pretrained_cfg`, which owns the preprocessing (input_size, mean, std, interpolation) and the smallest
-input size; the re-parameterization knobs default in the model (pipeline.models.rep.BRANCH_DEFAULTS).
+`pretrained_cfg`, which owns the preprocessing (input_size, mean, std, interpolation; the eval crop_pct is the
+dataset's unless stated) and the smallest input size; the re-parameterization knobs default in the model
+(pipeline.models.rep.BRANCH_DEFAULTS). Files spell the preprocessing as five flat keys (pipeline.preprocess.KEYS);
+the records hold it as one Preprocess.
 """
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.manifests import load_spec, spec_path
+from pipeline.preprocess import KEYS, Preprocess, timm_defaults
 
 STUDENT_JSON = "student.json"
 FUSE_JSON = "fuse.json"
@@ -29,13 +31,18 @@ FUSED = "fused.safetensors"
 ONNX = "model.onnx"
 
 
+def _keys(fields) -> list:
+    """The keys a file spells for these fields: a Preprocess is its five keys, in its place."""
+    return [key for f in fields for key in (KEYS if f.name == "preprocess" else (f.name,))]
+
+
 def _check_keys(cls, data, where: str, fix: str) -> None:
-    """`data` is a mapping with every required field of `cls` and nothing else, or one UserError line."""
+    """`data` is a mapping with every required key of `cls` and nothing else, or one UserError line."""
     if not isinstance(data, dict):
         raise UserError(f"{where} is not a mapping of {cls.__name__} keys; {fix}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    names = _keys(dataclasses.fields(cls))
+    required = _keys(f for f in dataclasses.fields(cls)
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     unknown, missing = sorted(set(data) - set(names)), [k for k in required if k not in data]
     if unknown or missing:
         parts = ([f"unknown keys {unknown}"] if unknown else []) + ([f"no {', '.join(missing)}"] if missing else [])
@@ -53,6 +60,21 @@ def _floats(values) -> tuple:
     return tuple(float(v) for v in values)
 
 
+def _nested(data: dict, where: str, fix: str, data_crop: bool = False) -> dict:
+    """A file's keys as the record's fields: the five preprocessing keys as one Preprocess, checked."""
+    rest = {key: value for key, value in data.items() if key not in KEYS}
+    return {**rest, "preprocess": Preprocess.from_dict(data, where, fix, data_crop)}
+
+
+def _flat(record) -> dict:
+    """A record as its file spells it: its fields in order, the Preprocess as its five keys in its place."""
+    data = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        data.update(value.to_dict() if f.name == "preprocess" else {f.name: value})
+    return data
+
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a teacher name names files: {root}/{name}-{key}.zarr, {name}.json
 DROP_RATES = ("drop_rate", "drop_path_rate")  # timm.create_model's dropout knobs, each in [0, 1)
 
@@ -62,7 +84,7 @@ def check_model_kwargs(kwargs, where: str, fix: str) -> dict:
     (pipeline.models.rep.BRANCH_DEFAULTS) and timm's drop rates, each in its range (None: the model's default).
     Anything else is refused: timm.create_model also takes arguments that name files to load (checkpoint_path,
     pretrained_cfg_overlay), and what a spec or record says must never make us read one."""
-    from pipeline.models.rep import BRANCH_DEFAULTS, check_num_branches
+    from pipeline.models.rep import BRANCH_DEFAULTS, check_branch_bn_init, check_num_branches
 
     if not isinstance(kwargs, dict):
         raise UserError(f"{where}: `model_kwargs` must be a mapping of timm.create_model arguments; {fix}")
@@ -71,21 +93,20 @@ def check_model_kwargs(kwargs, where: str, fix: str) -> dict:
     if unknown:
         raise UserError(f"{where}: model_kwargs {', '.join(unknown)} not allowed (only {', '.join(allowed)}: another "
                         f"timm argument may name a file to load); {fix}")
+    ranges = {"num_branches": check_num_branches, "branch_bn_init": check_branch_bn_init}  # the models' own checks
     for key, value in kwargs.items():
-        flag = isinstance(BRANCH_DEFAULTS.get(key), bool)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if value is None:
             continue
-        if key == "num_branches":
+        if key in ranges:
             try:
-                check_num_branches(value)
+                ranges[key](value)
             except ValueError as err:
                 raise UserError(f"{where}: model_kwargs.{err}; {fix}") from None
-        elif flag and not isinstance(value, bool):
+        elif key in DROP_RATES:
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):  # not NaN
+                raise UserError(f"{where}: model_kwargs.{key} must be a number in [0, 1), got {value!r}; {fix}")
+        elif not isinstance(value, bool):  # the branch switches
             raise UserError(f"{where}: model_kwargs.{key} must be true or false, got {value!r}; {fix}")
-        elif not flag and not (number and (key not in DROP_RATES or 0 <= value < 1)):
-            want = "a number in [0, 1)" if key in DROP_RATES else "a finite number"
-            raise UserError(f"{where}: model_kwargs.{key} must be {want}, got {value!r}; {fix}")
     return kwargs
 
 
@@ -98,11 +119,7 @@ class StudentSpec:
     name: str
     model: str                      # a timm model name (importing pipeline.models registers the rep_* ones)
     model_kwargs: dict              # more timm.create_model arguments; unset rep knobs: the model's defaults
-    input_size: int                 # px (the recipe's img_size wins)
-    mean: tuple
-    std: tuple
-    interpolation: str
-    crop_pct: float | None          # eval centre crop; None: the dataset's (the shards' manifest.json)
+    preprocess: Preprocess          # input_size: the recipe's img_size wins; crop_pct None: the shards' manifest.json
     min_input_size: int | None      # smallest input side the student trains at; None: no limit
     description: str = ""
 
@@ -117,34 +134,35 @@ class StudentSpec:
         fix = "fix it in the spec (keys that are not given come from the model's timm pretrained_cfg)"
         if not isinstance(spec.get("model"), str):
             raise UserError(f"{where}: `model:` must name a timm model (e.g. rep_ghostnetv3_100); {fix}")
-        import timm
+        from pipeline.models import timm_cfg  # importing pipeline.models registers the rep_* students in timm
 
-        import pipeline.models  # noqa: F401  (registers the rep_* students in timm)
-
-        cfg = timm.models.get_pretrained_cfg(spec["model"])
+        cfg = timm_cfg(spec["model"], where, fix)
         if cfg is None:
             raise UserError(f"{where}: {spec['model']!r} is not a timm model (see timm.list_models()); {fix}")
-        defaults = {"model_kwargs": {}, "input_size": cfg.input_size[-1], "mean": cfg.mean, "std": cfg.std,
-                    "interpolation": cfg.interpolation, "crop_pct": None,
+        defaults = {"model_kwargs": {}, **timm_defaults(cfg), "crop_pct": None,
                     "min_input_size": cfg.min_input_size[-1] if cfg.min_input_size else None}
         spec = {**defaults, **spec}
         _check_keys(cls, spec, where, fix)
-        return cls(**spec)._checked(where, fix)
+        check_model_kwargs(spec["model_kwargs"], where, fix)
+        low = spec["min_input_size"]
+        if low is not None and not (isinstance(low, int) and not isinstance(low, bool) and low >= 1):
+            raise UserError(f"{where}: `min_input_size: {low!r}` must be a number of pixels or null; {fix}")
+        return cls(**_nested(spec, where, fix, data_crop=True))
 
-    def _checked(self, where: str, fix: str) -> "StudentSpec":
-        check_model_kwargs(self.model_kwargs, where, fix)
-        size = self.input_size[-1] if isinstance(self.input_size, (list, tuple)) else self.input_size
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise UserError(f"{where}: `input_size: {self.input_size!r}` must be a number of pixels; {fix}")
-        for key in ("mean", "std"):
-            values = getattr(self, key)
-            if (not isinstance(values, (list, tuple)) or len(values) != 3
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-                raise UserError(f"{where}: `{key}: {values!r}` must be three numbers (R, G, B); {fix}")
-        if self.crop_pct is not None and not (isinstance(self.crop_pct, (int, float)) and 0 < self.crop_pct <= 1):
-            raise UserError(f"{where}: `crop_pct: {self.crop_pct!r}` must be in (0, 1] or null; {fix}")
-        return dataclasses.replace(self, input_size=size, mean=_floats(self.mean), std=_floats(self.std),
-                                   crop_pct=None if self.crop_pct is None else float(self.crop_pct))
+    def check_size(self, size: int) -> None:
+        """UserError unless the architecture computes `size` px inputs, whatever min_input_size says (GhostNet's DFC
+        attention needs 33 px, a ViT its own size): tried once on the meta device (no memory, no arithmetic), so a
+        size it cannot take is one line before any work starts, not a traceback in the first step."""
+        import timm
+        import torch
+
+        try:
+            with torch.device("meta"):
+                timm.create_model(self.model, num_classes=1).eval()(torch.empty(1, 3, size, size))
+        except (ValueError, AssertionError) as err:  # the models' own input checks
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"student {self.model} cannot take {size} px inputs ({first}); set img_size (--img-size) "
+                            "larger") from None
 
     @classmethod
     def read(cls, path) -> "StudentSpec":
@@ -155,27 +173,19 @@ class StudentSpec:
         atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        return _flat(self)
 
 
 def _check_record(data: dict, where: str, fix: str) -> None:
-    """The fields student.json and fuse.json share, each of its type and range, as a spec's are."""
+    """The fields student.json and fuse.json share, each of its type and range, as a spec's are (the preprocessing:
+    Preprocess.from_dict)."""
     def bad(key, want):
         raise UserError(f"{where}: `{key}: {data[key]!r}` must be {want}; {fix}")
 
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     if not isinstance(data["model"], str):
         bad("model", "a timm model name")
-    for key in ("num_classes", "input_size"):
-        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
-            bad(key, "a positive integer")
-    for key in ("mean", "std"):
-        if not isinstance(data[key], list) or len(data[key]) != 3 or not all(map(number, data[key])):
-            bad(key, "three numbers (R, G, B)")
-    if not number(data["crop_pct"]) or not 0 < data["crop_pct"] <= 1:
-        bad("crop_pct", "a number in (0, 1]")
+    if not isinstance(data["num_classes"], int) or isinstance(data["num_classes"], bool) or data["num_classes"] < 1:
+        bad("num_classes", "a positive integer")
     if not isinstance(data["teachers"], list) or not all(isinstance(t, str) and NAME.fullmatch(t) and ".." not in t
                                                           for t in data["teachers"]):
         bad("teachers", "a list of plain teacher names")
@@ -195,13 +205,6 @@ def _check_digests(folder: Path, digests, where: str, fix: str, *required: str) 
                             f"or an interrupted run); {fix}")
 
 
-def _freeze_preprocessing(record) -> None:
-    """The preprocessing fields student.json and fuse.json both carry, as tuples (JSON gives lists)."""
-    object.__setattr__(record, "mean", _floats(record.mean))
-    object.__setattr__(record, "std", _floats(record.std))
-    object.__setattr__(record, "teachers", tuple(record.teachers))
-
-
 # ------------------------------------------------------------------------------------------- trained student
 
 @dataclass(frozen=True)
@@ -211,11 +214,7 @@ class TrainedStudent:
     model: str
     model_kwargs: dict              # as built: the rep knobs always included (pipeline.models.rep.rep_settings)
     num_classes: int
-    input_size: int
-    mean: tuple
-    std: tuple
-    crop_pct: float
-    interpolation: str
+    preprocess: Preprocess          # input_size: the size it trained at; crop_pct: the spec's, else the dataset's
     teachers: tuple
     teacher_weights: tuple | None
     recipe: dict                    # Recipe.to_dict()
@@ -231,7 +230,7 @@ class TrainedStudent:
     sha256: dict                    # file name -> digest of the weights files this record describes
 
     def __post_init__(self):
-        _freeze_preprocessing(self)
+        object.__setattr__(self, "teachers", tuple(self.teachers))  # JSON gives lists
         if self.teacher_weights is not None:
             object.__setattr__(self, "teacher_weights", _floats(self.teacher_weights))
 
@@ -246,10 +245,10 @@ class TrainedStudent:
         _check_keys(cls, data, str(path), fix)
         _check_record(data, str(path), fix)
         _check_digests(Path(student_dir), data["sha256"], str(path), fix, str(data["weights"]))
-        return cls(**data)
+        return cls(**_nested(data, str(path), fix))
 
     def write(self, student_dir) -> None:
-        atomic_write_json(Path(student_dir) / STUDENT_JSON, dataclasses.asdict(self))
+        atomic_write_json(Path(student_dir) / STUDENT_JSON, _flat(self))
 
 
 # --------------------------------------------------------------------------------------------- fused student
@@ -267,11 +266,7 @@ class FusedStudent:
     stock_model: str                # the stock architecture the fused weights load into
     deploy: dict                    # pipeline.models.deploy_spec: build it with timm / torchvision alone
     num_classes: int
-    input_size: int
-    mean: tuple
-    std: tuple
-    crop_pct: float
-    interpolation: str
+    preprocess: Preprocess          # student.json's
     teachers: tuple
     recipe: dict
     init: dict | None
@@ -282,7 +277,7 @@ class FusedStudent:
     sha256: dict                    # file name -> digest of every file this record describes
 
     def __post_init__(self):
-        _freeze_preprocessing(self)
+        object.__setattr__(self, "teachers", tuple(self.teachers))  # JSON gives lists
 
     @classmethod
     def read(cls, fused_dir) -> "FusedStudent":
@@ -296,10 +291,10 @@ class FusedStudent:
         _check_keys(cls, data, str(path), fix)
         _check_record(data, str(path), fix)
         _check_digests(fused_dir, data["sha256"], str(path), fix, FUSED)
-        return cls(**data)
+        return cls(**_nested(data, str(path), fix))
 
     def write(self, fused_dir) -> None:
-        atomic_write_json(Path(fused_dir) / FUSE_JSON, dataclasses.asdict(self))
+        atomic_write_json(Path(fused_dir) / FUSE_JSON, _flat(self))
 
 
 def load_safetensors(path, fix: str) -> dict:

@@ -4,14 +4,15 @@ The inputs are the metrics JSON files written by `pipeline evaluate`; nothing is
 so the report is cheap to regenerate whenever one student changes.
 
 Latency is a property of the deployed architecture, not of the student: each evaluate run times its own
-student, so students that deploy the same network got different figures from load noise alone (measured:
-four of them at 1.86-2.17 ms, and the recipe looked fastest). The report pools them: every student of one
+student, so students that deploy the same network would get different figures from load noise alone. The
+report pools them: every student of one
 architecture shows the same latency, the median of their runs' medians, with the spread of those runs; so
 the figure's only difference between such students is accuracy.
 """
 
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def _teachers(metrics):
     )
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def collect_metrics(paths) -> list[dict]:
     """Read evaluate's JSON files; a directory contributes every `*.json` directly inside it."""
     files = []
@@ -66,6 +71,13 @@ def collect_metrics(paths) -> list[dict]:
             raise UserError(f"{file} is not a metrics file written by `pipeline evaluate`; remove it") from None
         if missing:
             raise UserError(f"{file} lacks {', '.join(missing)}; re-run `pipeline evaluate` for it")
+        latency = metrics["latency_ms"]
+        wrong = [k for k in ("params", "macs", "top1", "top5") if not _number(metrics[k])]
+        if not isinstance(latency, dict) or not all(v is None or _number(v) for v in latency.values()):
+            wrong.append("latency_ms")
+        if wrong:
+            raise UserError(f"{file}: {', '.join(wrong)} not a finite number (latency_ms: a mapping of them); "
+                            "re-run `pipeline evaluate` for it")
         rows.append(metrics)
     if not rows:
         raise UserError(f"no metrics files found in {', '.join(map(str, paths))}; run `pipeline evaluate` first")

@@ -104,6 +104,11 @@ class Normalize:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
 
+    @classmethod
+    def of(cls, pre, device="cpu") -> "Normalize":
+        """The normalisation of a model's pipeline.preprocess.Preprocess."""
+        return cls(pre.mean, pre.std, device)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Any memory layout in (the loaders give channels-last uint8 views), contiguous NCHW float out."""
         images = images.to(self.device, non_blocking=True)

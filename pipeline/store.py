@@ -36,9 +36,14 @@ Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 class
 
 What we write we can verify: the done record of a shard holds the sha256 of every array's shard file, as
 written, and the digest of the store's metadata (its provenance but the teacher's measured top-1, and every
-array's zarr.json). `verify` re-hashes the files (`store inspect --verify`, and the student before it
-reads the targets and params), and every open checks the metadata digest: a changed byte anywhere, an edited
-plan or temperature list, a dtype changed in zarr.json or in consolidated metadata, is one line naming it.
+array's zarr.json). `store inspect --verify` re-hashes every file; `read_views` (the student's epochs, the
+audit) hashes each file it reads as it reads it, before using a number of it; and every open checks the
+metadata digest: a changed byte anywhere, an edited plan or temperature list, a dtype changed in zarr.json or
+in consolidated metadata, is one line naming it.
+
+What a student reads: per epoch, the pairs (sample, that epoch's view) of its own samples (read_views): its
+memory is O(N / world x K), flat in V. The files hold every view of their rows, and a rank's samples are spread
+over every shard, so an epoch reads the target and params files whole (the store less `labels`), once per rank.
 """
 
 from __future__ import annotations
@@ -54,19 +59,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numcodecs
 import numpy as np
 import torch
 import zarr
+from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, FixedScaleOffset, TransposeCodec
+from zarr.storage import MemoryStore
 
+from pipeline.defaults import DEFAULT_VALUES
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, stable_hash
 
 
 FORMAT = 3  # 3: fixed-point values, the tempered rest per tau, checksummed done records (2: f16 lse offsets)
 ARRAYS = ("values", "indices", "lse", "rest", "params", "labels")
-DEFAULT_VALUES = "logp-s181"  # bench_kd_fidelity: s128 misses the 1e-2 gradient target on near students
+VIEW_ARRAYS = ARRAYS[:5]  # one entry per (sample, view)
+TARGET_ARRAYS = ("values", "indices", "lse", "rest")  # what the KD targets are decoded from
+READ_VIEWS = 1 << 18  # stored views LogitStore.read_views decodes at once (~10 MB of values at K = 10)
 REST_SCALE = 2048  # `rest` codes (encode_rest): d < 1 as its f16 bits, d >= 1 in steps of 1 / REST_SCALE
 REST_ONE = int(np.float16(1.0).view(np.uint16))  # 15360: the code of d = 1 in both regimes
 REST_MAX = 1 + (65535 - REST_ONE) / REST_SCALE  # 25.5: a top-k holding >= 1e-11 of the tempered mass
@@ -75,7 +86,6 @@ DIGEST = 32  # sha256 bytes
 DONE_WIDTH = 1 + DIGEST * (1 + len(ARRAYS))  # flag, metadata digest, one digest per array's shard file
 # provenance fields written after the shards (the teacher's measured top-1): outside the metadata digest
 MEASURED = ("teacher_top1_views", "teacher_top1_clean_val")
-DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
 # What a store of ours may name: no pickle/object codec (numcodecs.pickle unpickles every chunk it reads).
 SAFE_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "numcodecs.delta",
                "numcodecs.bitround", "numcodecs.fixedscaleoffset"}
@@ -207,6 +217,36 @@ def store_path(root, name: str):
     return f"{store_location(root)}/{name}" if is_url(root) else Path(root) / name
 
 
+def check_root(root, reach: bool = False):
+    """A store root as the user gave it (--store-root, `store list ROOT`), as store_location: a local folder, or a URL
+    of a protocol fsspec knows that names a bucket (`s3://` alone would make a local folder `s3:`); else one line.
+    `reach`: also list a remote root's bucket, so that wrong credentials, a missing bucket or an endpoint out of
+    reach are one line naming the URL and the fix before any work, not a botocore traceback in the middle of it."""
+    if not is_url(root):
+        return Path(root)
+    protocol, _, rest = str(root).partition("://")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as err:  # an unknown protocol, or its package (s3fs, gcsfs) not installed
+        raise UserError(f"store root {root}: {err}; give a local folder or a URL such as s3://BUCKET/prefix") from None
+    if not rest.strip("/"):
+        raise UserError(f"store root {root} names no bucket; give {protocol}://BUCKET/prefix or a local folder")
+    fs, path = fsspec.core.url_to_fs(str(root))
+    if reach and not isinstance(fs, LocalFileSystem):
+        bucket = path.split("/")[0]
+        try:
+            fs.ls(bucket)
+        except PermissionError as err:
+            raise UserError(f"{root}: access denied ({err}); check the credentials (for s3: AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket's policy") from None
+        except FileNotFoundError:
+            raise UserError(f"{root}: bucket '{bucket}' does not exist; create it or fix the URL") from None
+        except Exception as err:  # noqa: BLE001 - botocore's EndpointConnectionError is no OSError
+            raise UserError(f"{root}: cannot reach the object store ({type(err).__name__}); check the "
+                            "endpoint (for s3: AWS_ENDPOINT_URL) and the network") from None
+    return store_location(root)
+
+
 def zarr_store(path, read_only: bool = False):
     """What zarr opens for a store location: the local path, or an FsspecStore on the URL. Every zarr
     shard is one object written whole (a PUT on S3), so ranks writing different shards never collide."""
@@ -231,6 +271,9 @@ def check_metadata(path) -> bytes:
             for inner in ("codecs", "index_codecs"):
                 yield from codec_names((config or {}).get(inner))
 
+    def ours(name, names) -> bool:  # a list or mapping where a name goes is not ours (nor hashable)
+        return isinstance(name, str) and name in names
+
     metas = {}
     for node in ("", *ARRAYS, "done"):
         meta_path = f"{path}/{node}/zarr.json" if node else f"{path}/zarr.json"
@@ -247,8 +290,8 @@ def check_metadata(path) -> bytes:
         if not node:
             check_format(path, (meta.get("attributes") or {}).get("provenance"))
         if node:
-            unsafe = sorted(str(n) for n in codec_names(meta.get("codecs")) if n not in SAFE_CODECS)
-            if unsafe or meta.get("data_type") not in SAFE_DTYPES or meta.get("storage_transformers"):
+            unsafe = sorted(str(n) for n in codec_names(meta.get("codecs")) if not ours(n, SAFE_CODECS))
+            if unsafe or not ours(meta.get("data_type"), SAFE_DTYPES) or meta.get("storage_transformers"):
                 raise UserError(f"store array {meta_path} names codecs/dtype not written by `pipeline teach` "
                                 f"({', '.join(unsafe) or meta.get('data_type')}); refused (reading it could run code)")
         metas[node] = meta
@@ -305,8 +348,67 @@ def remove_stale_partials(path) -> None:
             pass
 
 
+def consecutive_runs(items: list[int], limit: int) -> list[list[int]]:
+    """Sorted integers cut into runs of consecutive ones, at most `limit` long."""
+    runs = []
+    for item in items:
+        if runs and item == runs[-1][-1] + 1 and len(runs[-1]) < limit:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+class StoredViews:
+    """The stored numbers of a set of (index, view) pairs, in memory (LogitStore.read_views): a student rank's
+    epoch, served batch by batch. `arrays` are aligned with `codes` (index * num_views + view, ascending);
+    `values` are int16 steps of 1/`scale` (scale 1: plain f16)."""
+
+    def __init__(self, codes: np.ndarray, num_views: int, arrays: dict, scale: int = 1, temperatures=(1.0,)):
+        self.codes, self.num_views, self.arrays = codes, num_views, arrays
+        self.scale, self.temperatures = scale, list(temperatures)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def rows(self, index, view) -> np.ndarray:
+        """Where the (index, view) pairs are held; KeyError for a pair that was not read."""
+        want = np.asarray(index, np.int64) * self.num_views + np.asarray(view, np.int64)
+        at = np.searchsorted(self.codes, want)
+        if (at >= len(self.codes)).any() or (self.codes[at] != want).any():
+            raise KeyError("(index, view) pairs that were not read (another epoch's or rank's)")
+        return at
+
+    def _get(self, name: str, at: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[name][at])
+
+    def log_probs(self, index, view):
+        """(log p float64 [B,K] at tau 1 (decode_logp), classes int64 [B,K], rest codes [B,T], lse f64 [B])."""
+        at = self.rows(index, view)
+        rest = self._get("rest", at).int()
+        logp = decode_logp(self._get("values", at).double() / self.scale, rest[:, 0])
+        return logp, self._get("indices", at).long(), rest, self._get("lse", at).double()
+
+    def lookup(self, index, view):
+        """(topk_logits f64 [B,K], topk_indices int64 [B,K], lse f64 [B]) for samples `index`, views `view`:
+        logits - lse are the decoded log p (their probabilities sum to 1 - r_1 exactly)."""
+        logp, classes, _, lse = self.log_probs(index, view)
+        return logp + lse[:, None], classes, lse
+
+    def lookup_tau(self, index, view, tau: float):
+        """lookup() + logsumexp(z / tau) over all classes f64 [B], for a stored tau (LogitStore.require_tau)."""
+        logp, classes, rest, lse = self.log_probs(index, view)
+        offset = tempered_lse(logp, rest[:, self.temperatures.index(float(tau))], tau)
+        return logp + lse[:, None], classes, lse, lse / tau + offset
+
+    def params(self, index, view) -> np.ndarray:
+        """uint16 [B, P]: the stored parameters of the views (what the student replays)."""
+        return self.arrays["params"][self.rows(index, view)]
+
+
 class LogitStore:
-    """A store group, read side. `lookup` serves the student's batches from memory."""
+    """A store group, read side. `read_views` reads the numbers of given (index, view) pairs (a student rank's
+    epoch), checked as they are read."""
 
     def __init__(self, group: zarr.Group, path):
         self.group, self.path = group, store_location(path)
@@ -319,7 +421,6 @@ class LogitStore:
         self.key = self.provenance["key"]
         self.shard_rows = self.provenance["shard_rows"]
         self.temperatures = list(self.provenance.get("temperatures", [1.0]))
-        self._targets = None
 
     @property
     def num_shards(self) -> int:
@@ -362,29 +463,38 @@ class LogitStore:
         for shard in map(int, np.flatnonzero(recs[:, 0] == 1)):
             for name in names:
                 rel = chunk_file(self.arrays[name], shard)
-                if not full:
-                    if not fs.isfile(f"{root}/{rel}"):
-                        bad[shard] = f"{rel} missing"
-                        break
-                    continue
-                try:
-                    data = fs.cat_file(f"{root}/{rel}")
-                except FileNotFoundError:
-                    bad[shard] = f"{rel} missing"
-                    break
-                at = 1 + DIGEST * (1 + ARRAYS.index(name))
-                if hashlib.sha256(data).digest() != recs[shard, at:at + DIGEST].tobytes():
-                    bad[shard] = f"{rel} is not the file written (its sha256 differs from the shard's done record)"
+                if full:
+                    why = self._checked_file(fs, root, name, shard, recs[shard])[1]
+                else:
+                    why = None if fs.isfile(f"{root}/{rel}") else f"{rel} missing"
+                if why:
+                    bad[shard] = why
                     break
         return bad
+
+    def _checked_file(self, fs, root, name: str, shard: int, record: np.ndarray) -> tuple[bytes | None, str | None]:
+        """(the bytes of array `name`'s file of `shard`, None) when their sha256 is the one in the shard's done
+        `record`, else (None, why)."""
+        rel = chunk_file(self.arrays[name], shard)
+        try:
+            data = fs.cat_file(f"{root}/{rel}")
+        except FileNotFoundError:
+            return None, f"{rel} missing"
+        at = 1 + DIGEST * (1 + ARRAYS.index(name))
+        if hashlib.sha256(data).digest() != record[at:at + DIGEST].tobytes():
+            return None, f"{rel} is not the file written (its sha256 differs from the shard's done record)"
+        return data, None
 
     def check_intact(self, full: bool = False, names=ARRAYS) -> None:
         """UserError naming the first damaged shard (see damaged_shards) and the fix."""
         bad = self.damaged_shards(full, names)
         if bad:
-            shard, why = next(iter(bad.items()))
-            raise UserError(f"teacher store {self.path}: {len(bad)} shard(s) marked done have lost data (shard "
-                            f"{shard}: {why}); re-run the same `pipeline teach` command to recompute them")
+            self._refuse_damaged(bad)
+
+    def _refuse_damaged(self, bad: dict[int, str]):
+        shard, why = next(iter(bad.items()))
+        raise UserError(f"teacher store {self.path}: {len(bad)} shard(s) marked done have lost data (shard "
+                        f"{shard}: {why}); re-run the same `pipeline teach` command to recompute them")
 
     def shard_rows_range(self, shard: int) -> range:
         return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_samples))
@@ -400,33 +510,54 @@ class LogitStore:
             raise UserError(f"teacher store {self.path} was made for view plan {p['plan_hash']} but plan {plan_hash} "
                             "was asked for; use the store's plan (LogitStore.plan) or re-run `pipeline teach`")
 
-    def targets(self) -> dict[str, torch.Tensor]:
-        """Every stored target in memory (values as int16 steps, indices, lse, rest, labels; ~5 bytes per top-k
-        entry), read after checking every done shard's files against their checksums (one hash per file)."""
-        if self._targets is None:
-            names = ("values", "indices", "lse", "rest", "labels")
-            self.check_intact(full=True, names=names)
-            g = self.arrays
-            self._targets = {name: torch.from_numpy(np.ascontiguousarray(g[name][:])) for name in names}
-            step = value_scale(self.provenance["values_encoding"])
-            if step is not None:  # exact: the stored values are multiples of 1/step
-                self._targets["values"] = (self._targets["values"].double() * step).round().short()
-            self._scale = step or 1
-        return self._targets
+    def read_views(self, index, view, names=TARGET_ARRAYS) -> StoredViews:
+        """The stored `names` (of VIEW_ARRAYS) of the (index, view) pairs, in memory: what a student rank holds
+        for one epoch (its own samples, each at that epoch's view: ~60 bytes + 2 P a pair at K = 10).
 
-    def log_probs(self, index: torch.Tensor, view: torch.Tensor):
-        """(log p float64 [B,K] at tau 1 (decode_logp), classes int64 [B,K], rest codes [B,T], lse f64 [B])."""
-        t = self.targets()
-        index, view = index.long().cpu(), view.long().cpu()
-        rest = t["rest"][index, view].int()
-        logp = decode_logp(t["values"][index, view].double() / self._scale, rest[:, 0])
-        return logp, t["indices"][index, view].long(), rest, t["lse"][index, view].double()
+        Only the shard files holding a pair are read, in runs of consecutive shards of at most READ_VIEWS stored
+        views, a run decoded at once: peak memory is the pairs' numbers plus one array's run, whatever V.
 
-    def lookup(self, index: torch.Tensor, view: torch.Tensor):
-        """(topk_logits f64 [B,K], topk_indices int64 [B,K], lse f64 [B]) for samples `index`, views `view`:
-        logits - lse are the decoded log p (their probabilities sum to 1 - r_1 exactly)."""
-        logp, classes, _, lse = self.log_probs(index, view)
-        return logp + lse[:, None], classes, lse
+        Integrity: each file is hashed as it is read and refused, in one line naming the shard, unless its sha256
+        is the one its done record holds. So every number served was checked by the read that fetched it, at
+        the cost of one sha256 per byte read (~1 GB/s a core) and no second read (a whole-store hash at start
+        would read every file twice, and miss a file changed after it).
+        """
+        codes = np.unique(np.asarray(index, np.int64) * self.num_views + np.asarray(view, np.int64))
+        rows, cols = np.divmod(codes, self.num_views)
+        shards, starts = np.unique(rows // self.shard_rows, return_index=True)
+        bounds = [*starts.tolist(), len(codes)]
+        recs = self.records()
+        out = {name: np.empty((len(codes), *self.arrays[name].shape[2:]), self.arrays[name].dtype) for name in names}
+        done = 0  # shards read so far
+        for run in consecutive_runs(shards.tolist(), max(1, READ_VIEWS // (self.shard_rows * self.num_views))):
+            a, b = bounds[done], bounds[done + len(run)]
+            first, last = self.shard_rows_range(run[0]).start, self.shard_rows_range(run[-1]).stop
+            for name in names:
+                out[name][a:b] = self._checked_copy(name, run, recs)[first:last][rows[a:b] - first, cols[a:b]]
+            done += len(run)
+        step = value_scale(self.provenance["values_encoding"])
+        if step is not None and "values" in out:  # exact: the stored values are multiples of 1/step
+            out["values"] = (torch.from_numpy(out["values"]).double() * step).round().short().numpy()
+        return StoredViews(codes, self.num_views, out, step or 1, self.temperatures)
+
+    def _checked_copy(self, name: str, shards: list[int], recs: np.ndarray) -> zarr.Array:
+        """Array `name` in memory, holding only the files of `shards` as read and checked against their done
+        records `recs` (_checked_file): zarr decodes the very bytes that were hashed."""
+        fs, root = fsspec.core.url_to_fs(str(self.path))
+        array, prototype = self.arrays[name], default_buffer_prototype()
+        files = array.metadata.to_buffer_dict(prototype)
+        for shard in shards:
+            data, why = self._checked_file(fs, root, name, shard, recs[shard])
+            if why:
+                self._refuse_damaged({shard: why})
+            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            files[key] = prototype.buffer.from_bytes(data)
+        with numcodecs_quiet():
+            return zarr.open_array(MemoryStore(files), mode="r")
+
+    def lookup(self, index, view):
+        """StoredViews.lookup of these pairs, read for them (read_views: for a few pairs, as the audit's)."""
+        return self.read_views(index, view).lookup(index, view)
 
     def require_tau(self, tau: float) -> None:
         """UserError naming the stored temperatures unless `tau` is one of them."""
@@ -436,30 +567,22 @@ class LogitStore:
                             f"`pipeline teach --temperatures ...` with it, or pass --flat-tail for the flat-tail "
                             f"approximation")
 
-    def lookup_tau(self, index: torch.Tensor, view: torch.Tensor, tau: float):
-        """lookup() + logsumexp(z / tau) over all classes f64 [B], for a stored tau (UserError otherwise)."""
+    def lookup_tau(self, index, view, tau: float):
+        """StoredViews.lookup_tau of these pairs, read for them; UserError for a tau the store does not keep."""
         self.require_tau(tau)
-        logp, classes, rest, lse = self.log_probs(index, view)
-        offset = tempered_lse(logp, rest[:, self.temperatures.index(float(tau))], tau)
-        return logp + lse[:, None], classes, lse, lse / tau + offset
+        return self.read_views(index, view).lookup_tau(index, view, tau)
 
     def params(self, index: int, view: int) -> np.ndarray:
         """The stored parameter vector of one view (for replaying it without recomputing)."""
         return self.arrays["params"][index, view]
-
-    def all_params(self) -> np.ndarray:
-        """Every stored view's parameters, uint16 [N, V, P] in memory: what the student replays (its files
-        checked against their checksums first)."""
-        self.check_intact(full=True, names=("params",))
-        return np.ascontiguousarray(self.arrays["params"][:])
 
     def bytes_per_view(self) -> float:
         return bytes_on_disk(self.path) / (self.num_samples * self.num_views)
 
 
 def open_store(path, require_complete: bool = True) -> LogitStore:
-    """Open a store read-only; UserError if it is missing, not a store, or (by default) unfinished."""
-    path = store_location(path)
+    """Open a store read-only; UserError if it is missing, out of reach, not a store, or (by default) unfinished."""
+    path = check_root(path, reach=True)
     digest = check_metadata(path)
     try:
         group = zarr.open_group(zarr_store(path, read_only=True), mode="r", use_consolidated=False)
@@ -736,21 +859,23 @@ def top1_per_class(store: LogitStore, rows) -> dict[int, float]:
 MASS_SLACK = 2e-3
 
 
-def find_stores(root) -> list[Path]:
-    """Every store (a zarr group with provenance) under `root`, sorted; `root` itself may be one."""
-    import json
-
+def find_stores(root) -> list:
+    """Every store (a zarr group with provenance) under `root`, sorted: Paths under a local folder, URLs under an
+    fsspec URL (s3://bucket/prefix, listed through fsspec); `root` itself may be one."""
+    root = check_root(root, reach=True)
+    fs, top = fsspec.core.url_to_fs(str(root))
     found = []
-    for meta in sorted(Path(root).rglob("zarr.json")):
-        if any(parent in found for parent in meta.parents):
-            continue  # an array inside a store already found
+    for folder, dirs, files in fs.walk(top):
+        if "zarr.json" not in files:
+            continue
         try:
-            attrs = json.loads(meta.read_text()).get("attributes") or {}
-        except (OSError, ValueError):
+            attrs = json.loads(fs.cat_file(f"{folder}/zarr.json")).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
             continue
         if "provenance" in attrs:
-            found.append(meta.parent)
-    return found
+            found.append(folder)
+            dirs.clear()  # its arrays are no stores
+    return sorted(fs.unstrip_protocol(f) if is_url(root) else root / os.path.relpath(f, top) for f in found)
 
 
 def list_row(store: LogitStore) -> dict:

@@ -17,15 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES, STORE_ROOT
 from pipeline.errors import UserError
 from pipeline.progress import progress
-from pipeline.runtime import (Normalize, amp_dtype, autocast, barrier, close_distributed, init_distributed,
-                              resolve_device)
-from pipeline.store import (DEFAULT_TEMPERATURES, DEFAULT_VALUES, bytes_on_disk, check_pointer_ours, check_temperatures,
-                            create_or_open, encode_rest, encode_topk, store_key, store_path, top1_vs_labels, write_pointer)
-from pipeline.teachers import check_num_classes, load_teacher, resolve_spec
-
-STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores
+from pipeline.runtime import barrier, close_distributed, init_distributed, resolve_device
+from pipeline.store import (bytes_on_disk, check_pointer_ours, check_root, check_temperatures, create_or_open,
+                            encode_rest, encode_topk, store_key, store_path, top1_vs_labels, value_scale, write_pointer)
+from pipeline.teachers import Forward, check_num_classes, load_teacher, preprocess_of, source_of, teacher_spec
 
 
 def aligned_shard_rows(requested: int, num_views: int, batch_size: int) -> int:
@@ -34,34 +32,9 @@ def aligned_shard_rows(requested: int, num_views: int, batch_size: int) -> int:
     return max(step, math.ceil(requested / step) * step)
 
 
-class Forward:
-    """uint8 images -> teacher logits: normalise on the device, optional AMP and channels_last."""
-
-    def __init__(self, model, spec, device, amp="none", channels_last=False):
-        self.device, self.channels_last = device, channels_last
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format) if channels_last else model.to(device)
-        self.normalize = Normalize(spec["mean"], spec["std"], device)
-        self.amp = amp_dtype(amp)
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images).contiguous(memory_format=self.memory_format)
-        with autocast(self.device, self.amp):
-            return self.model(x).float()
-
-
-def teacher_spec(teacher, weights=None) -> dict:
-    """The teacher's resolved spec, with `weights` (a file) overriding the spec's own."""
-    spec = resolve_spec(teacher)
-    if weights:
-        spec["weights"], spec["pretrained"] = str(weights), False
-    return spec
-
-
 def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size=64, device="auto", amp="none",
           workers=0, store_root=STORE_ROOT, out=None, weights=None, values=DEFAULT_VALUES, shard_rows=256,
-          channels_last=False, temperatures=DEFAULT_TEMPERATURES, quiet=False, log=print) -> dict:
+          channels_last=False, temperatures=DEFAULT_TEMPERATURES, verify_shards=False, quiet=False, log=print) -> dict:
     """Fill (or finish) the store of `teacher` over `shards`/`split` and return a summary dict.
 
     Args:
@@ -72,20 +45,19 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
             logsumexp at each KD temperature.
         batch_size, device, amp, channels_last, workers: how the teacher runs (pipeline.runtime).
         store_root, shard_rows: where the content-addressed store lives, and rows per zarr shard.
+        verify_shards: re-hash every shard file, not trusting the hash cache's size + mtime.
         out: a directory for the `{name}.json` pointer the student stage reads (None: no pointer).
         quiet, log: no progress bar; where the summary lines go.
     """
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.shards import verified_manifest
 
-    manifest = verified_manifest(shards)
+    manifest = verified_manifest(shards, full=verify_shards)
     if split not in manifest["splits"]:
         raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest['splits'])}); pass --split")
     num_samples = manifest["splits"][split]["count"]
     spec = teacher_spec(teacher, weights)
-    if spec["source"] == "timm" and not spec.get("weights") and not spec.get("pretrained"):
-        raise UserError(f"teacher '{spec['name']}' has no weights (pretrained: false and no `weights:`); "
-                        "give --weights FILE.safetensors, set `weights:` in its spec, or `pretrained: true`")
+    source_of(spec).check_weights(spec)
     check_num_classes(spec, manifest["num_classes"])
     if not 1 <= k <= manifest["num_classes"]:
         raise UserError(f"--k {k} must lie in 1..{manifest['num_classes']} (the number of classes)")
@@ -94,13 +66,17 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     temperatures = check_temperatures(temperatures)
     if out is not None:
         check_pointer_ours(Path(out) / f"{spec['name']}.json")
-    model, digest = load_teacher(spec)
+    value_scale(values)  # every input is checked before the teacher loads (a large one takes minutes)
     dev = resolve_device(device)
+    store_root = check_root(store_root, reach=True)
+    model, digest = load_teacher(spec)
     rank, world, own_group = init_distributed(dev)
     if spec.get("weights"):
         spec = {**spec, "weights": Path(spec["weights"]).name}
-    # where the weights came from is not an input of the numbers (the digest of the weights is)
-    key_spec = {k: v for k, v in spec.items() if k not in ("weights", "pretrained", "description")}
+    # not inputs of the numbers: where the weights came from (their digest is), and the clean eval render (the
+    # views are the plan's, at the teacher's input size and normalisation)
+    key_spec = {k: v for k, v in spec.items()
+                if k not in ("weights", "pretrained", "description", "crop_pct", "interpolation")}
     key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=key_spec,
                     weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp,
                     temperatures=temperatures)
@@ -225,8 +201,7 @@ def clean_val_top1(forward: Forward, spec, shards, batch_size, workers) -> float
     from pipeline.data.loaders import eval_loader
     from pipeline.metrics import topk_hits
 
-    loader = eval_loader(shards, "val", size=spec["input_size"], crop_pct=spec.get("crop_pct", 1.0),
-                         interpolation=spec.get("interpolation", "bicubic"), batch_size=batch_size, workers=workers)
+    loader = eval_loader(shards, "val", preprocess_of(spec), batch_size=batch_size, workers=workers)
     forward.model.eval()
     hits = total = 0
     for batch in loader:

@@ -2,9 +2,11 @@
 
 Per epoch: student_loader replays, for every sample, one of the V views the teachers saw (at the
 student's own resolution and normalisation), the stores give the teacher targets of exactly those
-(sample, view) pairs, and the loss is pipeline.distill.kd_loss. The epochs run in pipeline.loop.fit, the
-training loop a fine-tuned teacher shares: timm's optimizer (weight decay filtered off norms and biases),
-per-update schedule and weight EMA, the objective (loop.KDLoss) and the validation.
+(sample, view) pairs, and the loss is pipeline.distill.kd_loss. A rank holds the stored numbers of its own
+pairs of the current epoch only (EpochViews: O(N / world x K) in memory, flat in V), the next epoch's read
+while this one trains. The epochs run in pipeline.loop.fit, the training loop a fine-tuned teacher shares:
+timm's optimizer (weight decay filtered off norms and biases), per-update schedule and weight EMA, the
+objective (loop.KDLoss) and the validation.
 
 Exact resume (explicit, `--resume`; the policy is pipeline.loop's): every epoch ends with one atomic
 checkpoint (model, EMA, optimizer, counters, history); the learning rate is a pure function of the update
@@ -18,9 +20,11 @@ channels_last.
 """
 
 import csv
+import dataclasses
 import hashlib
 import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +34,17 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from pipeline.models import pretrained_overlay  # (importing pipeline.models registers the rep_* students in timm)
-from pipeline.data.loaders import eval_loader, replay_mismatch, student_loader, view_environment
+from pipeline.data.loaders import eval_loader, replay_mismatch, student_batches, student_loader, view_environment
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
-from pipeline.distill import ensemble_target
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir
+from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir, state_digest
 from pipeline.loop import CHECKPOINT, KDLoss, fit
 from pipeline.models.rep import check_num_branches, rep_settings
 from pipeline.recipes import Recipe, branch_budget_note
 from pipeline.records import STUDENT_JSON, StudentSpec, TrainedStudent
 from pipeline.runtime import Normalize, init_distributed, resolve_device, set_threads
-from pipeline.teachers import state_digest
+from pipeline.store import TARGET_ARRAYS
 
 OUTPUTS = (CHECKPOINT, "model.safetensors", "ema.safetensors", STUDENT_JSON, "state.json")  # what it writes in --out
 PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_top1", "ema_top5", "seconds"]
@@ -49,7 +52,7 @@ PLOT_COLUMNS = ["epoch", "step", "loss", "ce", "kd", "lr", "top1", "top5", "ema_
 
 def student_size(student: StudentSpec, recipe: Recipe) -> int:
     """The student's square input size: the recipe's img_size, else the student spec's (its timm cfg's)."""
-    size = recipe.img_size or student.input_size
+    size = recipe.img_size or student.preprocess.input_size
     if student.min_input_size and size < student.min_input_size:
         low = student.min_input_size
         raise UserError(
@@ -57,6 +60,7 @@ def student_size(student: StudentSpec, recipe: Recipe) -> int:
             f"got {size}; set img_size >= {low} (--img-size) and render small datasets larger once "
             f"(`pipeline shard --image-size {low}`)"
         )
+    student.check_size(size)
     return size
 
 
@@ -133,32 +137,37 @@ def resolve_views(recipe: Recipe, stores: list, dataset_fingerprint: str, num_cl
     return plan, min(int(store.num_views) for store in stores)
 
 
-class Targets:
-    """Teacher targets of a batch's (index, view) pairs from one or more stores (weighted ensemble)."""
+class EpochViews:
+    """What a rank reads from its stores, one epoch at a time: each store's numbers (LogitStore.read_views)
+    of the rank's (index, view) pairs of that epoch. The next epoch's are read in a background thread while
+    this one trains (reading and hashing release the GIL), so at most three epochs' are held: the one ending,
+    this one, the next."""
 
-    def __init__(self, stores: list, num_classes: int, tau: float, weights=None, flat_tail: bool = False):
-        """`tau` must be stored in every store (exact coarsened KL); else UserError, unless `flat_tail`
-        accepts the flat-tail approximation (self.exact is then False)."""
-        if weights is not None and len(weights) != len(stores):
-            raise UserError(f"{len(weights)} teacher weights given for {len(stores)} teachers")
-        self.stores, self.num_classes, self.tau, self.weights = stores, num_classes, tau, weights
-        self.exact = all(float(tau) in s.temperatures for s in stores)
-        if not self.exact and not flat_tail:
-            for store in stores:
-                store.require_tau(tau)
+    def __init__(self, reads: list, pairs, epochs: int):
+        """`reads`: [(store, array names)]; `pairs(epoch)`: int64 [n, 2] (index, view); `epochs`: how many."""
+        self.reads, self.pairs, self.epochs = reads, pairs, epochs
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-views")
+        self.ahead = {}
 
-    def __call__(self, index, view, device):
-        if self.exact:
-            stored = [s.lookup_tau(index, view, self.tau) for s in self.stores]
-        else:
-            stored = [s.lookup(index, view) for s in self.stores]
-        stored = [tuple(t.to(device) for t in s) for s in stored]
-        return ensemble_target(stored, self.num_classes, self.tau, self.weights, flat_tail=not self.exact)
+    def read(self, epoch: int) -> list:
+        pairs = self.pairs(epoch)
+        return [store.read_views(pairs[:, 0], pairs[:, 1], names) for store, names in self.reads]
+
+    def __call__(self, epoch: int) -> list:
+        """Epoch `epoch`'s StoredViews, one per read (waiting for them), the next epoch's read started."""
+        pending = self.ahead.pop(epoch, None) or self.pool.submit(self.read, epoch)
+        if epoch + 1 < self.epochs:
+            self.ahead[epoch + 1] = self.pool.submit(self.read, epoch + 1)
+        return pending.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def check_replay(store, shard_dir, plan: ViewPlan, stored_params: np.ndarray) -> None:
-    """Refuse (one line) when this environment derives other view params than those `store` holds."""
-    mismatch = replay_mismatch(shard_dir, "train", plan, stored_params)
+def check_replay(store, shard_dir, plan: ViewPlan, stored) -> None:
+    """Refuse (one line) when this environment derives other view params than those `stored` (store.StoredViews
+    read from `store`) holds."""
+    mismatch = replay_mismatch(shard_dir, "train", plan, stored)
     if mismatch is not None:
         made, here = store.provenance.get("versions") or {}, view_environment()
         then = ", ".join(f"{k} {made.get(k, '?')}" for k in here)
@@ -214,21 +223,19 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
     manifest = read_manifest(shard_dir)
     num_classes = int(manifest["num_classes"])
     size = student_size(student, recipe)
-    interpolation = student.interpolation
-    crop_pct = manifest.get("crop_pct", 1.0) if student.crop_pct is None else student.crop_pct  # spec's, else data's
+    crop_pct = student.preprocess.crop_pct
+    pre = dataclasses.replace(student.preprocess, input_size=size,  # the spec's eval crop, else the dataset's
+                              crop_pct=manifest.get("crop_pct", 1.0) if crop_pct is None else crop_pct)
     stores = list(stores) if recipe.alpha > 0 else []
     if views_from is not None and recipe.alpha > 0:
         raise UserError("--views-from is for labels-only students (alpha 0); a KD student replays its teachers' views")
     view_stores = stores or ([views_from] if views_from is not None else [])
     plan, num_views = resolve_views(recipe, view_stores, manifest["fingerprint"], num_classes,
-                                    size, interpolation)
-    targets = Targets(stores, num_classes, recipe.tau, teacher_weights, flat_tail) if stores else None
-    stored_params = view_stores[0].all_params() if view_stores else None
-    if stored_params is not None:
-        check_replay(view_stores[0], shard_dir, plan, stored_params)
-    if targets is not None and not targets.exact and rank == 0:
+                                    size, pre.interpolation)
+    loss = KDLoss.from_recipe(recipe, num_classes, stores, teacher_weights, flat_tail)
+    if loss.targets is not None and not loss.targets.exact and rank == 0:
         tqdm.write(f"warning: tau={recipe.tau:g} is not stored in every teacher store: KD uses the flat-tail "
-                   f"approximation (measured 6-79 % off the coarsened KL at tau 2-4); store it with "
+                   f"approximation (up to 38 % off the coarsened KL at tau 2-4, docs/measurements.md); store it with "
                    f"`pipeline teach --temperatures`")
 
     if recipe.batch_size % world:
@@ -257,12 +264,24 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
               "student": student.to_dict(), "shards": manifest["fingerprint"], "init": init_record,
               "flat_tail": flat_tail, "views_from": views_from.key if views_from is not None else None}
 
-    def epoch_loader(epoch):
-        return student_loader(shard_dir, "train", plan, num_views, size, local_batch, recipe.seed, epoch, rank,
-                              world, workers, drop_last=True,
-                              stored_params=stored_params)
+    def batches(epoch):
+        return student_batches(shard_dir, "train", num_views, local_batch, recipe.seed, epoch, rank, world, True)
 
-    val_args = (shard_dir, "val", size, crop_pct, interpolation, eval_batch_size, workers)
+    # each epoch: the KD stores' targets and the params of the store whose views are replayed, of this rank's pairs
+    reads = [(store, TARGET_ARRAYS) for store in stores] + [(store, ("params",)) for store in view_stores[:1]]
+    ahead = EpochViews(reads, lambda epoch: np.concatenate(batches(epoch)), recipe.epochs)
+
+    def epoch_loader(epoch):
+        stored_params = None
+        if reads:
+            *kd, stored_params = ahead(epoch)
+            check_replay(view_stores[0], shard_dir, plan, stored_params)
+            if loss.targets is not None:
+                loss.targets.use(kd)
+        return student_loader(shard_dir, "train", plan, num_views, size, local_batch, recipe.seed, epoch, rank,
+                              world, workers, drop_last=True, stored_params=stored_params)
+
+    val_args = (shard_dir, "val", pre, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
     full = manifest["splits"]["val"]["count"]
@@ -277,16 +296,17 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
         if not quiet:
             tqdm.write(_summary(state["history"][-1]))
 
-    history, ema = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes, targets), epoch_loader,
-                       steps_per_epoch, out, run_id, normalize=Normalize(student.mean, student.std, device),
-                       device=device, rank=rank, world=world, resume=resume,
-                       val=validation, val_every=val_every, on_epoch=epoch_outputs, quiet=quiet)
+    try:
+        history, ema = fit(model, recipe, loss, epoch_loader,
+                           steps_per_epoch, out, run_id, normalize=Normalize.of(pre, device),
+                           device=device, rank=rank, world=world, resume=resume,
+                           val=validation, val_every=val_every, on_epoch=epoch_outputs, quiet=quiet)
+    finally:
+        ahead.close()
 
     if rank == 0:
         _save_final(out, model, ema, history, {
-            "model": student.model, "model_kwargs": model_kwargs, "num_classes": num_classes,
-            "input_size": size, "mean": student.mean, "std": student.std,
-            "crop_pct": crop_pct, "interpolation": interpolation,
+            "model": student.model, "model_kwargs": model_kwargs, "num_classes": num_classes, "preprocess": pre,
             "teachers": list(teacher_names), "teacher_weights": teacher_weights, "recipe": recipe.to_dict(),
             "view_plan": plan.to_dict(), "num_views": num_views, "epochs": recipe.epochs,
             "init": init_record, "threads": torch.get_num_threads(),

@@ -109,10 +109,15 @@ def default_map(path: Path, name: str, command: click.Command, section: dict) ->
     """A section's keys are the option names as typed (`num-views` for --num-views): -> click's param names.
 
     A misspelt key would silently be ignored by click, and a second spelling would make two names for one
-    setting: refuse both, naming the right key."""
+    setting: refuse both, naming the right key. A null where the option has a default is refused too: click
+    passes it on as None, past the option's type and range."""
     by_option = {opt.lstrip("-"): param.name for param in command.params for opt in param.opts if opt.startswith("--")}
+    defaults = {param.name: param.default for param in command.params}
     unknown = []
-    for key in section:
+    for key, value in section.items():
+        if value is None and defaults.get(by_option.get(key)) is not None:
+            raise UserError(f"{path}: section '{name}' key '{key}' is null; give a value, or remove the key for the "
+                            f"default ({_brief(defaults[by_option[key]])})")
         if key not in by_option and str(key).replace("_", "-") in by_option:
             raise UserError(f"{path}: section '{name}' key '{key}' is spelt '{key.replace('_', '-')}' "
                             f"(as the option --{key.replace('_', '-')} is typed)")

@@ -5,7 +5,6 @@ from pathlib import Path
 import click
 
 from stages import options
-from stages.teach import PlanParam
 
 FROM_TEACH = "teach"  # --plan default: params.yaml's `teach: plan:` (and `teach: num-views:`)
 
@@ -62,7 +61,7 @@ def command(teacher, shards, out_dir, plan, num_views, **kwargs):
     if plan == FROM_TEACH:
         plan = _teach_section().get("plan")
         num_views = num_views or (_teach_section().get("num-views") if plan else None)
-    metrics = finetune_teacher(teacher, shards, out_dir, plan=PlanParam().convert(plan, None, None),
+    metrics = finetune_teacher(teacher, shards, out_dir, plan=options.PlanParam().convert(plan, None, None),
                                num_views=num_views, **kwargs)
     before, after = metrics["before"], metrics["after"]
     click.echo(f"teacher {metrics['teacher']} -> {metrics['name']}: top-1 clean val {before['clean']:.2f}% -> {after['clean']:.2f}%, "

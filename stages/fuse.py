@@ -4,10 +4,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.defaults import CHECKPOINTS
 from stages import options
-
-# pipeline.fuse.CHECKPOINTS, spelt here so that --help does not import torch (tests/test_cli.py checks they agree)
-CHECKPOINTS = ("best", "ema", "model")
 
 
 @click.command("fuse")

@@ -22,8 +22,19 @@ class Finite(click.FloatRange):
 # a side in pixels that an image is rendered to or a model run at: 4096 px is 50 MB per RGB image
 PIXELS = click.IntRange(16, 4096)
 
+
+class PlanParam(click.ParamType):
+    """A view plan (ViewPlan.load): a YAML file of ViewPlan fields, or (from params.yaml) the mapping itself."""
+
+    name = "plan"
+
+    def convert(self, value, param, ctx):
+        from pipeline.data.views import ViewPlan
+
+        return ViewPlan.load(value, f"--plan {value}" if isinstance(value, (str, Path)) else "params `teach: plan:`")
+
+
 SHARDS = "data/shards"  # where dvc.yaml's shard stage writes
-STORE_ROOT = "outputs/stores"  # where dvc.yaml's teach stage keeps the stores (pipeline.teach.STORE_ROOT)
 
 shards = click.option("--shards", default=SHARDS, show_default=True, type=click.Path(file_okay=False, path_type=Path),
                       help="Shard directory written by `pipeline shard` (manifest.json + {split}-NNNNNN.tar).")

@@ -3,12 +3,9 @@
 import click
 from click.core import ParameterSource
 
+from pipeline.defaults import RENDERED_SIZE, SPEC_OPTIONS
 from pipeline.manifests import load_spec
 from stages import options as shared  # `options` is the command's keyword dict below
-
-# spelt here for a fast --help (pipeline.data.sources owns them; tests/test_cli.py checks they match)
-SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
-RENDERED_SIZE = 64
 
 
 @click.command(context_settings={"show_default": True})

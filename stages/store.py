@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.defaults import STORE_ROOT
 from stages import options
 
 
@@ -162,11 +163,11 @@ def _the_store_under(folder: Path) -> Path:
 
 
 @group.command("list")
-@click.argument("root", default=options.STORE_ROOT, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", default=STORE_ROOT)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_stores(root, as_json):
-    """Every store under ROOT [default: outputs/stores, where dvc.yaml puts them]: teacher, dataset, plan hash,
-    K, V, samples, complete shards, size."""
+    """Every store under ROOT, a folder or an fsspec URL like `teach --store-root` (s3://bucket/prefix) [default:
+    outputs/stores, where dvc.yaml puts them]: teacher, dataset, plan hash, K, V, samples, complete shards, size."""
     from pipeline.store import find_stores, list_row, open_store
 
     rows = [list_row(open_store(path, require_complete=False)) for path in find_stores(root)]

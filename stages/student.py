@@ -89,7 +89,7 @@ def _command(func):
                    "two differ only in the loss. Default: fresh views from the recipe.")
 @click.option("--flat-tail", is_flag=True,
               help="Allow a KD tau that the teacher stores do not keep, with the flat-tail approximation of "
-                   "the tempered tail (6-79 % off at tau 2-4; prints a warning). Default: refuse.")
+                   "the tempered tail (up to 38 % off at tau 2-4; prints a warning). Default: refuse.")
 @options.resume
 @options.workers
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=256, show_default=True,

@@ -4,25 +4,9 @@ from pathlib import Path
 
 import click
 
+from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES, STORE_ROOT
 from pipeline.errors import UserError
 from stages import options
-
-# pipeline.store's DEFAULT_VALUES / DEFAULT_TEMPERATURES, spelt here so that --help does not import
-# zarr/torch (tests/test_cli.py checks they agree)
-DEFAULT_VALUES = "logp-s181"
-DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0)
-
-
-class PlanParam(click.ParamType):
-    """A view plan (ViewPlan.load): a YAML file of ViewPlan fields, or (from params.yaml) the mapping itself."""
-
-    name = "plan"
-
-    def convert(self, value, param, ctx):
-        from pipeline.data.views import ViewPlan
-
-        return ViewPlan.load(value, f"--plan {value}" if isinstance(value, (str, Path)) else "params `teach: plan:`")
-
 
 TEMPERATURES = (0.1, 100.0)  # the range of a KD temperature: beyond it exp(z / tau) leaves what f16 offsets hold
 
@@ -40,11 +24,18 @@ def _temperatures(value) -> list[float]:
     return taus
 
 
+def _store_root(ctx, param, value):
+    """--store-root checked where it is parsed (pipeline.store.check_root): a folder, or a URL naming a bucket."""
+    from pipeline.store import check_root
+
+    return check_root(value)
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--teacher", required=True, help="Teacher spec: a name under manifests/teachers/ or a YAML path.")
 @options.shards
 @click.option("--split", default="train", help="Split of the shards to run over.")
-@click.option("--plan", "plan", type=PlanParam(), default=None,
+@click.option("--plan", "plan", type=options.PlanParam(), default=None,
               help="View plan: a YAML file of ViewPlan fields (pipeline/data/views.py; those left out take "
                    "ViewPlan's defaults); in params.yaml a mapping under `teach: plan:`. Default: ViewPlan's defaults.")
 @click.option("--num-views", default=4, type=click.IntRange(1, 1000),
@@ -55,7 +46,7 @@ def _temperatures(value) -> list[float]:
 @click.option("--amp", default="none", type=click.Choice(["none", "bf16", "fp16"]), help="Autocast dtype.")
 @click.option("--channels-last/--no-channels-last", default=False, help="channels_last memory format (GPU CNNs).")
 @options.workers
-@click.option("--store-root", default=options.STORE_ROOT,
+@click.option("--store-root", default=STORE_ROOT, callback=_store_root,
               help="Directory or fsspec URL (s3://bucket/prefix, gs://..., a shared path) holding the stores; "
                    "each lives at {root}/{teacher}-{key}.zarr.")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -71,10 +62,13 @@ def _temperatures(value) -> list[float]:
 @click.option("--shard-rows", default=256, type=click.IntRange(1, 65536),
               help="Samples per store shard: the unit of writing, resuming and splitting across ranks "
                    "(rounded up to a whole number of batches).")
+@click.option("--verify-shards", is_flag=True,
+              help="Re-hash every shard file in full, not trusting the hash cache (which trusts a file whose size and "
+                   "mtime are unchanged: it guards against accidents, not against an edit that keeps both).")
 @options.threads
 @options.quiet
 def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp, channels_last, workers, store_root,
-            out, weights, values, temperatures, shard_rows, threads, quiet):
+            out, weights, values, temperatures, shard_rows, verify_shards, threads, quiet):
     """Run TEACHER once over every (sample, view) of a split; keep its top-k logits in a zarr store.
 
     Resumable: rerun the same command after an interruption. A finished store is reported as up to
@@ -89,5 +83,5 @@ def command(teacher, shards, split, plan, num_views, k, batch_size, device, amp,
     teach(teacher=teacher, shards=shards, split=split, plan=plan or ViewPlan(), num_views=num_views, k=k,
           batch_size=batch_size, device=device, amp=amp, workers=workers, store_root=store_root, out=out,
           weights=weights, values=values, shard_rows=shard_rows, channels_last=channels_last,
-          temperatures=_temperatures(temperatures), quiet=quiet,
+          temperatures=_temperatures(temperatures), verify_shards=verify_shards, quiet=quiet,
           log=click.echo)

@@ -11,6 +11,7 @@ from pipeline.data.shards import write_shards
 from pipeline.data.sources import synthetic
 from pipeline.io import sha256_file
 from pipeline.models.rep import rep_settings
+from pipeline.preprocess import Preprocess
 from pipeline.records import TrainedStudent
 
 
@@ -45,8 +46,8 @@ def fake_student(out: Path, model: str = "rep_ghostnetv3_050", num_classes: int 
     save_file(state, str(out / "ema.safetensors"))
     recipe = {"name": "demo", "alpha": 0.5 if teachers else 0.0, "tau": 1.0, "epochs": 1, "opt": "lamb"}
     TrainedStudent(
-        model=model, model_kwargs={**model_kwargs, **rep_settings(net)}, num_classes=num_classes, input_size=size,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, interpolation="bicubic",
+        model=model, model_kwargs={**model_kwargs, **rep_settings(net)}, num_classes=num_classes,
+        preprocess=Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bicubic"),
         teachers=tuple(teachers), teacher_weights=None, recipe=recipe, view_plan={}, num_views=1, epochs=1, init=None,
         threads=1, views_from=None, weights="ema.safetensors",
         weights_choice={"rule": "fixed by the test helper", "model_top1": 0.0, "ema_top1": 0.0},

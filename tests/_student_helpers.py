@@ -28,9 +28,10 @@ def teacher_logits(labels: np.ndarray, views: int, num_classes: int, seed: int =
 
 
 def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, fingerprint=None, temperatures=(1.0,),
-               params=None):
+               params=None, values="f16", shard_rows=None):
     """A complete store for the train split + its pointer file {root}/{name}.json; returns the store.
-    `params` [N, V, P] replaces the view params derived from the plan (a store drawn elsewhere)."""
+    `params` [N, V, P] replaces the view params derived from the plan (a store drawn elsewhere); `values`
+    is the value encoding; `shard_rows` (default: all rows in one shard)."""
     manifest = read_manifest(shard_dir)
     reader = ShardReader(shard_dir, "train")
     n, c = len(reader), manifest["num_classes"]
@@ -38,20 +39,23 @@ def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, 
     fingerprint = fingerprint or manifest["fingerprint"]
     teacher = {"name": name, "model": "synthetic"}
     key = store_key(dataset_fingerprint=fingerprint, split="train", plan_hash=plan.hash(), teacher=teacher,
-                    weights_digest=str(seed), k=k, num_views=num_views, values="f16", amp="none",
+                    weights_digest=str(seed), k=k, num_views=num_views, values=values, amp="none",
                     temperatures=temperatures)
     provenance = {"key": key, "dataset": manifest["dataset"], "split": "train", "dataset_fingerprint": fingerprint,
                   "plan": plan.to_dict(), "plan_hash": plan.hash(), "teacher": teacher, "k": k}
     writer = create_or_open(f"{root}/{name}-{key}.zarr", provenance, num_samples=n, num_views=num_views, k=k,
-                            params_dim=plan.params_dim, num_classes=c, shard_rows=n, values="f16",
+                            params_dim=plan.params_dim, num_classes=c, shard_rows=shard_rows or n, values=values,
                             temperatures=temperatures)
     logits = teacher_logits(labels, num_views, c, seed)
-    values, indices, lse = encode_topk(logits.reshape(n * num_views, c), k, "f16")
+    logp, indices, lse = encode_topk(logits.reshape(n * num_views, c), k, values)
     if params is None:
         params = np.stack([[view_params(plan, reader.key(i), v) for v in range(num_views)] for i in range(n)])
     rest = encode_rest(logits.reshape(n * num_views, c), k, temperatures)
-    writer.write_shard(0, values.reshape(n, num_views, k), indices.reshape(n, num_views, k),
-                       lse.reshape(n, num_views), params, labels, rest=rest.reshape(n, num_views, -1))
+    per_row = [a.reshape(n, num_views, *a.shape[1:]) for a in (logp, indices, lse, rest)]
+    for shard in range(writer.num_shards):
+        r = writer.shard_rows_range(shard)
+        s = slice(r.start, r.stop)
+        writer.write_shard(shard, per_row[0][s], per_row[1][s], per_row[2][s], params[s], labels[s], rest=per_row[3][s])
     store = open_store(writer.path)
     write_pointer(f"{root}/{name}.json", store)
     return store

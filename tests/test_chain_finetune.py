@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 import pipeline.finetune as finetune
-from pipeline.teachers import load_teacher
+from pipeline.teachers import TimmSource, load_teacher
 from stages.cli import main
 from tests._chain_helpers import tiny_shards
 
@@ -72,7 +72,7 @@ def test_pretrained_weights_fall_back_to_scratch_offline(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     spec = {"name": "t", "model": "resnet10t", "source": "timm"}
-    model, origin = finetune.build_model(spec, num_classes=5, pretrained=True)
+    model, origin = TimmSource().trainable(spec, num_classes=5, pretrained=True)
     assert origin == "scratch" and model.num_classes == 5
 
 

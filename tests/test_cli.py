@@ -61,19 +61,6 @@ def test_help_imports_no_heavy_library(command):
     assert "HEAVY []" in proc.stdout, proc.stdout[-300:]
 
 
-def test_constants_spelt_for_fast_help_match_their_owners():
-    import stages.fuse
-    import stages.shard
-    import stages.teach
-    from pipeline.data import sources
-    from pipeline.fuse import CHECKPOINTS
-    from pipeline.store import DEFAULT_TEMPERATURES, DEFAULT_VALUES
-
-    assert stages.fuse.CHECKPOINTS == CHECKPOINTS and stages.teach.DEFAULT_VALUES == DEFAULT_VALUES
-    assert stages.teach.DEFAULT_TEMPERATURES == DEFAULT_TEMPERATURES
-    assert (stages.shard.SPEC_OPTIONS, stages.shard.RENDERED_SIZE) == (sources.SPEC_OPTIONS, sources.RENDERED_SIZE)
-
-
 def test_help_names_where_a_default_comes_from_and_does_not_print_a_dict(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("teach:\n  k: 7\n  plan: {seed: 3, size: 64, scale: [0.5, 1.0]}\n")
@@ -146,7 +133,7 @@ def test_top_level_help_describes_the_whole_chain():
 
 def test_teach_store_root_default_is_where_dvc_yaml_puts_the_stores():
     import stages.teach
-    from pipeline.teach import STORE_ROOT
+    from pipeline.defaults import STORE_ROOT
 
     default = next(p.default for p in stages.teach.command.params if p.name == "store_root")
     assert default == STORE_ROOT == "outputs/stores" and "--store-root outputs/stores/" in (REPO / "dvc.yaml").read_text()

@@ -12,6 +12,7 @@ from pipeline.data.loaders import epoch_views, eval_loader, student_loader, teac
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
+from pipeline.preprocess import Preprocess
 
 PLAN = ViewPlan(size=64, re_prob=0.5)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -117,13 +118,14 @@ def test_eval_loader_is_timms_eval_transform(shard_dir):
     """uint8 out, normalised by the model's side: the same input as timm's eval transform (to float error)."""
     from pipeline.runtime import Normalize
 
+    pre = Preprocess(input_size=56, mean=MEAN, std=STD, crop_pct=0.875, interpolation="bicubic")
     reader = ShardReader(shard_dir, "val")
-    batches = list(eval_loader(shard_dir, "val", 56, 0.875, "bicubic", 4))
+    batches = list(eval_loader(shard_dir, "val", pre, 4))
     assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5]]
     assert batches[1]["image"].dtype == torch.uint8
     transform = create_transform(56, is_training=False, crop_pct=0.875, mean=MEAN, std=STD,
                                  interpolation="bicubic")
-    torch.testing.assert_close(Normalize(MEAN, STD)(batches[1]["image"])[1], transform(reader.image(5)),
+    torch.testing.assert_close(Normalize.of(pre)(batches[1]["image"])[1], transform(reader.image(5)),
                                rtol=0, atol=1e-5)
     assert batches[0]["label"].tolist() == reader.labels[:4].tolist()
 

@@ -1,6 +1,7 @@
 """Every fused student deploys with timm / torchvision alone: fuse.json's "deploy" call, run in a process
 that never imports this project, builds a model into which the fused weights load strictly."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.models import STOCK_NAMES, deploy_spec, to_stock
+from pipeline.models import STOCK_NAMES, create_stock_model, deploy_spec, to_stock
 
 BUILD = """
 import importlib, json, sys
@@ -56,3 +57,18 @@ def test_ghostnet_half_width_needs_no_private_or_missing_timm_name():
     assert spec["call"] == "timm.models.ghostnet.GhostNet" and spec["kwargs"]["width"] == 0.5
     assert deploy_spec("rep_ghostnetv3_100", 10)["python"] == 'timm.create_model("ghostnetv2_100", num_classes=10)'
     assert deploy_spec("rep_shufflenetv2_100", 10)["python"] == "torchvision.models.shufflenet_v2_x1_0(num_classes=10)"
+
+
+def test_every_registered_student_has_a_family_that_deploys_it():
+    """Found from timm's registry, not a list kept here: each rep_* student a family registers names its stock
+    architecture, and its family's deploy call builds the model create_stock_model gives (class and tensors)."""
+    names = timm.list_models("rep_*")
+    assert names and sorted(STOCK_NAMES) == names
+    for name in names:
+        spec = deploy_spec(name, 7)
+        module, _, attr = spec["call"].rpartition(".")
+        built = getattr(importlib.import_module(module), attr)(*spec["args"], **spec["kwargs"])
+        stock = create_stock_model(name, 7)
+        assert type(built) is type(stock), name
+        shapes = {k: v.shape for k, v in stock.state_dict().items()}
+        assert {k: v.shape for k, v in built.state_dict().items()} == shapes, name

@@ -78,3 +78,15 @@ def test_labels_only_objective_is_the_old_fine_tune_loss():
     assert torch.allclose(terms["loss"], want) and float(terms["kd"]) == 0.0
     with pytest.raises(UserError, match="needs teacher targets"):
         loop.KDLoss(alpha=0.5)
+
+
+def test_the_recipe_tau_reaches_targets_and_loss_together():
+    """KDLoss.from_recipe builds the stored targets and the loss from one recipe: one temperature for both."""
+    from types import SimpleNamespace
+
+    from pipeline.recipes import load_recipe
+
+    store = SimpleNamespace(temperatures=[1.0, 2.0, 4.0])
+    loss = loop.KDLoss.from_recipe(load_recipe("demo", {"tau": 2.0, "alpha": 0.5}), 5, [store])
+    assert loss.tau == loss.targets.tau == 2.0 and loss.targets.exact and loss.targets.stores == [store]
+    assert loop.KDLoss.from_recipe(load_recipe("demo", {"alpha": 0.0}), 5).targets is None

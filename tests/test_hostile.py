@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -469,7 +470,10 @@ def test_finetuned_teacher_spec_works_from_any_directory(base, tmp_path, monkeyp
 # ---------------------------------------------------------------- low: every user error is one line
 
 SPEC_CASES = {"num_classes: four": {"num_classes": "four"}, "2-value mean": {"mean": [0.5, 0.5]},
-              "negative input_size": {"input_size": -5}, "std 0": {"std": [0, 0.25, 0.25]}}
+              "negative input_size": {"input_size": -5}, "std 0": {"std": [0, 0.25, 0.25]},
+              "interpolation foo": {"interpolation": "foo"}, "bad pretrained tag": {"model": "test_resnet.nosuchtag"},
+              "bogus model_kwargs": {"model_kwargs": {"bogus_knob": 1}},
+              "branch_bn_init 7": {"model_kwargs": {"branch_bn_init": 7}}}
 PLAN_CASES = {"malformed plan": "size: [64\n", "plan size abc": "size: abc\n", "plan size 0": "size: 0\n",
               "plan hflip 7": "hflip: 7\n"}
 
@@ -773,6 +777,23 @@ def test_fused_weights_of_another_graph_are_refused(fused_dir, tmp_path):
     assert_one_line_error(result, "fused.safetensors", "does not fit")
 
 
+def test_onnx_of_another_graph_is_refused(fused_dir, tmp_path):
+    import hashlib
+
+    from pipeline.fuse import export_onnx
+
+    fused = fused_dir(tmp_path / "copy")
+    info = json.loads((fused / "fuse.json").read_text())
+    other = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, info["num_classes"]))
+    export_onnx(other, info["input_size"], fused / "model.onnx")
+    info["sha256"]["model.onnx"] = hashlib.sha256((fused / "model.onnx").read_bytes()).hexdigest()
+    (fused / "fuse.json").write_text(json.dumps(info))
+    result = cli("evaluate", "--fused-dir", str(fused), "--shards", str(fused.parent / "shards"),
+                 "--out", str(tmp_path / "m.json"), "--latency-runs", "1", "--latency-batch", "1", "--quiet")
+    assert_one_line_error(result, "model.onnx", "does not compute what fused.safetensors does")
+    assert not (tmp_path / "m.json").exists()
+
+
 # ---------------------------------------------------------------- medium/low: one range per value, one line per error
 
 @pytest.mark.parametrize("args,option", [
@@ -787,6 +808,15 @@ def test_fused_weights_of_another_graph_are_refused(fused_dir, tmp_path):
     (["teach", "--teacher", "t", "--shard-rows", str(10 ** 12)], "--shard-rows"),
     (["teach", "--shards", "s"], "--teacher"),  # click's own usage errors are one line too
     (["no-such-command"], "no-such-command"),
+    (["teach", "--teacher", "t", "--store-root", "s3://"], "s3://"),  # no bucket: a local folder `s3:` before
+    (["teach", "--teacher", "t", "--store-root", "foo://x"], "foo://x"),
+    (["store", "list", "foo://x"], "foo://x"),
+    (["student", "--student", "s", "--out", "o", "--warmup-epochs", "inf"], "warmup_epochs"),
+    (["student", "--student", "s", "--out", "o", "--sched", "step", "--decay-epochs", "0"], "decay_epochs"),
+    (["student", "--student", "s", "--out", "o", "--min-lr", "-1"], "min_lr"),
+    (["student", "--student", "s", "--out", "o", "--warmup-lr", "-1"], "warmup_lr"),
+    (["student", "--student", "s", "--out", "o", "--img-size", "100000"], "img_size"),
+    (["student", "--student", "s", "--out", "o", "--seed", str(2 ** 64)], "seed"),
 ])
 def test_option_values_are_checked_where_parsed(tmp_path, monkeypatch, args, option):
     monkeypatch.chdir(tmp_path)
@@ -797,6 +827,7 @@ def test_option_values_are_checked_where_parsed(tmp_path, monkeypatch, args, opt
 @pytest.mark.parametrize("record,field,value", [
     ("student.json", "teachers", ["../../x"]), ("student.json", "num_classes", "four"),
     ("student.json", "mean", [0.5, 0.5]), ("student.json", "crop_pct", 0), ("student.json", "model_kwargs", []),
+    ("student.json", "model", "test_efficientnet"),  # a model that does not take the record's rep knobs
     ("fuse.json", "teachers", ["../../x"]), ("fuse.json", "input_size", 0), ("fuse.json", "recipe", 5)])
 def test_records_are_read_with_ranges(base, fused_dir, tmp_path, record, field, value):
     from tests._chain_helpers import fake_student
@@ -817,7 +848,7 @@ def test_records_are_read_with_ranges(base, fused_dir, tmp_path, record, field, 
 
 
 @pytest.mark.parametrize("field,value", [("re_count", 1000000), ("ratio", [0.75, float("inf")]),
-                                         ("auto_augment", "rand-mxx"), ("size", 100000)])
+                                         ("auto_augment", "rand-mxx"), ("size", 100000), ("interpolation", "foo")])
 def test_view_plan_values_have_ranges(field, value):
     """A plan value beyond what can be rendered (or a RandAugment section timm would silently skip) is refused
     where the plan is parsed, before a teacher is loaded."""
@@ -847,15 +878,17 @@ def change_one_byte(path: Path, offset=None) -> None:
 @pytest.mark.parametrize("name", STORE_ARRAYS)
 def test_one_changed_byte_in_any_array_is_caught_naming_the_shard(base, tmp_path, name):
     """Each done record holds the sha256 of every array's shard file: inspect --verify and the student's reads
-    (targets, params) find one changed byte, every time, and name the shard."""
-    from pipeline.store import open_store
+    (targets, params; the labels come from the shards) find one changed byte, every time, and name the shard."""
+    from pipeline.store import VIEW_ARRAYS, open_store
 
     _, store = copied_store(base, tmp_path / "root")
     change_one_byte(store_shard_file(store, name))
     assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "shard 1", f"{name}/c/1")
     opened = open_store(store)
-    with pytest.raises(UserError, match=f"shard 1: {name}/c/1"):
-        opened.all_params() if name == "params" else opened.targets()
+    if name in VIEW_ARRAYS:
+        index, view = np.divmod(np.arange(opened.num_samples * opened.num_views), opened.num_views)
+        with pytest.raises(UserError, match=f"shard 1: {name}/c/1"):
+            opened.read_views(index, view, (name,))
 
 
 def test_student_refuses_a_changed_store_before_training(base, tmp_path):
@@ -878,8 +911,9 @@ def test_a_truncated_chunk_is_one_line_naming_the_shard(base, tmp_path):
     chunk = store_shard_file(store, "values")
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
     assert_one_line_error(cli("store", "inspect", "--verify", str(store)), "shard 1")
-    with pytest.raises(UserError, match="shard 1"):
-        open_store(store).targets()  # what the student reads: zarr's checksum traceback before
+    opened = open_store(store)
+    with pytest.raises(UserError, match="shard 1"):  # what the student reads: zarr's checksum traceback before
+        opened.read_views(*np.divmod(np.arange(opened.num_samples * opened.num_views), opened.num_views))
 
 
 @pytest.mark.parametrize("edit", ["plan and plan_hash", "temperatures", "values dtype"])
@@ -915,3 +949,204 @@ def test_consolidated_metadata_that_changes_a_dtype_is_refused(base, tmp_path):
                                      "metadata": {"values": {**values, "data_type": other}}}
     (store / "zarr.json").write_text(json.dumps(meta))
     assert_one_line_error(cli("store", "inspect", str(store)), "consolidated metadata for 'values' differs")
+
+
+# ---------------------------------------------------------------- issue 23: every input checked before any work
+
+def _no_teacher_load(monkeypatch):
+    """Loading a large teacher takes minutes (BEiTv2-B: ~76 s here): every input must be refused before it."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before every input was checked")
+
+    monkeypatch.setattr("pipeline.teach.load_teacher", loaded)
+
+
+@pytest.mark.parametrize("case", ["plan value", "teacher spec YAML", "values encoding", "device", "store root"])
+def test_every_teach_input_is_checked_before_the_teacher_loads(base, tmp_path, monkeypatch, case):
+    _, spec, shards = base
+    _no_teacher_load(monkeypatch)
+    extra = ()
+    if case == "plan value":
+        (tmp_path / "plan.yaml").write_text("size: abc\n")
+        extra, words = ("--plan", str(tmp_path / "plan.yaml")), ("size",)
+    elif case == "teacher spec YAML":
+        (tmp_path / "bad.yaml").write_text("name: [x\n")
+        spec, words = tmp_path / "bad.yaml", ("not valid YAML",)
+    elif case == "values encoding":
+        extra, words = ("--values", "logp-s5"), ("logp-s5",)
+    elif case == "device":
+        extra, words = ("--device", "tpu"), ("--device",)
+    else:
+        extra, words = ("--store-root", "s3://"), ("s3://", "bucket")
+    assert_one_line_error(cli(*teach_args(spec, shards, tmp_path / "r", *extra)), *words)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("failure", ["missing bucket", "bad credentials", "unreachable endpoint"])
+def test_object_store_errors_are_one_line_before_the_teacher_loads(base, tmp_path, monkeypatch, s3, failure):
+    """s3fs raises FileNotFoundError / PermissionError and botocore an EndpointConnectionError (no OSError) deep in
+    the first write, after the teacher loaded: each is one line naming the URL and the fix, before it loads."""
+    import contextlib
+    import socket
+
+    import s3fs
+    from moto.core.authorization import enable_iam_authentication
+
+    from tests.conftest import S3_BUCKET
+
+    _, spec, shards = base
+    _no_teacher_load(monkeypatch)
+    root, auth = f"s3://{S3_BUCKET}/stores", contextlib.nullcontext()
+    if failure == "missing bucket":
+        root, words = "s3://no-such-bucket/stores", ("bucket 'no-such-bucket' does not exist",)
+    elif failure == "bad credentials":  # moto checks them only when asked to: the key "testing" is then unknown
+        auth, words = enable_iam_authentication(), ("access denied", "credentials")
+    else:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore retries a refused connection for ~10 s
+        words = ("cannot reach", "AWS_ENDPOINT_URL")
+    args = teach_args(spec, shards, tmp_path / "r")
+    args[args.index("--store-root") + 1] = root
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem keeps the endpoint it was made with
+    try:
+        with auth:
+            result = cli(*args)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert_one_line_error(result, root, *words)
+
+
+def test_store_list_lists_a_remote_root(base, s3):
+    """`store list s3://bucket/prefix` lists through fsspec (it took the URL for a local path: "no store")."""
+    import s3fs
+
+    from tests.conftest import S3_BUCKET
+
+    tmp, _, _ = base
+    store = next((tmp / "ref").glob("tiny-*.zarr"))
+    s3fs.S3FileSystem().put(str(store), f"{S3_BUCKET}/listed/{store.name}", recursive=True)
+    result = cli("store", "list", f"s3://{S3_BUCKET}/listed", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [(r["teacher"], r["path"]) for r in rows] == [("tiny", f"s3://{S3_BUCKET}/listed/{store.name}")]
+
+
+@pytest.mark.parametrize("case", ["interpolation foo", "bad pretrained tag", "--init bad tag",
+                                  "min_input_size null at 8 px", "branch_bn_init 7"])
+def test_student_inputs_are_checked_before_training(base, tmp_path, case):
+    """A student spec, --init or size the model cannot take is one line, not timm's KeyError/RuntimeError or GhostNet's
+    ValueError in the first step; branch_bn_init has the models' one range (pipeline.models.rep), as in a recipe."""
+    _, _, shards = base
+    spec, extra = {"model": "test_efficientnet"}, []
+    if case == "interpolation foo":
+        spec["interpolation"], words = "foo", ("interpolation", "bicubic")
+    elif case == "bad pretrained tag":
+        spec["model"], words = "test_efficientnet.nosuchtag", ("nosuchtag", "test_efficientnet.r160_in1k")
+    elif case == "--init bad tag":
+        extra, words = ["--init", "test_efficientnet.nosuchtag"], ("--init", "test_efficientnet.r160_in1k")
+    elif case == "min_input_size null at 8 px":  # null: no limit of the spec's; the network still has its own
+        spec, extra, words = {"model": "rep_ghostnetv3_050", "min_input_size": None}, ["--img-size", "8"], ("8 px",)
+    else:
+        spec, extra = {"model": "rep_ghostnetv3_050", "model_kwargs": {"branch_bn_init": 7}}, ["--img-size", "64"]
+        words = ("branch_bn_init",)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    result = cli("student", "--student", str(tmp_path / "s.yaml"), "--recipe", "demo", "--shards", str(shards),
+                 "--out", str(tmp_path / "s"), "--img-size", "48", "--epochs", "1", "--batch-size", "4",
+                 "--alpha", "0", "--quiet", *extra)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_a_null_in_params_is_refused(base, tmp_path):
+    """click passes a null from params.yaml on as None, past the option's type and range."""
+    _, spec, shards = base
+    params = tmp_path / "params.yaml"
+    params.write_text("teach:\n  num-views: null\n")
+    result = cli("teach", "--teacher", str(spec), "--shards", str(shards), "--store-root", str(tmp_path / "r"),
+                 "--device", "cpu", "--quiet", params=params)
+    assert_one_line_error(result, "num-views", "null")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("edit", ["data_type a list", "codec name a mapping"])
+def test_store_metadata_of_the_wrong_type_is_one_line(base, tmp_path, edit):
+    _, store = copied_store(base, tmp_path / "root")
+    node = store / "values" / "zarr.json"
+    meta = json.loads(node.read_text())
+    if edit == "data_type a list":
+        meta["data_type"] = [meta["data_type"]]
+    else:
+        meta["codecs"][0]["name"] = {"name": meta["codecs"][0]["name"]}
+    node.write_text(json.dumps(meta))
+    assert_one_line_error(cli("store", "inspect", str(store)), "values/zarr.json")
+
+
+def test_verify_shards_rehashes_what_the_hash_cache_trusts(base, tmp_path):
+    """The cache trusts a shard whose size and mtime are unchanged (README: it guards against accidents);
+    `teach --verify-shards` reads every byte again."""
+    _, spec, shards = base
+    root, _ = copied_store(base, tmp_path / "root")
+    changed = tmp_path / "shards"
+    shutil.copytree(shards, changed)
+    assert cli(*teach_args(spec, changed, root)).exit_code == 0  # hashed once, into the cache
+    tar = sorted(changed.glob("train-*.tar"))[0]
+    stat = tar.stat()
+    change_one_byte(tar)
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cli(*teach_args(spec, changed, root)).exit_code == 0  # size and mtime as cached: trusted
+    assert_one_line_error(cli(*teach_args(spec, changed, root, "--verify-shards")), "changed since")
+
+
+@pytest.mark.parametrize("part", ["state", "a model tensor", "__items__"])
+def test_a_checkpoint_missing_a_part_is_refused_on_resume(tmp_path, part):
+    """The checkpoint's digest covers its tensors, not the JSON tree that places them: a tree without `state`,
+    a state dict without a tensor, a mapping without its items is one line, not a KeyError or load_state_dict's."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.loop import CHECKPOINT, create_optimizer, fit
+    from pipeline.recipes import load_recipe
+
+    model, recipe = nn.Linear(3, 2), load_recipe("demo", {"epochs": 2})
+    run_id = {"run": "this one"}
+    parts = {"model": model.state_dict(), "optimizer": create_optimizer(model, recipe).state_dict(),
+             "ema": model.state_dict(), "state": {"epoch": 1, "step": 1, "history": [], "run": run_id}}
+    if part == "state":
+        del parts["state"]
+    elif part == "a model tensor":
+        parts["model"] = {"weight": parts["model"]["weight"]}
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, parts)
+    if part == "__items__":  # the tree is JSON in the file's metadata, outside the tensors' digest
+        with safe_open(str(path), framework="pt") as f:
+            metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+        metadata["tree"] = metadata["tree"].replace('"__items__"', '"__itemz__"', 1)
+        path.write_bytes(save(tensors, metadata=metadata))
+    with pytest.raises(UserError, match="checkpoint") as err:
+        fit(model, recipe, None, None, 1, tmp_path, run_id, normalize=None, resume=True)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field,value", [("top1", None), ("latency_ms", [1.0, 2.0])])
+def test_metrics_of_the_wrong_type_are_one_line(tmp_path, field, value):
+    (tmp_path / "eval").mkdir()
+    metrics = {"student": "s", "deploy": "timm mobilenetv2_100", "params": 1, "macs": 1, "top1": 90.0, "top5": 99.0,
+               "latency_ms": {"torch": 1.0}}
+    (tmp_path / "eval" / "s.json").write_text(json.dumps({**metrics, field: value}))
+    assert_one_line_error(cli("report", "--metrics", str(tmp_path / "eval"), "--out", str(tmp_path / "r")), field)
+    assert not (tmp_path / "r").exists()
+
+
+def test_colliding_imagefolder_keys_are_refused(tmp_path):
+    """`a.b.png` and `a_b.png` make one key (dots become '_'): refused, naming both, before anything is written."""
+    src = tmp_path / "images"
+    for c in ("cat", "dog"):
+        (src / c).mkdir(parents=True)
+        for i, name in enumerate(("a.b.png", "a_b.png", "c.png")):
+            (src / c / name).write_bytes(png(40 * i + (c == "dog")))
+    assert_one_line_error(cli(*shard_args(tmp_path / "o", "--source", f"imagefolder:{src}")), "a.b.png", "a_b.png")
+    assert not (tmp_path / "o").exists()

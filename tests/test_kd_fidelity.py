@@ -13,16 +13,17 @@ import pipeline.train as train_mod
 from pipeline.data.loaders import student_loader
 from pipeline.data.shards import ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
-from pipeline.distill import kd_loss
+from pipeline.distill import Targets, kd_loss
 from pipeline.errors import UserError
 from pipeline.recipes import load_recipe
-from pipeline.train import Targets, train
+from pipeline.store import StoredViews
+from pipeline.train import train
 from stages.cli import main as cli
 from tests._student_helpers import SPEC, STUDENT, make_shards, make_store, teacher_logits
 
 QUICK = {"epochs": 1, "batch_size": 16, "lr": 2e-2, "warmup_epochs": 0, "ema_decay": None,
          "num_branches": None, "scale_branch": None, "img_size": 64}
-MEAN, STD = STUDENT.mean, STUDENT.std
+MEAN, STD = STUDENT.preprocess.mean, STUDENT.preprocess.std
 # m6, not the helpers' m3: timm's Posterize at magnitude < 2.5 keeps 0 bits, which Pillow refuses (a views issue)
 PLAN = ViewPlan(seed=0, size=64, auto_augment="rand-m6-mstd0.5", re_prob=0.25)
 
@@ -51,7 +52,7 @@ def brute_coarsened(student, teacher, classes, tau):
 @pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
 def test_targets_at_a_stored_tau_are_the_exact_coarsened_kl(data, tau):
     root, store, _ = data
-    labels = store.targets()["labels"].numpy()
+    labels = store.arrays["labels"][:]
     dense = teacher_logits(labels, 2, 12)  # what make_store encoded
     index, view = torch.arange(len(labels)), torch.arange(len(labels)) % 2
     target = Targets([store], 12, tau)(index, view, "cpu")
@@ -82,8 +83,9 @@ def test_student_replays_the_stored_params(data):
     reader = ShardReader(root / "shards", "train")
     other = ViewPlan.load({**PLAN.to_dict(), "seed": 7})
     stored = np.stack([[view_params(other, reader.key(i), v) for v in range(2)] for i in range(len(reader))])
+    held = StoredViews(np.arange(stored.shape[0] * 2), 2, {"params": stored.reshape(-1, stored.shape[-1])})
     batch = next(iter(student_loader(root / "shards", "train", PLAN, 2, 64, 4, seed=0, epoch=0,
-                                     stored_params=stored)))
+                                     stored_params=held)))
     for j, (i, v) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
         want = render(reader.image(i), stored[i, v], PLAN, 64)
         assert torch.equal(batch["image"][j].permute(1, 2, 0), torch.from_numpy(want.copy()))

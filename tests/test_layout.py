@@ -1,6 +1,7 @@
 """The library's layout: `pipeline/` modules import each other without a cycle (a cycle means two modules
 that are really one, or a helper living on the wrong side), and never import `stages/` (the thin click
-commands sit above the library)."""
+commands sit above the library); teacher sources and model families are branched on only inside their registries
+(pipeline.teachers.SOURCES, the family modules of pipeline.models); no constant is spelled on both sides."""
 
 import ast
 from pathlib import Path
@@ -74,3 +75,70 @@ def test_library_never_imports_stages():
                  for p in (REPO / "pipeline").rglob("*.py")}
     offenders = {path: names for path, names in offenders.items() if names}
     assert not offenders, f"pipeline/ imports stages/: {offenders}"
+
+
+def _modules(*folders) -> dict[str, ast.Module]:
+    """{path: syntax tree} of every module under `folders`."""
+    paths = [p for folder in folders for p in (REPO / folder).rglob("*.py")]
+    return {str(p.relative_to(REPO)): ast.parse(p.read_text()) for p in paths}
+
+
+def _names_and_strings(node: ast.AST) -> set[str]:
+    """The names and string constants inside an expression."""
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_no_module_compares_a_teacher_source_by_name():
+    """A teacher source is one class in pipeline.teachers.SOURCES: code asks the source (`source_of(spec)`), it
+    never tests `spec["source"] == "timm"`, so adding a source edits no other module."""
+    from pipeline.teachers import SOURCES
+
+    names = set(SOURCES)
+    offenders = []
+    for path, tree in _modules("pipeline", "stages").items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+                sides = [node.left, *node.comparators]
+                by_key = any(isinstance(s, ast.Subscript) and isinstance(s.slice, ast.Constant)
+                             and s.slice.value == "source" for s in sides)
+                by_get = any(isinstance(s, ast.Call) and isinstance(s.func, ast.Attribute) and s.func.attr == "get"
+                             and s.args and isinstance(s.args[0], ast.Constant) and s.args[0].value == "source"
+                             for s in sides)
+                by_name = any(isinstance(s, ast.Constant) and s.value in names for s in sides)
+                if by_key or by_get or by_name:
+                    offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "teacher sources compared by name outside their registry:\n" + "\n".join(offenders)
+
+
+def test_no_branch_over_model_families_outside_their_modules():
+    """What a family (a module that registers rep_* students in timm) knows about its stock and deploy forms lives
+    in its module; no other code branches on a family, a student name or a stock name."""
+    from pipeline.models import STOCK_NAMES
+
+    families = {str(p.relative_to(REPO)) for p in (REPO / "pipeline" / "models").glob("*.py")
+                if "@register_model" in p.read_text()}
+    words = {Path(f).stem for f in families} | set(STOCK_NAMES) | set(STOCK_NAMES.values())
+    offenders = []
+    for path, tree in _modules("pipeline", "stages").items():
+        if path in families:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.If, ast.IfExp)) and _names_and_strings(node.test) & words:
+                offenders.append(f"{path}:{node.lineno}: if {ast.unparse(node.test)}")
+    assert not offenders, "branches over model families outside their modules:\n" + "\n".join(offenders)
+
+
+def _constants(folder: str) -> dict[str, str]:
+    """{UPPER_CASE name: module} of the module-level constants under `folder`."""
+    return {target.id: path for path, tree in _modules(folder).items() for node in tree.body
+            if isinstance(node, ast.Assign) for target in node.targets
+            if isinstance(target, ast.Name) and target.id.isupper()}
+
+
+def test_stages_spell_no_library_constant():
+    """A value both a command's --help and the library need is spelled once, in the torch-free pipeline.defaults,
+    never once per side (two spellings drift apart)."""
+    library, commands = _constants("pipeline"), _constants("stages")
+    twice = {name: (library[name], commands[name]) for name in library.keys() & commands.keys()}
+    assert not twice, f"constants spelled in both pipeline/ and stages/: {twice}"

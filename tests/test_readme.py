@@ -67,3 +67,17 @@ def test_readme_snippet_runs(index, outputs):
         if command:
             proc = subprocess.run(["bash", "-c", command], cwd=outputs, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, f"README line failed: {command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+def test_readme_deploy_params_are_the_stock_models():
+    """The README's deploy counts are what the deployed (stock) model holds, not the folded training form."""
+    import timm
+
+    from pipeline.models import count_params_macs, to_stock
+
+    line = re.search(r"GhostNetV3\s+0\.5x / 1\.0x / 1\.3x / 1\.6x = ([\d,/ ]+) params", README)
+    assert line, "the README states no deploy parameter counts of GhostNetV3 0.5x-1.6x"
+    stated = [int(v.replace(",", "")) for v in line.group(1).split("/")]
+    counted = [count_params_macs(to_stock(timm.create_model(f"rep_ghostnetv3_{w}", num_classes=1000)))[0]
+               for w in ("050", "100", "130", "160")]
+    assert stated == counted

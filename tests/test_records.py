@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.fuse import fuse_student
+from pipeline.preprocess import Preprocess
 from pipeline.recipes import load_recipe
 from pipeline.records import FusedStudent, StudentSpec, TrainedStudent
 from pipeline.train import build_student
@@ -31,11 +32,11 @@ def test_a_manifest_with_only_name_and_model_takes_the_models_timm_cfg(tmp_path)
         path = tmp_path / f"{model}.yaml"
         path.write_text(f"name: mine\nmodel: {model}\n")
         spec = StudentSpec.resolve(str(path))
-        assert spec == StudentSpec(name="mine", model=model, model_kwargs={}, input_size=224,
-                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
-                                   crop_pct=None, min_input_size=smallest)
+        pre = Preprocess(input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=None,
+                         interpolation="bicubic")
+        assert spec == StudentSpec(name="mine", model=model, model_kwargs={}, preprocess=pre, min_input_size=smallest)
     stated = StudentSpec.resolve({"model": "rep_mobilenetv2_100", "input_size": [3, 96, 96], "crop_pct": 1})
-    assert (stated.name, stated.input_size, stated.crop_pct) == ("student", 96, 1.0)
+    assert (stated.name, stated.preprocess.input_size, stated.preprocess.crop_pct) == ("student", 96, 1.0)
 
 
 def test_student_spec_round_trips(tmp_path):
@@ -82,10 +83,10 @@ def test_trained_and_fused_records_round_trip(fused, tmp_path):
         (tmp_path / "s" / name).write_bytes((student_dir / name).read_bytes())
     trained.write(tmp_path / "s")
     assert TrainedStudent.read(tmp_path / "s") == trained
-    assert trained.mean == (0.485, 0.456, 0.406) and trained.model_kwargs["num_branches"] == 3
+    assert trained.preprocess.mean == (0.485, 0.456, 0.406) and trained.model_kwargs["num_branches"] == 3
     record = FusedStudent.read(fused_dir)
     assert (record.student, record.model, record.stock_model) == ("student", "rep_ghostnetv3_050", "ghostnetv2_050")
-    assert record.crop_pct == trained.crop_pct and record.onnx_check is None and set(record.sha256) == {
+    assert record.preprocess == trained.preprocess and record.onnx_check is None and set(record.sha256) == {
         "fused.safetensors"}
     copy = tmp_path / "f"
     copy.mkdir()

@@ -180,7 +180,7 @@ def test_students_near_the_teacher_get_the_exact_loss_through_the_store(tmp_path
     small, so a rounded target costs it most) gets the float64 coarsened KL within 1e-3 and its gradient within
     1e-2, at every stored tau, on a sharp 1000-class teacher (top-1 p ~0.9)."""
     from pipeline.distill import bucket_kl, teacher_target
-    from pipeline.store import DEFAULT_VALUES
+    from pipeline.defaults import DEFAULT_VALUES
 
     n, v, k, c = 64, 2, 10, 1000
     g = torch.Generator().manual_seed(0)
@@ -206,3 +206,18 @@ def test_students_near_the_teacher_get_the_exact_loss_through_the_store(tmp_path
     got.backward()
     want.backward()
     assert float((s1.grad - s2.grad).norm() / s2.grad.norm()) <= 1e-2
+
+
+def test_every_read_checks_the_shard_files_it_reads(tmp_path):
+    """Reads hash each shard file as they read it (no check once at start, no cache): a byte changed after an
+    earlier read is one line naming the shard, for (only) the reads that need that shard."""
+    store, _ = make_store(tmp_path / "s.zarr", values="logp-s181")  # 5 rows in shards of 2: shards 0, 1, 2
+    index, view = torch.tensor([0, 1, 4]), torch.tensor([1, 0, 1])  # rows of shards 0 and 2
+    before = store.lookup(index, view)
+    chunk = tmp_path / "s.zarr" / "values" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    assert all(torch.equal(a, b) for a, b in zip(store.lookup(index, view), before))
+    with pytest.raises(UserError, match=r"shard 1: values/c/1/0/0 is not the file written"):
+        store.lookup(torch.tensor([2]), torch.tensor([0]))

@@ -141,12 +141,15 @@ def test_gallery_tile_is_the_teachers_replayed_view(setup, tmp_path):
 
     import shutil
 
-    from pipeline.store import open_store
+    from pipeline.store import StoreWriter, check_metadata, open_store
 
     _, _, shards, ref, _ = setup
     shutil.copytree(ref.path, tmp_path / "s.zarr")  # views 0 and 1 swapped: the store, not the plan, is the truth
-    params = zarr.open_group(tmp_path / "s.zarr", mode="r+")["params"]
-    params[:] = params[:][:, ::-1]
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
+    group["params"][:] = group["params"][:][:, ::-1]
+    writer = StoreWriter(group, tmp_path / "s.zarr", check_metadata(tmp_path / "s.zarr"))
+    for shard in range(writer.num_shards):  # sealed as teach seals what it writes: reads check the files
+        writer.seal(shard)
     store = open_store(tmp_path / "s.zarr")
     out = tmp_path / "views.png"
     result = run_cli("store", "show", str(store.path), "--shards", str(shards), "--n", "6", "--out", str(out))

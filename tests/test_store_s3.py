@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from pipeline.recipes import load_recipe  # noqa: E402
 from pipeline.store import ARRAYS, open_pointer  # noqa: E402
@@ -21,34 +21,10 @@ from pipeline.train import train  # noqa: E402
 from tests._data_helpers import synthetic_shards  # noqa: E402
 from tests._student_helpers import STUDENT  # noqa: E402
 from tests._teach_helpers import NUM_CLASSES, teach_args, tiny_teacher  # noqa: E402
-from tests.conftest import EMPTY_PARAMS  # noqa: E402
+from tests.conftest import EMPTY_PARAMS, S3_BUCKET as BUCKET  # noqa: E402
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 NO_PARAMS = ["--params", EMPTY_PARAMS]
-BUCKET = "team-stores"
-
-
-@pytest.fixture(scope="module")
-def s3(monkeypatch_module):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch_module.setenv(k, v)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def _torchrun(spec, shards, root, out):

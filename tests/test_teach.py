@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from pipeline.data.shards import ShardReader, read_manifest
@@ -80,7 +81,7 @@ def test_store_equals_direct_forward(setup):
 
 def test_complete_store_is_up_to_date_without_forward(setup, monkeypatch):
     tmp, spec, shards, store = setup
-    monkeypatch.setattr("pipeline.teach.Forward.__call__", lambda *a: pytest.fail("teacher forward ran"))
+    monkeypatch.setattr("pipeline.teachers.Forward.__call__", lambda *a: pytest.fail("teacher forward ran"))
     result = run_cli(*teach_args(spec, shards, tmp / "ref")[:-1])
     assert result.exit_code == 0 and "up to date" in result.output
 
@@ -170,3 +171,21 @@ def test_threads_option_is_recorded(setup, tmp_path):
         torch.set_num_threads(before)
     store = open_pointer(tmp_path / "t" / "out" / "tiny.json")
     assert store.group.attrs["run"]["threads"] == 1
+
+
+def test_a_crop_pct_edit_leaves_the_store_key_alone(setup, monkeypatch):
+    """The clean eval render (crop_pct, interpolation) is no input of the stored logits: the views are the plan's,
+    at the teacher's input size and normalisation. Old code: the edit changed the key and re-ran the teacher."""
+    tmp, spec, shards, ref = setup
+    stated = yaml.safe_load(spec.read_text())
+    cropped = tmp / "cropped.yaml"
+    cropped.write_text(yaml.safe_dump({**stated, "crop_pct": 0.5, "interpolation": "bilinear"}))
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.teachers.Forward.__call__", lambda *a: pytest.fail("teacher forward ran"))
+        result = run_cli(*teach_args(cropped, shards, tmp / "ref")[:-1])
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    assert open_pointer(tmp / "ref" / "out" / "tiny.json").key == ref.key
+    normalised = tmp / "mean.yaml"  # the normalisation changes the numbers: its own store
+    normalised.write_text(yaml.safe_dump({**stated, "mean": [0.4, 0.5, 0.5]}))
+    assert run_cli(*teach_args(normalised, shards, tmp / "mean")).exit_code == 0
+    assert open_pointer(tmp / "mean" / "out" / "tiny.json").key != ref.key

@@ -6,7 +6,9 @@ import yaml
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.teachers import load_teacher, resolve_spec
+from pipeline.io import state_digest
+from pipeline.teachers import (SOURCES, TeacherSource, artifact_spec, load_teacher, resolve_spec,
+                               source_of)
 from tests._teach_helpers import tiny_teacher
 
 
@@ -92,3 +94,32 @@ def test_file_teacher_without_crop_pct_gets_the_whole_image(source):
                          "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10})
     assert spec["crop_pct"] == 1.0
     assert resolve_spec({**spec, "crop_pct": 0.9})["crop_pct"] == 0.9
+
+
+class Held(TeacherSource):
+    """A teacher source written for this test alone: models held in memory by name (what a new source needs)."""
+
+    name = "held"
+    models = {}
+
+    def load(self, spec):
+        return self.models[spec["model"]]
+
+    def digest(self, spec, model):
+        return state_digest(model.state_dict())
+
+
+def test_a_new_source_is_one_class(monkeypatch):
+    """Registered in SOURCES, one class resolves, loads, digests; it runs no code, so an artifact may name it; its
+    defaults are a user's own model's; it cannot be fine-tuned unless it says how."""
+    monkeypatch.setitem(SOURCES, Held.name, Held)
+    monkeypatch.setitem(Held.models, "own", Own())
+    spec = {"name": "own", "model": "own", "source": "held", "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
+            "num_classes": 5}
+    assert resolve_spec(spec)["crop_pct"] == 1.0 and artifact_spec(spec, "a store") == resolve_spec(spec)
+    model, digest = load_teacher(spec)
+    assert model is Held.models["own"] and not model.training and digest == state_digest(model.state_dict())
+    with pytest.raises(UserError, match="must state its preprocessing"):
+        resolve_spec({k: v for k, v in spec.items() if k != "mean"})
+    with pytest.raises(UserError, match="a held teacher cannot be fine-tuned"):
+        source_of(resolve_spec(spec)).trainable(resolve_spec(spec), 5, pretrained=False)

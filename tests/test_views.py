@@ -209,7 +209,7 @@ def test_renderer_is_part_of_the_plan_hash():
 def test_fast_renderer_stays_close_to_the_reference():
     """Same views (params); the fast path's pixels differ by a few levels (bilinear warp, DCT-scaled
     decode): measured mean |diff| 1.6 levels (worst view 3.1) at 224 px, 2.6 (worst 5.9) at 96 px."""
-    from pipeline.data.shards import Source
+    from pipeline.data.images import Source
 
     ref = ViewPlan()
     fast = dataclasses.replace(ref, renderer="fast")
@@ -230,7 +230,7 @@ def test_jpeg_decode_gives_opencvs_pixels():
     every subsampling, grey, CMYK (Adobe), progressive, at every DCT scale; a PNG goes to OpenCV."""
     import io
 
-    from pipeline.data.shards import Source, _opencv_decode, _turbo_decode
+    from pipeline.data.images import Source, _opencv_decode, _turbo_decode
 
     image = Image.open(io.BytesIO(_jpeg(size=(203, 150))))
     for mode, options in (("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"subsampling": 1}), ("L", {}),

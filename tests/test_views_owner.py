@@ -20,8 +20,8 @@ import pipeline.finetune
 import pipeline.recipes
 import pipeline.train
 import stages.finetune_teacher
+import stages.options
 import stages.student
-import stages.teach
 from pipeline.data.views import ViewPlan
 from pipeline.recipes import load_recipe
 from stages.cli import main
@@ -77,7 +77,7 @@ def test_a_new_view_setting_reaches_every_consumer_untouched(extended, tmp_path,
     assert seen.pop("recipe").plan == {"blur_prob": 0.4}
     # teach's --plan (a file) and finetune-teacher's (teach's by default, or a file)
     (tmp_path / "plan.yaml").write_text("blur_prob: 0.6\n")
-    assert stages.teach.PlanParam().convert(str(tmp_path / "plan.yaml"), None, None).blur_prob == 0.6
+    assert stages.options.PlanParam().convert(str(tmp_path / "plan.yaml"), None, None).blur_prob == 0.6
     scores = {"clean": 0.0, "views": 0.0}
     metrics = {"teacher": "t", "name": "t-ft", "before": scores, "after": scores, "epochs": 1, "init": "scratch",
                "seconds": 0}

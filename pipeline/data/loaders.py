@@ -84,15 +84,17 @@ class _SampleMajorRows:
 
 def _render_views(reader: ShardReader, rows: np.ndarray, plan: ViewPlan, size: int, stored=None):
     """uint8 [B, 3, H, W] images (channels-last memory: the renders' own layout, no copy) and int32 [B, P]
-    params of the (index, view) rows: the params are `stored[index, view]` when given (the store's,
-    [N, V, P]), else derived from the plan."""
+    params of the (index, view) rows: the store's when `stored` (a store.StoredViews holding the rows) is
+    given, else derived from the plan."""
+    if stored is None:
+        params = np.stack([view_params(plan, reader.key(int(i)), int(v)) for i, v in rows]).astype(np.int32)
+    else:
+        params = stored.params(rows[:, 0], rows[:, 1]).astype(np.int32)
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
-    params = np.empty((len(rows), plan.params_dim), dtype=np.int32)
     last, image = -1, None
     for j, (i, v) in enumerate(rows):
         if i != last:
             last, image = i, reader.source(int(i))
-        params[j] = view_params(plan, reader.key(int(i)), int(v)) if stored is None else stored[i, v]
         images[j] = render(image, params[j], plan, size)
     return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(params)
 
@@ -116,7 +118,7 @@ class _TeacherBatch:
 class _StudentBatch:
     plan: ViewPlan
     size: int
-    stored: np.ndarray | None = None
+    stored: object = None  # store.StoredViews
 
     def __call__(self, reader, rows):
         images, _ = _render_views(reader, rows, self.plan, self.size, self.stored)
@@ -158,17 +160,10 @@ def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
     return (offsets + phase) % num_views
 
 
-def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int,
-                   batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                   workers: int = 0, drop_last: bool = False,
-                   stored_params: np.ndarray | None = None) -> DataLoader:
-    """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
-    global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees).
-    Images are uint8, as the teacher's: the trainer normalises them on its device (runtime.Normalize),
-    which keeps a float pass and 4x the bytes out of the loader workers and the host-to-GPU copy.
-
-    `stored_params` [N, V, P] (a teacher store's `params`): replay exactly those views (the store is the
-    truth about what the teacher saw); without it the params are derived from the plan."""
+def student_batches(shard_dir, split, num_views: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                    world_size: int = 1, drop_last: bool = False) -> list[np.ndarray]:
+    """This rank's batches of `epoch` as int64 [B, 2] (index, view) rows: student_loader's, and what the
+    student reads from its stores for that epoch (a pure function of its arguments: resume replays it)."""
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
     reader = _reader(shard_dir, split)
@@ -178,17 +173,32 @@ def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int,
     rows = _chunks(np.stack([perm, views], 1), batch_size)
     if drop_last and rows and len(rows[-1]) < batch_size:
         rows = rows[:-1]
-    return _loader(reader, rows, _StudentBatch(plan, size, stored_params), workers)
+    return rows
 
 
-def replay_mismatch(shard_dir, split, plan: ViewPlan, stored_params: np.ndarray, samples: int = 64, seed: int = 0):
-    """A random sample of stored view params re-derived from the plan here: the first (index, view) that
-    differs, or None. A difference means another numpy/timm/Pillow drew the views than this environment."""
+def student_loader(shard_dir, split, plan: ViewPlan, num_views: int, size: int,
+                   batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                   workers: int = 0, drop_last: bool = False, stored_params=None) -> DataLoader:
+    """One view per sample for `epoch`, globally shuffled; rank r takes a strided share of each
+    global batch of world_size * batch_size samples (so 2 ranks x b sees what 1 rank x 2b sees).
+    Images are uint8, as the teacher's: the trainer normalises them on its device (runtime.Normalize),
+    which keeps a float pass and 4x the bytes out of the loader workers and the host-to-GPU copy.
+
+    `stored_params` (a store.StoredViews holding this epoch's rows, LogitStore.read_views): replay exactly
+    the views the store holds (the store is the truth about what the teacher saw); without it the params
+    are derived from the plan."""
+    rows = student_batches(shard_dir, split, num_views, batch_size, seed, epoch, rank, world_size, drop_last)
+    return _loader(_reader(shard_dir, split), rows, _StudentBatch(plan, size, stored_params), workers)
+
+
+def replay_mismatch(shard_dir, split, plan: ViewPlan, stored, samples: int = 64, seed: int = 0):
+    """A random sample of the view params `stored` holds (a store.StoredViews) re-derived from the plan here:
+    the first (index, view) that differs, or None. A difference means another numpy/timm/Pillow drew the
+    views than this environment."""
     reader = _reader(shard_dir, split)
-    rng = np.random.default_rng(seed)
-    count = min(samples, stored_params.shape[0] * stored_params.shape[1])
-    for i, v in zip(rng.integers(0, stored_params.shape[0], count), rng.integers(0, stored_params.shape[1], count)):
-        if not np.array_equal(view_params(plan, reader.key(int(i)), int(v)), stored_params[i, v]):
+    codes = np.random.default_rng(seed).choice(stored.codes, min(samples, len(stored)), replace=False)
+    for i, v in zip(*np.divmod(codes, stored.num_views)):
+        if not np.array_equal(view_params(plan, reader.key(int(i)), int(v)), stored.params([i], [v])[0]):
             return int(i), int(v)
     return None
 
@@ -205,21 +215,23 @@ def view_environment() -> dict:
             "simplejpeg": simplejpeg.__version__}
 
 
-def replay_views(shard_dir, split, plan: ViewPlan, rows: np.ndarray, stored_params: np.ndarray, size: int):
-    """uint8 [B, 3, size, size] renders of the (index, view) `rows` from the stored params [N, V, P]."""
-    return _render_views(_reader(shard_dir, split), np.asarray(rows), plan, size, stored_params)[0]
+def replay_views(shard_dir, split, plan: ViewPlan, rows: np.ndarray, stored, size: int):
+    """uint8 [B, 3, size, size] renders of the (index, view) `rows` from the params `stored` holds for them
+    (a store.StoredViews)."""
+    return _render_views(_reader(shard_dir, split), np.asarray(rows), plan, size, stored)[0]
 
 
-def eval_loader(shard_dir, split, size: int, crop_pct: float, interpolation: str,
-                batch_size: int, workers: int = 0, subset: tuple[int, int] | None = None) -> DataLoader:
-    """Resize to size / crop_pct and centre-crop `size` (timm's eval transform), as uint8: the model's
-    side normalises on its device (runtime.Normalize), as for every view (timm's prefetcher form).
+def eval_loader(shard_dir, split, pre, batch_size: int, workers: int = 0,
+                subset: tuple[int, int] | None = None) -> DataLoader:
+    """A model's clean eval images (its pipeline.preprocess.Preprocess): resize to input_size / crop_pct and
+    centre-crop (timm's eval transform), as uint8: the model's side normalises on its device
+    (runtime.Normalize.of), as for every view (timm's prefetcher form).
 
     subset (count, seed): only that many images, a fixed seeded choice (in split order), for cheap
     per-epoch validation."""
     reader = _reader(shard_dir, split)
-    transform = create_transform(input_size=size, is_training=False, interpolation=interpolation,
-                                 crop_pct=crop_pct, use_prefetcher=True)
+    transform = create_transform(input_size=pre.input_size, is_training=False, interpolation=pre.interpolation,
+                                 crop_pct=pre.crop_pct, use_prefetcher=True)
     indices = np.arange(len(reader), dtype=np.int64)
     if subset is not None and subset[0] < len(reader):
         indices = np.sort(np.random.default_rng(subset[1]).choice(indices, size=subset[0], replace=False))

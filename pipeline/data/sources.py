@@ -16,8 +16,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import (IMAGE_EXTS, MANIFEST, Sample, decode_image, index_tar, normalise_member,
-                                  read_manifest, read_range)
+from pipeline.data.images import decode_image
+from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, index_tar, normalise_member, read_manifest, read_range
+from pipeline.defaults import RENDERED_SIZE, SPEC_OPTIONS
 from pipeline.errors import UserError
 
 VAL_NAMES = re.compile(r"^(val|valid|validation|test)[-_.]")  # shard names of a held-out split
@@ -223,11 +224,6 @@ def synthetic(num_classes: int, per_class: int, size: int, fmt: str, val_fractio
             key = f"c{c:03d}_{j:05d}"
             samples.append(Sample(key, c, fmt, f"synthetic[{key}]", partial(_const, _encode(img, fmt))))
     return "synthetic", [f"class{c}" for c in range(num_classes)], stratified_split(samples, val_fraction, seed)
-
-
-RENDERED_SIZE = 64  # digits / synthetic images when --image-size is not given
-# The `pipeline shard` options a manifests/datasets spec sets, unless given on the command line.
-SPEC_OPTIONS = ("source", "name", "val_fraction", "image_size", "shard_size", "crop_pct")
 
 
 def _read_files(read, arg, *, val_fraction, seed, image_size, **_):

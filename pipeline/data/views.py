@@ -33,7 +33,7 @@ from timm.data import auto_augment
 from timm.data.auto_augment import LEVEL_TO_ARG, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
-from pipeline.data.shards import opencv
+from pipeline.data.images import opencv
 from pipeline.errors import UserError
 from pipeline.io import stable_hash
 
@@ -46,6 +46,9 @@ ERASE_AREA = (0.02, 1 / 3)  # timm RandomErasing defaults (fraction of the image
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 MAX_ERASE = 8  # erase boxes per view (timm's RandomErasing max_count); each takes 4 params slots
 MAX_SIZE = 4096  # px of a rendered view
+# The resize filters by timm's names (str_to_pil_interp; torchvision's modes for eval): the one list that plans,
+# teacher and student specs and records are checked against (another name is a KeyError deep in a loader).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 RA_SECTION = re.compile(r"(m|n|mstd|mmax|inc|p)\d+(\.\d+)?")  # the sections of a RandAugment spec timm reads
 ERASE_FILL = (124, 116, 104)  # ImageNet mean in uint8, timm's fill for geometric ops and const erase
 CROP_SLOTS, FLIP_SLOT, LAYERS_SLOT = 2, 2, 3
@@ -193,7 +196,7 @@ def _check_types(plan: "ViewPlan") -> None:
     check(isinstance(plan.re_count, int) and not isinstance(plan.re_count, bool) and 1 <= plan.re_count <= MAX_ERASE,
           "re_count", f"an integer in 1..{MAX_ERASE}")
     check(plan.auto_augment is None or isinstance(plan.auto_augment, str), "auto_augment", "a RandAugment spec or null")
-    check(isinstance(plan.interpolation, str), "interpolation", "a name such as bicubic")
+    check(plan.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -326,7 +329,7 @@ def _op_args(op, magnitude: float, negated: bool) -> tuple:
 def render(image, params, plan: ViewPlan, size: int | None = None) -> np.ndarray:
     """Render the view described by `params` as uint8 [size, size, 3]; same region at any size.
 
-    `image` is a decoded PIL image or a `pipeline.data.shards.Source` (the image's bytes, which lets
+    `image` is a decoded PIL image or a `pipeline.data.images.Source` (the image's bytes, which lets
     the fast renderer decode a JPEG at reduced size); the loaders always pass a Source, so a teacher
     and a student rendering the same params with the same plan get the same pixels.
     """

@@ -18,20 +18,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
-from pipeline.models import mobilenetv2, shufflenetv2
-from pipeline.models.ghostnet import GHOSTNET_CFGS, WIDTHS, convert_timm_ghostnetv3, stock_ghostnetv2
+from pipeline.models import ghostnet, mobilenetv2, shufflenetv2
+from pipeline.models.ghostnet import convert_timm_ghostnetv3
 from pipeline.models.rep import RepConvBN, stock_state_dict
 
 __all__ = ["reparameterize", "stock_model_name", "create_stock_model", "to_stock", "count_params_macs",
-           "convert_timm_ghostnetv3", "pretrained_overlay", "deploy_spec"]
+           "convert_timm_ghostnetv3", "pretrained_overlay", "deploy_spec", "timm_cfg"]
 
-# rep student -> stock architecture name (timm, except torchvision's shufflenet_v2_*; timm registers no
-# ghostnetv2_050, which is built as timm GhostNet(version='v2', width=0.5))
-STOCK_NAMES = {
-    **{f"rep_ghostnetv3_{w}": f"ghostnetv2_{w}" for w in WIDTHS},
-    **mobilenetv2.STOCK,
-    **shufflenetv2.STOCK,
-}
+# Each family module knows its stock architectures: STOCK (rep student -> stock name), stock_model(stock,
+# num_classes) and deploy_spec(stock, num_classes).
+FAMILIES = (ghostnet, mobilenetv2, shufflenetv2)
+STOCK_NAMES = {rep: stock for family in FAMILIES for rep, stock in family.STOCK.items()}
+_FAMILY_OF_STOCK = {stock: family for family in FAMILIES for stock in family.STOCK.values()}
+
+
+def timm_cfg(model: str, where: str, fix: str):
+    """timm's pretrained_cfg of a model name or `name.tag` (None: a model timm does not know). An unknown tag of a
+    known model is one line naming the tags there are: timm raises a RuntimeError for it (deep in create_model)."""
+    try:
+        return timm.models.get_pretrained_cfg(model)
+    except RuntimeError:
+        base = model.split(".")[0]
+        tags = ", ".join(timm.list_pretrained(f"{base}.*")[:8]) or "none"
+        raise UserError(f"{where}: {model!r} names no pretrained tag of timm model {base} (its tags: {tags}); "
+                        f"{fix}") from None
 
 
 def pretrained_overlay(name: str, init: str) -> tuple[dict, dict]:
@@ -57,10 +67,10 @@ def pretrained_overlay(name: str, init: str) -> tuple[dict, dict]:
             raise UserError(f"--init {init} is not a readable safetensors file ({type(err).__name__}: {err})") from None
         overlay = dict(file=str(path), **({"num_classes": classes} if classes else {}))
         return overlay, {"source": str(path), "sha256": sha256_file(path)}
-    cfg = timm.models.get_pretrained_cfg(init) if "." in init else None
+    fix = "see timm.list_pretrained() or give a .safetensors file"
+    cfg = timm_cfg(init, "--init", fix) if "." in init else None  # a bad tag of a known model: one line
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise UserError(f"--init {init}: neither a file nor a timm pretrained tag with weights; "
-                        "see timm.list_pretrained() or give a .safetensors file")
+        raise UserError(f"--init {init}: neither a file nor a timm pretrained tag with weights; {fix}")
     keys = ("hf_hub_id", "hf_hub_filename", "url", "num_classes")
     overlay = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
     return overlay, {"source": init, "sha256": None, **{k: overlay[k] for k in ("hf_hub_id", "url") if k in overlay}}
@@ -78,16 +88,18 @@ def stock_model_name(name: str) -> str:
     return STOCK_NAMES[name]
 
 
+def _stock_family(name: str):
+    """(the family module, the stock name) of a rep student name or a stock name."""
+    stock = STOCK_NAMES.get(name, name)
+    if stock not in _FAMILY_OF_STOCK:
+        raise ValueError(f"no stock architecture for '{name}'; known: {', '.join(STOCK_NAMES)}")
+    return _FAMILY_OF_STOCK[stock], stock
+
+
 def create_stock_model(name: str, num_classes: int = 1000) -> nn.Module:
     """The stock timm / torchvision model for a rep student name (or a stock name), randomly initialised."""
-    stock = STOCK_NAMES.get(name, name)
-    if stock not in STOCK_NAMES.values():
-        raise ValueError(f"no stock architecture for '{name}'; known: {', '.join(STOCK_NAMES)}")
-    if stock == "ghostnetv2_050":
-        return stock_ghostnetv2(0.5, num_classes=num_classes)
-    if stock in shufflenetv2.STOCK.values():
-        return shufflenetv2.stock_shufflenetv2(stock, num_classes=num_classes)
-    return timm.create_model(stock, num_classes=num_classes)
+    family, stock = _stock_family(name)
+    return family.stock_model(stock, num_classes=num_classes)
 
 
 def to_stock(model: nn.Module) -> nn.Module:
@@ -126,26 +138,7 @@ def deploy_spec(name: str, num_classes: int) -> dict:
     """How to build the stock architecture of `name` with timm or torchvision alone (fuse.json's "deploy").
 
     {"call": dotted callable, "args": [...], "kwargs": {...}, "python": the same call as one line of code,
-    "label": the call without the block table, for tables}.
-    timm registers no GhostNetV2 0.5x and its ghostnetv2_* entry points fix the width, so that one is
-    timm's public `GhostNet` class with the block table carried in the kwargs.
+    "label": the call without the block table, for tables}: its family module's deploy_spec.
     """
-    stock = STOCK_NAMES.get(name, name)
-    if stock not in STOCK_NAMES.values():
-        raise ValueError(f"no stock architecture for '{name}'; known: {', '.join(STOCK_NAMES)}")
-    kwargs = {"num_classes": num_classes}
-    if stock == "ghostnetv2_050":
-        call, args = "timm.models.ghostnet.GhostNet", []
-        kwargs = {"cfgs": GHOSTNET_CFGS, "width": 0.5, "version": "v2", **kwargs}
-        python = f'timm.models.ghostnet.GhostNet(cfgs=fuse["deploy"]["kwargs"]["cfgs"], width=0.5, version="v2", ' \
-                 f'num_classes={num_classes})'
-        label = 'timm GhostNet(width=0.5, version="v2", cfgs from fuse.json)'
-    elif stock in shufflenetv2.STOCK.values():
-        call, args = f"torchvision.models.{stock}", []
-        python = f"torchvision.models.{stock}(num_classes={num_classes})"
-        label = f"torchvision {stock}"
-    else:
-        call, args = "timm.create_model", [stock]
-        python = f'timm.create_model("{stock}", num_classes={num_classes})'
-        label = f"timm {stock}"
-    return {"call": call, "args": args, "kwargs": kwargs, "python": python, "label": label}
+    family, stock = _stock_family(name)
+    return family.deploy_spec(stock, num_classes)

@@ -9,12 +9,13 @@ shortcuts, head) is timm's own code, so the fused weights load into stock `ghost
 
 import re
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.ghostnet import GhostBottleneck, GhostNet
 
-from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
+from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn, timm_deploy
 
 # Smallest input side: 5 stride-2 stages leave 1 pixel at 32 px, which DFC attention's 2x2 average pool
 # cannot take (forward_features refuses it). Students train at >= MIN_TRAIN_SIZE, the pretrained_cfg's
@@ -37,11 +38,28 @@ GHOSTNET_CFGS = [
 ]
 
 WIDTHS = {"050": 0.5, "100": 1.0, "130": 1.3, "160": 1.6}
+STOCK = {f"rep_ghostnetv3_{w}": f"ghostnetv2_{w}" for w in WIDTHS}  # GhostNetV3 deploys as GhostNetV2
 
 
-def stock_ghostnetv2(width: float, num_classes: int = 1000, **kwargs) -> GhostNet:
-    """timm's GhostNetV2 architecture at any width (timm registers only 1.0/1.3/1.6 as ghostnetv2_*)."""
-    return GhostNet(GHOSTNET_CFGS, num_classes=num_classes, width=width, version="v2", **kwargs)
+def stock_model(stock: str, num_classes: int = 1000) -> GhostNet:
+    """timm's GhostNetV2 `stock`, randomly initialised: timm registers only 1.0/1.3/1.6 as ghostnetv2_*, so
+    the others are timm's GhostNet class at their width."""
+    if timm.is_model(stock):
+        return timm.create_model(stock, num_classes=num_classes)
+    return GhostNet(GHOSTNET_CFGS, num_classes=num_classes, width=WIDTHS[stock[-3:]], version="v2")
+
+
+def deploy_spec(stock: str, num_classes: int) -> dict:
+    """How timm alone builds `stock` (pipeline.models.deploy_spec): by name, or, at a width timm does not
+    register, its public GhostNet class with the block table carried in the kwargs."""
+    if timm.is_model(stock):
+        return timm_deploy(stock, num_classes)
+    width = WIDTHS[stock[-3:]]
+    return {"call": "timm.models.ghostnet.GhostNet", "args": [],
+            "kwargs": {"cfgs": GHOSTNET_CFGS, "width": width, "version": "v2", "num_classes": num_classes},
+            "python": f'timm.models.ghostnet.GhostNet(cfgs=fuse["deploy"]["kwargs"]["cfgs"], width={width}, '
+                      f'version="v2", num_classes={num_classes})',
+            "label": f'timm GhostNet(width={width}, version="v2", cfgs from fuse.json)'}
 
 
 @torch.fx.wrap

@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
-from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn
+from pipeline.models.rep import branch_settings, rep_state_dict, replace_conv_bn, timm_deploy
 
 # (conv, bn) attribute pairs of each timm block type, in forward order
 _CONV_BN_PAIRS = {
@@ -19,6 +19,16 @@ _CONV_BN_PAIRS = {
 }
 
 STOCK = {"rep_mobilenetv2_100": "mobilenetv2_100", "rep_mobilenetv2_140": "mobilenetv2_140"}
+
+
+def stock_model(stock: str, num_classes: int = 1000):
+    """timm's MobileNetV2 `stock`, randomly initialised."""
+    return timm.create_model(stock, num_classes=num_classes)
+
+
+def deploy_spec(stock: str, num_classes: int) -> dict:
+    """How timm alone builds `stock` (pipeline.models.deploy_spec)."""
+    return timm_deploy(stock, num_classes)
 
 
 def _rep_mobilenetv2(stock: str, num_branches: int | None = None, scale_branch: bool | None = None,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # The re-parameterization knobs of every rep_* model: their ONE default (the paper's, Table 2: N=3 kxk
 # branches + the 1x1 scale branch; the BN identity branch where shapes allow) and ONE range check (N in 1..5,
-# the paper's ablation range). Specs and recipes that leave a knob unset (null) get these.
+# the paper's ablation range; branch_bn_init in [0, 1]). Specs and recipes that leave a knob unset (null) get these.
 BRANCH_DEFAULTS = {"num_branches": 3, "scale_branch": True, "identity_branch": True, "branch_bn_init": 0.0}
 MAX_BRANCHES = 5
 
@@ -23,6 +23,14 @@ def check_num_branches(num_branches) -> None:
     """ValueError naming the knob unless 1 <= num_branches <= MAX_BRANCHES (an int)."""
     if isinstance(num_branches, bool) or not isinstance(num_branches, int) or not 1 <= num_branches <= MAX_BRANCHES:
         raise ValueError(f"num_branches must be in 1..{MAX_BRANCHES}, got {num_branches!r}")
+
+
+def check_branch_bn_init(branch_bn_init) -> None:
+    """ValueError naming the knob unless 0 <= branch_bn_init <= 1 (a number): the initial BatchNorm weight of
+    the extra branches, from 0 (they add nothing at first) to 1 (the paper's init)."""
+    number = isinstance(branch_bn_init, (int, float)) and not isinstance(branch_bn_init, bool)
+    if not (number and 0 <= branch_bn_init <= 1):  # NaN fails the comparison
+        raise ValueError(f"branch_bn_init must be in [0, 1], got {branch_bn_init!r}")
 
 
 def branch_settings(num_branches=None, scale_branch=None, identity_branch=None, branch_bn_init=None) -> dict:
@@ -73,6 +81,7 @@ class RepConvBN(nn.Module):
     ):
         super().__init__()
         check_num_branches(num_branches)
+        check_branch_bn_init(branch_bn_init)
         padding = kernel_size // 2 if padding is None else padding
         self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
         self.stride, self.padding, self.groups, self.eps = stride, padding, groups, eps
@@ -222,6 +231,12 @@ def stock_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{bn}.running_var"] = torch.full_like(bias, 1.0 - rep.eps)
         state[f"{bn}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     return state
+
+
+def timm_deploy(stock: str, num_classes: int) -> dict:
+    """The deploy spec (pipeline.models.deploy_spec) of a stock architecture that timm registers by name."""
+    return {"call": "timm.create_model", "args": [stock], "kwargs": {"num_classes": num_classes},
+            "python": f'timm.create_model("{stock}", num_classes={num_classes})', "label": f"timm {stock}"}
 
 
 def _branch_bn_names(rep: RepConvBN) -> list[str]:

@@ -30,8 +30,15 @@ STOCK = {"rep_shufflenetv2_100": "shufflenet_v2_x1_0", "rep_shufflenetv2_200": "
 _FEATURE_MODULES = ("conv1", "maxpool", "stage2", "stage3", "stage4")
 
 
-def stock_shufflenetv2(name: str, num_classes: int = 1000) -> ShuffleNetV2:
-    return getattr(tvm, name)(weights=None, num_classes=num_classes)
+def stock_model(stock: str, num_classes: int = 1000) -> ShuffleNetV2:
+    """torchvision's ShuffleNetV2 `stock`, randomly initialised."""
+    return getattr(tvm, stock)(weights=None, num_classes=num_classes)
+
+
+def deploy_spec(stock: str, num_classes: int) -> dict:
+    """How torchvision alone builds `stock` (pipeline.models.deploy_spec)."""
+    return {"call": f"torchvision.models.{stock}", "args": [], "kwargs": {"num_classes": num_classes},
+            "python": f"torchvision.models.{stock}(num_classes={num_classes})", "label": f"torchvision {stock}"}
 
 
 class RepShuffleNetV2(ShuffleNetV2):
