@@ -42,10 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.codec import encode_rest, encode_topk
 from pipeline.data.views import ViewPlan, view_params
 from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES
 from pipeline.distill import bucket_kl, ensemble_target, teacher_target
-from pipeline.store import bytes_on_disk, create_or_open, encode_rest, encode_topk, open_store
+from pipeline.store import bytes_on_disk, create_or_open, open_store
 
 C, K = 1000, 10
 TEACHERS = {"sharp": dict(std=1.0, boost=11.4, confusers=4, confuser_boost=8.0),

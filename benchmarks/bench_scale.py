@@ -113,7 +113,8 @@ def stage_teach(out: Path, n: int, sample: int, views: int) -> dict:
 
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.views import ViewPlan
-    from pipeline.store import bytes_on_disk, create_or_open, encode_rest, encode_topk
+    from pipeline.codec import encode_rest, encode_topk
+    from pipeline.store import bytes_on_disk, create_or_open
     from pipeline.teachers import Forward
 
     plan = ViewPlan(renderer="fast")
@@ -229,7 +230,8 @@ def _write_store(path: Path, shards: Path, views: int, k: int = 10, shard_rows: 
     from pipeline.data.shards import ShardReader
     from pipeline.data.views import ViewPlan, view_params
     from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES
-    from pipeline.store import create_or_open, encode_rest, encode_topk
+    from pipeline.codec import encode_rest, encode_topk
+    from pipeline.store import create_or_open
 
     plan, reader = ViewPlan(renderer="fast"), ShardReader(shards, "train")
     n = len(reader)

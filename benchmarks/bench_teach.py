@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.codec import encode_rest, encode_topk
 from pipeline.data.views import ViewPlan, view_params
 from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES
-from pipeline.store import bytes_on_disk, create_or_open, encode_rest, encode_topk
+from pipeline.store import bytes_on_disk, create_or_open
 
 ENCODINGS = ("f16", "logp-s256", "logp-s181", "logp-s128", "logp-s64")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.codec import encode_lse
 from pipeline.data.loaders import replay_mismatch, replay_views
 from pipeline.data.shards import read_manifest
 from pipeline.data.views import ViewPlan
@@ -84,10 +85,5 @@ def draw_views(num_rows: int, num_views: int, samples: int | str, seed: int = 0)
 
 
 def stored_lse(lse: torch.Tensor) -> torch.Tensor:
-    """float64 lse as the store keeps it (LSE_KEEPBITS mantissa bits): a faithful store then differs by 0."""
-    import numcodecs
-
-    from pipeline.store import LSE_KEEPBITS
-
-    kept = numcodecs.BitRound(keepbits=LSE_KEEPBITS).encode(lse.float().numpy()).view(np.float32)
-    return torch.from_numpy(kept.copy()).double()
+    """float64 lse as the store keeps it (codec.encode_lse): a faithful store then differs by 0."""
+    return torch.from_numpy(encode_lse(lse)).double()

@@ -9,11 +9,13 @@ import torch
 from pipeline.data.loaders import eval_loader
 from pipeline.data.shards import read_manifest
 from pipeline.errors import UserError
+from pipeline.io import significant
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
 from pipeline.models.rep import adds_branches
 from pipeline.recipes import branch_budget_note
 from pipeline.records import FUSED, ONNX, FusedStudent, load_fused
 from pipeline.runtime import Normalize, set_threads
+from pipeline.scores import Metrics
 
 
 def recipe_summary(info: FusedStudent) -> str:
@@ -112,8 +114,9 @@ def check_onnx(model, run_onnx, images, fused_dir, info: FusedStudent) -> None:
 
 
 def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, latency_runs: int = 100, batch: int = 32,
-                   batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> dict:
-    """Every figure of one deployed student, as the DVC metrics dict `pipeline evaluate` writes.
+                   batch_size: int = 128, threads: int | None = None, quiet: bool = False) -> Metrics:
+    """Every figure of one deployed student, to 4 significant digits as its metrics file keeps them (small figures
+    stay visible, where fixed decimals would give 0.0).
 
     Args:
         fused_dir, shard_dir: a `pipeline fuse` output and the shards whose val split it is scored on.
@@ -147,7 +150,7 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
         check_onnx(model, runners["onnx"], Normalize.of(info.preprocess)(next(iter(val))["image"][:16]), fused_dir,
                    info)
     timing = speed(runners, size, runs=latency_runs, batch=batch)
-    return {
+    return Metrics(**significant({
         "student": info.student, "model": info.model, "stock_model": info.stock_model,
         "deploy": info.deploy["label"], "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
         "top1": acc[1], "top5": acc[5], "params": params, "macs": macs,
@@ -155,6 +158,6 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
         "onnx_check": info.onnx_check, **timing, "latency_runs": latency_runs,
         "torch_threads": torch.get_num_threads(), "teachers": teachers, "teacher_agreement": scores,
         "teacher_top1": teacher_top1(teachers, teach_dir),
-        **({"teacher_notes": notes} if notes else {}), "recipe_summary": recipe_summary(info),
+        "teacher_notes": notes, "recipe_summary": recipe_summary(info),
         "val_curve": info.val_curve,
-    }
+    }))

@@ -38,7 +38,7 @@ def view_scores(store) -> tuple[np.ndarray, np.ndarray]:
     The key orders views from the label's lowest stored probability up: first every view whose label
     is not in the stored top-k (its probability is only bounded: at most min(rest mass, smallest top-k
     probability); those come by that bound, lowest first), then the others by the label's stored
-    log-probability. Read one store shard at a time, as pipeline.store.top1_vs_labels does.
+    log-probability. Read one store shard at a time, as pipeline.inspection.top1_vs_labels does.
     """
     g, rows, keys = store.arrays, [], []
     for shard in np.flatnonzero(store.done_mask()):

@@ -1,10 +1,14 @@
-"""Small file helpers shared by every stage: atomic writes and digests (of files, objects and state dicts)."""
+"""Small file helpers shared by every stage: atomic writes, digests (of files, objects and state dicts), and the
+reading of a record's JSON file that refuses a missing or an unknown key."""
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from pipeline.errors import UserError
 
 
 def umask_mode(directory: bool = False) -> int:
@@ -113,3 +117,27 @@ def significant(obj, digits: int = 4):
     if isinstance(obj, (list, tuple)):
         return [significant(v, digits) for v in obj]
     return obj
+
+
+def read_json(path, fix: str):
+    """A JSON file's value; an unreadable or malformed file is one UserError line ending in `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}); {fix}") from None
+
+
+def check_keys(cls, data, where: str, fix: str, spell=lambda name: (name,)) -> None:
+    """`data` holds a key for every required field of the dataclass `cls` and no other key, or one UserError line
+    saying what is missing or unknown and ending in `fix` (a file of an older version, or edited by hand).
+    `spell`: the keys a field is written as in the file (one, its name, unless the record says otherwise)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} is not a mapping of {cls.__name__} keys; {fix}")
+    fields = dataclasses.fields(cls)
+    names = [key for f in fields for key in spell(f.name)]
+    required = [key for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                for key in spell(f.name)]
+    unknown, missing = sorted(set(data) - set(names)), [k for k in required if k not in data]
+    if unknown or missing:
+        parts = ([f"unknown keys {unknown}"] if unknown else []) + ([f"no {', '.join(missing)}"] if missing else [])
+        raise UserError(f"{where}: {' and '.join(parts)} (allowed: {', '.join(names)}); {fix}")

@@ -13,7 +13,6 @@ the records hold it as one Preprocess.
 """
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.io import atomic_write_bytes, atomic_write_json, check_keys, read_json, sha256_file
 from pipeline.manifests import load_spec, spec_path
 from pipeline.preprocess import KEYS, Preprocess, timm_defaults
 
@@ -31,29 +30,9 @@ FUSED = "fused.safetensors"
 ONNX = "model.onnx"
 
 
-def _keys(fields) -> list:
-    """The keys a file spells for these fields: a Preprocess is its five keys, in its place."""
-    return [key for f in fields for key in (KEYS if f.name == "preprocess" else (f.name,))]
-
-
-def _check_keys(cls, data, where: str, fix: str) -> None:
-    """`data` is a mapping with every required key of `cls` and nothing else, or one UserError line."""
-    if not isinstance(data, dict):
-        raise UserError(f"{where} is not a mapping of {cls.__name__} keys; {fix}")
-    names = _keys(dataclasses.fields(cls))
-    required = _keys(f for f in dataclasses.fields(cls)
-                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    unknown, missing = sorted(set(data) - set(names)), [k for k in required if k not in data]
-    if unknown or missing:
-        parts = ([f"unknown keys {unknown}"] if unknown else []) + ([f"no {', '.join(missing)}"] if missing else [])
-        raise UserError(f"{where}: {' and '.join(parts)} (allowed: {', '.join(names)}); {fix}")
-
-
-def _read_json(path: Path, fix: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is unreadable ({type(err).__name__}); {fix}") from None
+def _spell(name: str) -> tuple:
+    """The keys a field is written as: a Preprocess is its five keys, in its place."""
+    return KEYS if name == "preprocess" else (name,)
 
 
 def _floats(values) -> tuple:
@@ -142,7 +121,7 @@ class StudentSpec:
         defaults = {"model_kwargs": {}, **timm_defaults(cfg), "crop_pct": None,
                     "min_input_size": cfg.min_input_size[-1] if cfg.min_input_size else None}
         spec = {**defaults, **spec}
-        _check_keys(cls, spec, where, fix)
+        check_keys(cls, spec, where, fix, _spell)
         check_model_kwargs(spec["model_kwargs"], where, fix)
         low = spec["min_input_size"]
         if low is not None and not (isinstance(low, int) and not isinstance(low, bool) and low >= 1):
@@ -241,8 +220,8 @@ class TrainedStudent:
         fix = f"re-run `pipeline student --out {student_dir}`"
         if not path.is_file():
             raise UserError(f"{path} not found: {student_dir} is not a finished student; {fix} first")
-        data = _read_json(path, fix)
-        _check_keys(cls, data, str(path), fix)
+        data = read_json(path, fix)
+        check_keys(cls, data, str(path), fix, _spell)
         _check_record(data, str(path), fix)
         _check_digests(Path(student_dir), data["sha256"], str(path), fix, str(data["weights"]))
         return cls(**_nested(data, str(path), fix))
@@ -287,8 +266,8 @@ class FusedStudent:
         fix = f"re-run `pipeline fuse --out {fused_dir}`"
         if not path.is_file():
             raise UserError(f"{path} not found; run `pipeline fuse --out {fused_dir}` first")
-        data = _read_json(path, fix)
-        _check_keys(cls, data, str(path), fix)
+        data = read_json(path, fix)
+        check_keys(cls, data, str(path), fix, _spell)
         _check_record(data, str(path), fix)
         _check_digests(fused_dir, data["sha256"], str(path), fix, FUSED)
         return cls(**_nested(data, str(path), fix))

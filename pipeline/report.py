@@ -11,25 +11,33 @@ the figure's only difference between such students is accuracy.
 """
 
 import io
-import json
-import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes
+from pipeline.scores import Metrics
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row(Metrics):
+    """A student as the report shows it: latency_ms and latency_p10_p90_ms are its architecture's (share_latency)."""
+
+    latency_runs_pooled: int        # how many evaluate runs that shared latency pools
+
 
 COLUMNS = (
-    ("Student", lambda m: m["student"]),
-    ("Deploy model (fuse.json `deploy`)", lambda m: m["deploy"]),
-    ("Params (M)", lambda m: f"{m['params'] / 1e6:.2f}"),
-    ("MACs (M)", lambda m: f"{m['macs'] / 1e6:.1f}"),
+    ("Student", lambda m: m.student),
+    ("Deploy model (fuse.json `deploy`)", lambda m: m.deploy),
+    ("Params (M)", lambda m: f"{m.params / 1e6:.2f}"),
+    ("MACs (M)", lambda m: f"{m.macs / 1e6:.1f}"),
     ("Latency torch (ms)", lambda m: _latency(m, "torch")),
     ("Latency ONNX (ms)", lambda m: _latency(m, "onnx")),
-    ("Top-1 (%)", lambda m: f"{m['top1']:.2f}"),
-    ("Top-5 (%)", lambda m: f"{m['top5']:.2f}"),
+    ("Top-1 (%)", lambda m: f"{m.top1:.2f}"),
+    ("Top-5 (%)", lambda m: f"{m.top5:.2f}"),
     ("Teacher (top-1 agreement %)", lambda m: _teachers(m)),
-    ("Recipe", lambda m: m.get("recipe_summary") or "-"),
+    ("Recipe", lambda m: m.recipe_summary or "-"),
 )
 
 
@@ -37,21 +45,16 @@ def _fmt(value, spec, scale=1.0):
     return "-" if value is None else format(value / scale, spec)
 
 
-def _teachers(metrics):
-    teachers = metrics.get("teachers") or []
-    if not teachers:
+def _teachers(m: Metrics):
+    if not m.teachers:
         return "none"
-    agreement = metrics.get("teacher_agreement", {})
+    agreement = m.teacher_agreement
     return ", ".join(
-        f"{t} ({agreement[t]:.1f})" if agreement.get(t) is not None else t for t in teachers
+        f"{t} ({agreement[t]:.1f})" if agreement.get(t) is not None else t for t in m.teachers
     )
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def collect_metrics(paths) -> list[dict]:
+def collect_metrics(paths) -> list[Metrics]:
     """Read evaluate's JSON files; a directory contributes every `*.json` directly inside it."""
     files = []
     for path in map(Path, paths):
@@ -61,112 +64,94 @@ def collect_metrics(paths) -> list[dict]:
             files.append(path)
         else:
             raise UserError(f"no evaluation metrics at {path}; run `pipeline evaluate` first")
-    rows = []
-    for file in files:
-        try:
-            metrics = json.loads(file.read_text())
-            missing = [k for k in ("student", "deploy", "params", "macs", "top1", "top5", "latency_ms")
-                       if k not in metrics]
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            raise UserError(f"{file} is not a metrics file written by `pipeline evaluate`; remove it") from None
-        if missing:
-            raise UserError(f"{file} lacks {', '.join(missing)}; re-run `pipeline evaluate` for it")
-        latency = metrics["latency_ms"]
-        wrong = [k for k in ("params", "macs", "top1", "top5") if not _number(metrics[k])]
-        if not isinstance(latency, dict) or not all(v is None or _number(v) for v in latency.values()):
-            wrong.append("latency_ms")
-        if wrong:
-            raise UserError(f"{file}: {', '.join(wrong)} not a finite number (latency_ms: a mapping of them); "
-                            "re-run `pipeline evaluate` for it")
-        rows.append(metrics)
+    rows = [Metrics.read(file) for file in files]
     if not rows:
         raise UserError(f"no metrics files found in {', '.join(map(str, paths))}; run `pipeline evaluate` first")
     return rows
 
 
-def by_architecture(rows: list[dict]) -> list[list[dict]]:
+def by_architecture(rows: list[Metrics]) -> list[list[Metrics]]:
     """The rows grouped by what fixes a deployed student's speed: its deployed network, input size, params, MACs."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Metrics]] = {}
     for m in rows:
-        groups.setdefault((m["deploy"], m.get("input_size"), m["params"], m["macs"]), []).append(m)
+        groups.setdefault((m.deploy, m.input_size, m.params, m.macs), []).append(m)
     return list(groups.values())
 
 
-def share_latency(rows: list[dict]) -> list[dict]:
+def share_latency(rows: list[Metrics]) -> list[Row]:
     """The rows with one latency per architecture: for each engine, the median of its students' medians,
     spread from their lowest p10 to their highest p90 (one student keeps its own figures); `latency_runs_pooled`
     says how many evaluate runs were pooled. Sorted by that latency, then by top-1 (best first)."""
     shared = []
     for members in by_architecture(rows):
         latency, spread = {}, {}
-        for engine in {e for m in members for e, v in m["latency_ms"].items() if v is not None}:
-            medians = [m["latency_ms"][engine] for m in members if m["latency_ms"].get(engine) is not None]
-            spreads = [s for m in members if (s := (m.get("latency_p10_p90_ms") or {}).get(engine))]
+        for engine in {e for m in members for e, v in m.latency_ms.items() if v is not None}:
+            medians = [m.latency_ms[engine] for m in members if m.latency_ms.get(engine) is not None]
+            spreads = [s for m in members if (s := m.latency_p10_p90_ms.get(engine))]
             latency[engine] = statistics.median(medians)
             if spreads or len(medians) > 1:
                 spread[engine] = [min(medians + [s[0] for s in spreads]), max(medians + [s[1] for s in spreads])]
-        shared += [{**m, "latency_ms": latency, "latency_p10_p90_ms": spread, "latency_runs_pooled": len(members)}
-                   for m in members]
-    return sorted(shared, key=lambda m: (_speed(m), -m["top1"], m["student"]))
+        shared += [Row(**{**vars(m), "latency_ms": latency, "latency_p10_p90_ms": spread},
+                       latency_runs_pooled=len(members)) for m in members]
+    return sorted(shared, key=lambda m: (_speed(m), -m.top1, m.student))
 
 
-def _speed(m: dict) -> float:
-    return m["latency_ms"].get("onnx") or m["latency_ms"].get("torch") or 0
+def _speed(m: Metrics) -> float:
+    return m.latency_ms.get("onnx") or m.latency_ms.get("torch") or 0
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[Row]) -> str:
     header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     lines = ["| " + " | ".join(str(cell(m)) for _, cell in COLUMNS) + " |" for m in rows]
     return "\n".join([header, rule, *lines]) + "\n"
 
 
-def fusion_table(rows: list[dict]) -> str:
+def fusion_table(rows: list[Row]) -> str:
     """Training form -> deployed form: what re-parameterization costs in training and saves at deploy."""
     lines = ["| Student | Training params (M) | Deploy params (M) | Training MACs (M) | Deploy MACs (M) | "
              "Fused max abs diff | ONNX max abs diff |", "|---|---|---|---|---|---|---|"]
     for m in rows:
-        train = m.get("training_form") or {}
-        fused, onnx = m.get("fused_check") or {}, m.get("onnx_check") or {}
-        lines.append(f"| {m['student']} | {_fmt(train.get('params'), '.2f', 1e6)} | "
-                     f"{m['params'] / 1e6:.2f} | {_fmt(train.get('macs'), '.1f', 1e6)} | "
-                     f"{m['macs'] / 1e6:.1f} | {_fmt(fused.get('max_abs_diff'), '.1e')} | "
+        train, fused, onnx = m.training_form, m.fused_check, m.onnx_check or {}
+        lines.append(f"| {m.student} | {_fmt(train.get('params'), '.2f', 1e6)} | "
+                     f"{m.params / 1e6:.2f} | {_fmt(train.get('macs'), '.1f', 1e6)} | "
+                     f"{m.macs / 1e6:.1f} | {_fmt(fused.get('max_abs_diff'), '.1e')} | "
                      f"{_fmt(onnx.get('max_abs_diff'), '.1e')} |")
     return "\n".join(lines) + "\n"
 
 
-def _latency(m: dict, engine: str) -> str:
+def _latency(m: Row, engine: str) -> str:
     """'median (p10-p90)' of one engine's batch-1 latency; 'median (low-high, N runs)' when N students'
     runs were pooled."""
-    median, spread = m["latency_ms"].get(engine), (m.get("latency_p10_p90_ms") or {}).get(engine)
+    median, spread = m.latency_ms.get(engine), m.latency_p10_p90_ms.get(engine)
     if median is None or not spread:
         return _fmt(median, ".2f")
-    pooled = m.get("latency_runs_pooled", 1)
+    pooled = m.latency_runs_pooled
     return f"{median:.2f} ({spread[0]:.2f}-{spread[1]:.2f}{f', {pooled} runs' if pooled > 1 else ''})"
 
 
-def _runtime_advice(rows: list[dict]) -> str:
+def _runtime_advice(rows: list[Row]) -> str:
     """Which runtime to deploy with: eager torch at batch 1 is several times slower than onnxruntime on CPU
     (benchmarks/bench_latency.py: 4.5x at 1 thread; 26x at 2 threads on a loaded 2-core machine, where
     OpenMP threads wait for busy cores in every small kernel)."""
-    ratios = [m["latency_ms"]["torch"] / m["latency_ms"]["onnx"] for m in rows
-              if m["latency_ms"].get("torch") and m["latency_ms"].get("onnx")]
+    ratios = [m.latency_ms["torch"] / m.latency_ms["onnx"] for m in rows
+              if m.latency_ms.get("torch") and m.latency_ms.get("onnx")]
     if not ratios:
         return ""
     return (f"Deploy with onnxruntime (`model.onnx`): at batch 1 eager torch took {min(ratios):.1f}-{max(ratios):.1f}x "
             "its time here. With torch, set its threads to the cores you really have (1 on a shared machine).\n\n")
 
 
-def teacher_table(rows: list[dict]) -> str:
+def teacher_table(rows: list[Row]) -> str:
     """Each teacher once, keyed by its weights digest (a fine-tuned teacher and its source are two rows even
     under one name): its top-1 on the stored (augmented) views and on clean val, and the students that
     learned from it. A large gap means noisy targets (see `pipeline teach`'s warning)."""
     teachers: dict[str, dict] = {}
     for m in rows:
-        for name, t in (m.get("teacher_top1") or {}).items():
+        for name, t in m.teacher_top1.items():
             digest = t.get("weights_digest") or f"name:{name}"  # metrics of an older evaluate carry no digest
             entry = teachers.setdefault(digest, {**t, "name": name, "students": []})
-            entry["students"].append(m["student"])
+            entry["students"].append(m.student)
     if not teachers:
         return ""
     lines = ["| Teacher | Weights sha256 | Top-1 on stored views (%) | Top-1 on clean val (%) | Students |",
@@ -177,10 +162,10 @@ def teacher_table(rows: list[dict]) -> str:
     return "\n## Teachers\n\n" + "\n".join(lines) + "\n"
 
 
-def curve_table(rows: list[dict]) -> str:
+def curve_table(rows: list[Row]) -> str:
     """Each student's val top-1 per validated epoch (raw / EMA), as `pipeline student` measured it; `*`: that
     epoch scored a fixed subset of val (student --val-samples), the last epoch always the whole split."""
-    curves = {m["student"]: m["val_curve"] for m in rows if m.get("val_curve")}
+    curves = {m.student: m.val_curve for m in rows if m.val_curve}
     if not curves:
         return ""
     epochs = sorted({r["epoch"] for curve in curves.values() for r in curve})
@@ -199,14 +184,13 @@ def _curve_cell(row: dict, full: int) -> str:
     return cell + ("*" if row.get("val_images", full) < full else "")
 
 
-def render_markdown(rows: list[dict], figure_name: str) -> str:
+def render_markdown(rows: list[Row], figure_name: str) -> str:
     first = rows[0]
-    size = first.get("input_size", "?")
-    dataset = first.get("dataset", "the validation split")
+    size = first.input_size
     return (
         "# Students: accuracy vs cost\n\n"
-        f"Validation split of {dataset}, {size}x{size} px, deployed (fused) models. Latency is the median (p10-p90) "
-        f"of {first.get('latency_runs', '?')} single-image runs on this machine's CPU, torch and ONNX interleaved "
+        f"Validation split of {first.dataset}, {size}x{size} px, deployed (fused) models. Latency is the median "
+        f"(p10-p90) of {first.latency_runs} single-image runs on this machine's CPU, torch and ONNX interleaved "
         "within one evaluate run; each student was timed in its own run, so on a shared machine compare "
         "different architectures' latencies with care. Students that deploy the same architecture share one "
         "latency: the median of their runs' medians, from the lowest p10 to the highest p90 (N runs). MACs "
@@ -221,7 +205,7 @@ def render_markdown(rows: list[dict], figure_name: str) -> str:
     )
 
 
-def plot_report(rows: list[dict], path) -> None:
+def plot_report(rows: list[Row], path) -> None:
     """Left: top-1 against the shared latency, one column of points per architecture with its latency spread
     as a band; right: each student's val top-1 per epoch. Written atomically."""
     import matplotlib
@@ -229,11 +213,11 @@ def plot_report(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [m for m in rows if m.get("val_curve")]
+    curves = [m for m in rows if m.val_curve]
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 6.5, 4.6), dpi=120, squeeze=False)
     colours = {}
     for m in rows:
-        colours.setdefault(m["student"], f"C{len(colours) % 10}")
+        colours.setdefault(m.student, f"C{len(colours) % 10}")
     _accuracy_latency(axes[0][0], rows, colours)
     if curves:
         _curves(axes[0][1], curves, colours)
@@ -248,20 +232,20 @@ def _accuracy_latency(ax, rows, colours) -> None:
     from matplotlib.transforms import offset_copy
 
     beside = offset_copy(ax.transData, fig=ax.figure, x=7, units="points")  # labels start just right of a point
-    engine = "onnx" if all(m["latency_ms"].get("onnx") is not None for m in rows) else "torch"
-    top1 = [m["top1"] for m in rows]
+    engine = "onnx" if all(m.latency_ms.get("onnx") is not None for m in rows) else "torch"
+    top1 = [m.top1 for m in rows]
     gap = max(0.06 * (max(top1) - min(top1)), 0.4)  # least vertical room between two labels, in points of top-1
     for members in by_architecture(rows):
-        x = members[0]["latency_ms"][engine]
-        lo, hi = (members[0].get("latency_p10_p90_ms") or {}).get(engine) or (x, x)
-        ys = sorted(m["top1"] for m in members)
+        x = members[0].latency_ms[engine]
+        lo, hi = members[0].latency_p10_p90_ms.get(engine) or (x, x)
+        ys = sorted(m.top1 for m in members)
         ax.axvspan(lo, hi, color="0.5", alpha=0.12, linewidth=0)
         ax.plot([x, x], [ys[0], ys[-1]], color="0.75", linewidth=1, zorder=1)
         label_y = None
-        for m in sorted(members, key=lambda m: -m["top1"]):
-            ax.scatter([x], [m["top1"]], s=36, color=colours[m["student"]], zorder=3)
-            label_y = m["top1"] if label_y is None else min(m["top1"], label_y - gap)
-            ax.text(x, label_y, f"{m['student']} {m['top1']:.1f}%", transform=beside, fontsize=8, va="center",
+        for m in sorted(members, key=lambda m: -m.top1):
+            ax.scatter([x], [m.top1], s=36, color=colours[m.student], zorder=3)
+            label_y = m.top1 if label_y is None else min(m.top1, label_y - gap)
+            ax.text(x, label_y, f"{m.student} {m.top1:.1f}%", transform=beside, fontsize=8, va="center",
                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
     ax.set_xlabel(f"CPU latency, batch 1, {engine} (ms): one per architecture, band = spread of its runs")
     ax.set_ylabel("top-1 (%)")
@@ -272,13 +256,13 @@ def _accuracy_latency(ax, rows, colours) -> None:
 
 def _curves(ax, rows, colours) -> None:
     for m in rows:
-        curve = m["val_curve"]
+        curve = m.val_curve
         epochs = [r["epoch"] for r in curve]
-        ax.plot(epochs, [r["top1"] for r in curve], marker="o", markersize=3, color=colours[m["student"]],
-                label=m["student"])
+        ax.plot(epochs, [r["top1"] for r in curve], marker="o", markersize=3, color=colours[m.student],
+                label=m.student)
         ema = [(r["epoch"], r["ema_top1"]) for r in curve if r.get("ema_top1") is not None]
         if ema:
-            ax.plot(*zip(*ema), linestyle="--", linewidth=1, color=colours[m["student"]])
+            ax.plot(*zip(*ema), linestyle="--", linewidth=1, color=colours[m.student])
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("Training curves (solid: weights, dashed: EMA)")

@@ -1,38 +1,13 @@
-"""The teacher logit store: one zarr v3 group per (dataset, view plan, teacher, K, encoding).
+"""The teacher logit store on disk: one zarr v3 group per (dataset, view plan, teacher, K, encoding).
 
-Arrays (row i = sample i of the split, column v = view v):
-    values  f32 [N,V,K]   top-k log-probabilities log p = z - lse at tau 1, sorted by class index; stored as
-                          int16 steps of 1/181 (the default `logp-s181` encoding; `f16` keeps plain f16)
-    indices i16/i32 [N,V,K]  their classes, ascending (int16 whenever the classes fit)
-    lse     f32 [N,V]     logsumexp over ALL classes (logits z = values + lse), 10 mantissa bits kept
-    rest    u16 [N,V,T]   per stored temperature tau (provenance "temperatures", 1 first): the tempered rest
-                          as d_tau = -log(1 - r_tau), r_tau = the mass of softmax(z / tau) off the top-k:
-                          d < 1 as its f16 bits (relative 2^-11: a rest of 1e-6 is kept), d >= 1 in steps
-                          of 2^-12 (d <= 13.25: a top-k holding >= 1.8e-6 of the tempered mass)
-    params  u16 [N,V,P]   the view parameters (pipeline.data.views), so a view replays from the store alone
-    labels  i16/i32 [N]
-    done    u8  [S,W]     one record per shard of rows, written after that shard's arrays: a done flag, the
-                          digest of the store's metadata and the sha256 of each array's shard file
+The arrays, their dtypes and how their numbers are encoded are pipeline.codec's; this module creates, opens,
+writes and checks them (locally or on an object store through fsspec).
 
-What the KD loss gets (decode_logp / tempered): at every stored tau the k + 1 buckets (top-k classes + rest)
-of the tempered teacher, with the rest mass r_tau from `rest` (never 1 - a sum of rounded values: that
-cancels) and the top-k normalised to 1 - r_tau; at tau 1 the largest class's probability is
-1 - r_1 - (the others), so the value that matters most is not rounded at all.
-
-Why this layout (the budget is <= 40 bytes per stored view at K=10 on 1000 classes with tau 1, 2, 4):
-- values are log-probabilities, not raw logits, in fixed point: a step of 1/181 is an absolute error of
-  at most 0.28 % on every tempered probability p^(1/tau), small or large. Students close to the
-  teacher (a late student) need that: their KL shrinks as the square of their distance, the error of a
-  rounded target only linearly (bench_kd_fidelity's `near` cases: f16 log p with 6 mantissa bits was
-  2-9x off the 1e-3 target there, with the rest taken as 1 - sum(exp(values))).
-- the rest per tau in fixed point is an absolute error of at most 1.2e-4 in log(1 - r_tau): the
-  normalisation of the top-k, the other error that does not shrink with the student's distance.
-- sorting each view's top-k by class index makes `indices` increasing, so a Delta filter + zstd
-  stores about one byte per index instead of two; values are permuted alongside.
-- lse only gives the logits back (the audit compares it); the loss never uses it.
 - rows are written one zarr shard at a time (sharding codec: few files, big compressed chunks), and
   a shard is the unit of resume and of work sharing between torchrun ranks: no two processes ever
   touch the same file, and zarr's LocalStore writes every file atomically (temp + rename).
+- `done` [S,W] u8 holds one record per shard of rows, written after that shard's arrays: a done flag, the
+  digest of the store's metadata and the sha256 of each array's shard file.
 
 What we write we can verify: the done record of a shard holds the sha256 of every array's shard file, as
 written, and the digest of the store's metadata (its provenance but the teacher's measured top-1, and every
@@ -60,7 +35,6 @@ from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -68,7 +42,8 @@ from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Delta, FixedScaleOffset, TransposeCodec
 from zarr.storage import MemoryStore
 
-from pipeline.defaults import DEFAULT_VALUES
+from pipeline.codec import (LSE_KEEPBITS, RECORD, STORE_DTYPES, array_dtypes, check_temperatures, decode_logp,
+                            fixed_point, tempered_lse, value_scale, value_steps)
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, stable_hash
 
@@ -78,10 +53,6 @@ ARRAYS = ("values", "indices", "lse", "rest", "params", "labels")
 VIEW_ARRAYS = ARRAYS[:5]  # one entry per (sample, view)
 TARGET_ARRAYS = ("values", "indices", "lse", "rest")  # what the KD targets are decoded from
 READ_VIEWS = 1 << 18  # stored views LogitStore.read_views decodes at once (~10 MB of values at K = 10)
-REST_SCALE = 2048  # `rest` codes (encode_rest): d < 1 as its f16 bits, d >= 1 in steps of 1 / REST_SCALE
-REST_ONE = int(np.float16(1.0).view(np.uint16))  # 15360: the code of d = 1 in both regimes
-REST_MAX = 1 + (65535 - REST_ONE) / REST_SCALE  # 25.5: a top-k holding >= 1e-11 of the tempered mass
-LSE_KEEPBITS = 10  # lse only gives the logits back (the loss never uses it): 4.9e-4 relative
 DIGEST = 32  # sha256 bytes
 DONE_WIDTH = 1 + DIGEST * (1 + len(ARRAYS))  # flag, metadata digest, one digest per array's shard file
 # provenance fields written after the shards (the teacher's measured top-1): outside the metadata digest
@@ -89,7 +60,6 @@ MEASURED = ("teacher_top1_views", "teacher_top1_clean_val")
 # What a store of ours may name: no pickle/object codec (numcodecs.pickle unpickles every chunk it reads).
 SAFE_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "transpose", "numcodecs.delta",
                "numcodecs.bitround", "numcodecs.fixedscaleoffset"}
-SAFE_DTYPES = {"float16", "float32", "int16", "int32", "uint16", "uint8"}
 STALE_PARTIAL_S = 60  # a zarr temp file (*.partial) this old belongs to no live writer: a killed run left it
 
 
@@ -101,92 +71,12 @@ def numcodecs_quiet():
         yield
 
 
-def value_scale(encoding: str) -> int | None:
-    """'logp-sN' -> N (log p stored in int16 steps of 1/N, N = 16..1024); 'f16' -> None (plain f16 log p)."""
-    if encoding == "f16":
-        return None
-    if encoding.startswith("logp-s") and encoding[6:].isdigit() and 16 <= int(encoding[6:]) <= 1024:
-        return int(encoding[6:])
-    raise UserError(f"value encoding '{encoding}' is not one of: logp-sN (log-probabilities in steps of 1/N, "
-                    f"N = 16..1024; default {DEFAULT_VALUES}), f16 (plain f16 log-probabilities)")
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32)
-
-
 def store_key(*, dataset_fingerprint: str, split: str, plan_hash: str, teacher: dict, weights_digest: str,
               k: int, num_views: int, values: str, amp: str, temperatures=(1.0,)) -> str:
     """Hash of every input that changes the stored numbers; it names the group on disk."""
     return stable_hash(dict(format=FORMAT, dataset_fingerprint=dataset_fingerprint, split=split, plan=plan_hash,
                             teacher=teacher, weights_digest=weights_digest, k=k, num_views=num_views,
                             values=values, amp=amp, temperatures=check_temperatures(temperatures)))
-
-
-def check_temperatures(temperatures) -> list[float]:
-    """The stored temperatures: 1 first (lse is always kept), then the others ascending, no repeats."""
-    taus = sorted({float(t) for t in temperatures} | {1.0})
-    if taus[0] <= 0:
-        raise UserError(f"temperatures must be > 0, got {', '.join(f'{t:g}' for t in taus)} (e.g. --temperatures 1,2,4)")
-    return [1.0] + [t for t in taus if t != 1.0]
-
-
-def encode_rest(logits: torch.Tensor, k: int, temperatures) -> np.ndarray:
-    """[B,C] logits -> u16 [B,T] codes of d_tau = logsumexp(z / tau) - logsumexp(top-k z / tau) = -log(1 - r_tau)
-    (r_tau: the tempered mass off the top-k) at each stored tau, as stored (REST_SCALE steps)."""
-    z = logits.double()
-    top = z.topk(k, dim=1).values
-    d = torch.stack([torch.logsumexp(z / tau, 1) - torch.logsumexp(top / tau, 1)
-                     for tau in check_temperatures(temperatures)], 1)
-    d = d.clamp(0, REST_MAX).cpu().numpy()
-    small = np.minimum(d, 1.0).astype(np.float16).view(np.uint16)  # f16 rounds d near 1 up to 1.0: code REST_ONE
-    large = (REST_ONE + np.round((d - 1) * REST_SCALE)).clip(REST_ONE, 65535).astype(np.uint16)
-    return np.where(d < 1, small, large)
-
-
-def rest_d(codes: torch.Tensor) -> torch.Tensor:
-    """`rest` codes -> float64 d = -log(1 - r) (encode_rest's two regimes)."""
-    codes = codes.long()
-    small = torch.from_numpy(codes.clamp_max(REST_ONE).to(torch.int16).numpy().view(np.float16).astype(np.float64))
-    return torch.where(codes < REST_ONE, small, 1 + (codes - REST_ONE).double() / REST_SCALE)
-
-
-def encode_topk(logits: torch.Tensor, k: int, encoding: str = DEFAULT_VALUES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[B,C] logits -> (log p [B,K], classes [B,K] ascending, lse f32 [B]) as stored (callers see the rounding)."""
-    z = logits.double()
-    lse = torch.logsumexp(z, dim=1)
-    top, idx = z.topk(k, dim=1)
-    idx, order = idx.sort(dim=1)
-    logp = (top.gather(1, order) - lse[:, None]).cpu().numpy()
-    step = value_scale(encoding)
-    if step is None:
-        logp = logp.astype(np.float16)
-    else:  # what the FixedScaleOffset filter stores: int16 steps of 1/step (log p below -32767/step is clipped)
-        logp = (np.rint(np.clip(logp, -32767 / step, 0) * step) / step).astype(np.float32)
-    lse32 = numcodecs.BitRound(keepbits=LSE_KEEPBITS).encode(lse.float().cpu().numpy()).view(np.float32)
-    return logp, idx.cpu().numpy(), lse32.copy()
-
-
-def decode_logp(values: torch.Tensor, rest1: torch.Tensor) -> torch.Tensor:
-    """Stored log p [B,K] and the tau-1 rest code [B] -> float64 log p of the k buckets, summing to 1 - r_1.
-
-    The largest class's probability is not read from its rounded value but is 1 - r_1 - (the others): at
-    tau 1 it is most of the mass, where a rounded log p would cost the most (at least the others' largest).
-    """
-    v = values.double()
-    p = v.exp()
-    top = v.argmax(1, keepdim=True)
-    others = p.scatter(1, top, 0.0)
-    known = torch.exp(-rest_d(rest1))  # 1 - r_1
-    p_top = torch.maximum(known - others.sum(1), others.max(1).values).clamp_min(1e-300)
-    p = others.scatter(1, top, p_top[:, None])
-    return p.log() + (known.log() - p.sum(1).log())[:, None]  # a no-op unless p_top was clamped
-
-
-def tempered_lse(logp: torch.Tensor, rest_tau: torch.Tensor, tau: float) -> torch.Tensor:
-    """logsumexp(log p / tau) over ALL classes, float64 [B], from the k buckets and the rest code at tau:
-    the top-k hold 1 - r_tau = exp(-d_tau) of the tempered mass."""
-    return torch.logsumexp(logp / tau, 1) + rest_d(rest_tau)
 
 
 def rows_per_chunk(shard_rows: int, num_views: int) -> int:
@@ -259,7 +149,7 @@ def zarr_store(path, read_only: bool = False):
 
 def check_metadata(path) -> bytes:
     """Read the store's zarr.json files as plain JSON before zarr does: zarr v3 only, our arrays only,
-    codecs and dtypes from SAFE_CODECS / SAFE_DTYPES (so opening the store can never unpickle), consolidated
+    codecs and dtypes from SAFE_CODECS / codec's STORE_DTYPES (so opening the store can never unpickle), consolidated
     metadata (zarr never reads it here) saying the same. Returns the digest of the metadata (metadata_digest)."""
     fs, root = fsspec.core.url_to_fs(str(path))
 
@@ -291,7 +181,7 @@ def check_metadata(path) -> bytes:
             check_format(path, (meta.get("attributes") or {}).get("provenance"))
         if node:
             unsafe = sorted(str(n) for n in codec_names(meta.get("codecs")) if not ours(n, SAFE_CODECS))
-            if unsafe or not ours(meta.get("data_type"), SAFE_DTYPES) or meta.get("storage_transformers"):
+            if unsafe or not ours(meta.get("data_type"), STORE_DTYPES) or meta.get("storage_transformers"):
                 raise UserError(f"store array {meta_path} names codecs/dtype not written by `pipeline teach` "
                                 f"({', '.join(unsafe) or meta.get('data_type')}); refused (reading it could run code)")
         metas[node] = meta
@@ -362,11 +252,11 @@ def consecutive_runs(items: list[int], limit: int) -> list[list[int]]:
 class StoredViews:
     """The stored numbers of a set of (index, view) pairs, in memory (LogitStore.read_views): a student rank's
     epoch, served batch by batch. `arrays` are aligned with `codes` (index * num_views + view, ascending);
-    `values` are int16 steps of 1/`scale` (scale 1: plain f16)."""
+    `values` are int16 steps of 1/`step` (codec.value_steps; step 1: plain f16)."""
 
-    def __init__(self, codes: np.ndarray, num_views: int, arrays: dict, scale: int = 1, temperatures=(1.0,)):
+    def __init__(self, codes: np.ndarray, num_views: int, arrays: dict, step: int = 1, temperatures=(1.0,)):
         self.codes, self.num_views, self.arrays = codes, num_views, arrays
-        self.scale, self.temperatures = scale, list(temperatures)
+        self.step, self.temperatures = step, list(temperatures)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -386,7 +276,7 @@ class StoredViews:
         """(log p float64 [B,K] at tau 1 (decode_logp), classes int64 [B,K], rest codes [B,T], lse f64 [B])."""
         at = self.rows(index, view)
         rest = self._get("rest", at).int()
-        logp = decode_logp(self._get("values", at).double() / self.scale, rest[:, 0])
+        logp = decode_logp(self._get("values", at).double() / self.step, rest[:, 0])
         return logp, self._get("indices", at).long(), rest, self._get("lse", at).double()
 
     def lookup(self, index, view):
@@ -432,7 +322,7 @@ class LogitStore:
     def records(self) -> np.ndarray:
         """uint8 [S, DONE_WIDTH]: each shard's done record (flag, metadata digest, array file digests)."""
         try:
-            recs = np.asarray(self.arrays["done"][:], dtype=np.uint8)
+            recs = np.asarray(self.arrays["done"][:], dtype=RECORD)
         except Exception as err:  # noqa: BLE001 - any codec/IO failure: the records cannot be trusted
             raise UserError(f"teacher store {self.path}: its done records (done/) are unreadable ({type(err).__name__}); "
                             "re-run `pipeline teach` into a fresh --store-root") from None
@@ -536,8 +426,8 @@ class LogitStore:
                 out[name][a:b] = self._checked_copy(name, run, recs)[first:last][rows[a:b] - first, cols[a:b]]
             done += len(run)
         step = value_scale(self.provenance["values_encoding"])
-        if step is not None and "values" in out:  # exact: the stored values are multiples of 1/step
-            out["values"] = (torch.from_numpy(out["values"]).double() * step).round().short().numpy()
+        if "values" in out:
+            out["values"] = value_steps(out["values"], step)
         return StoredViews(codes, self.num_views, out, step or 1, self.temperatures)
 
     def _checked_copy(self, name: str, shards: list[int], recs: np.ndarray) -> zarr.Array:
@@ -692,12 +582,12 @@ class StoreWriter(LogitStore):
         """Write the done record of a shard whose array files are written: flag, metadata digest, file digests."""
         g = self.arrays
         fs, root = fsspec.core.url_to_fs(str(self.path))
-        record = np.zeros(DONE_WIDTH, np.uint8)
+        record = np.zeros(DONE_WIDTH, RECORD)
         record[0] = 1
-        record[1:1 + DIGEST] = np.frombuffer(self.digest, np.uint8)
+        record[1:1 + DIGEST] = np.frombuffer(self.digest, RECORD)
         for i, name in enumerate(ARRAYS):
             data = fs.cat_file(f"{root}/{chunk_file(g[name], shard)}")
-            record[1 + DIGEST * (1 + i):1 + DIGEST * (2 + i)] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+            record[1 + DIGEST * (1 + i):1 + DIGEST * (2 + i)] = np.frombuffer(hashlib.sha256(data).digest(), RECORD)
         g["done"][shard] = record  # last: a killed writer leaves the shard not done, to be written again
 
     def finish(self, run: dict) -> None:
@@ -755,18 +645,11 @@ def _exists(path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def int16_steps(step: int) -> FixedScaleOffset:
-    """zarr's FixedScaleOffset filter storing float32 values as int16 multiples of 1/step (configured through
-    numcodecs' positional form: this module names no view setting)."""
-    config = numcodecs.FixedScaleOffset(0, step, "<f4", "<i2").get_config()
-    config.pop("id")
-    return FixedScaleOffset(**config)
-
-
 def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_classes, shard_rows, values,
             temperatures):
     group = zarr.open_group(zarr_store(path), mode="w")
-    idx = index_dtype(num_classes)
+    dtypes = array_dtypes(values, num_classes)
+    idx = dtypes["indices"]
     step = value_scale(values)
     chunk = rows_per_chunk(shard_rows, num_views)
 
@@ -774,114 +657,24 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
         return [BloscCodec(cname="zstd", clevel=9, typesize=typesize,
                            shuffle=BloscShuffle.bitshuffle if bit else BloscShuffle.shuffle)]
 
-    def array(name, shape, dtype, filters=(), compressors=None):
-        group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
+    def array(name, shape, filters=(), compressors=None):
+        group.create_array(name, shape=shape, dtype=dtypes[name], chunks=(chunk,) + shape[1:],
                            shards=(shard_rows,) + shape[1:], filters=list(filters), compressors=compressors,
                            fill_value=0)
 
     if step is None:
-        array("values", (num_samples, num_views, k), np.float16, [], blosc(2))
+        array("values", (num_samples, num_views, k), [], blosc(2))
     else:
-        array("values", (num_samples, num_views, k), np.float32,
-              [int16_steps(step)], blosc(2, bit=True))
-    array("indices", (num_samples, num_views, k), idx, [Delta(dtype=str(idx))], blosc(idx.itemsize))
-    array("lse", (num_samples, num_views), np.float32, [BitRound(keepbits=LSE_KEEPBITS)], blosc(4, bit=True))
-    array("rest", (num_samples, num_views, len(temperatures)), np.uint16, [TransposeCodec(order=(2, 0, 1))],
-          blosc(2, bit=True))
-    array("params", (num_samples, num_views, params_dim), np.uint16, [TransposeCodec(order=(2, 0, 1))], blosc(2))
-    array("labels", (num_samples,), idx, [], blosc(idx.itemsize))
-    group.create_array("done", shape=(math.ceil(num_samples / shard_rows), DONE_WIDTH), dtype=np.uint8,
+        array("values", (num_samples, num_views, k), [FixedScaleOffset(**fixed_point(step))], blosc(2, bit=True))
+    array("indices", (num_samples, num_views, k), [Delta(dtype=str(idx))], blosc(idx.itemsize))
+    array("lse", (num_samples, num_views), [BitRound(keepbits=LSE_KEEPBITS)], blosc(4, bit=True))
+    array("rest", (num_samples, num_views, len(temperatures)), [TransposeCodec(order=(2, 0, 1))], blosc(2, bit=True))
+    array("params", (num_samples, num_views, params_dim), [TransposeCodec(order=(2, 0, 1))], blosc(2))
+    array("labels", (num_samples,), [], blosc(idx.itemsize))
+    group.create_array("done", shape=(math.ceil(num_samples / shard_rows), DONE_WIDTH), dtype=dtypes["done"],
                        chunks=(1, DONE_WIDTH), compressors=None, fill_value=0)
     group.attrs["provenance"] = {**provenance, "format": FORMAT, "shard_rows": shard_rows, "num_classes": num_classes,
                                  "index_dtype": str(idx), "values_encoding": values, "temperatures": temperatures}
     return StoreWriter(group, path, check_metadata(path))
 
 
-def summarize(store: LogitStore) -> dict:
-    """What `pipeline store inspect` prints: shape, size, completeness, top-k mass, teacher top-1."""
-    p, done = store.provenance, store.done_mask()
-    rows = np.concatenate([np.arange(r.start, r.stop) for r in map(store.shard_rows_range, np.flatnonzero(done))]
-                          ) if done.any() else np.zeros(0, np.int64)
-    info = {"path": str(store.path), "key": store.key, "teacher": p["teacher"]["name"], "model": p["teacher"]["model"],
-            "weights_digest": p["weights_digest"][:16], "dataset": p["dataset"], "split": p["split"],
-            "dataset_fingerprint": p["dataset_fingerprint"], "plan_hash": p["plan_hash"],
-            "shape": [store.num_samples, store.num_views, store.k], "num_classes": store.num_classes,
-            "values_encoding": p["values_encoding"], "index_dtype": p["index_dtype"],
-            "complete": bool(done.all()), "shards_done": f"{int(done.sum())}/{len(done)}",
-            "bytes_on_disk": bytes_on_disk(store.path), "bytes_per_view": round(store.bytes_per_view(), 2),
-            "versions": p.get("versions"), "run": dict(store.group.attrs.get("run") or {})}
-    info["temperatures"] = store.temperatures
-    # teacher top-1 in percent: teach's figures (whole split), else (unfinished store) over the done shards
-    info["teacher_top1_views"] = p.get("teacher_top1_views")
-    info["teacher_top1_clean_val"] = p.get("teacher_top1_clean_val")
-    if len(rows):
-        values = store.arrays["values"].get_orthogonal_selection((rows,)).astype(np.float32)
-        info["mean_topk_mass"] = round(float(np.exp(values).sum(-1).mean()), 4)
-        if info["teacher_top1_views"] is None:
-            info["teacher_top1_views"] = top1_vs_labels(store, rows)
-        info["teacher_top1_per_class"] = top1_per_class(store, rows)  # on the views
-        if info["mean_topk_mass"] > 1 + MASS_SLACK:
-            info["problems"] = [f"mean top-k mass {info['mean_topk_mass']} > 1: the stored values are not "
-                                "log-probabilities; re-run `pipeline teach` into a new --store-root"]
-    return info
-
-
-def top1_vs_labels(store: LogitStore, rows=None) -> float:
-    """Top-1 (%) of the stored targets against the labels, over `rows` (default: all) and every view;
-    read one store shard of rows at a time (a whole ImageNet store would not fit in memory)."""
-    g = store.arrays
-    rows = np.arange(store.num_samples) if rows is None else np.asarray(rows)
-    hits = 0
-    for start in range(0, len(rows), store.shard_rows):
-        part = (rows[start:start + store.shard_rows],)
-        values, indices = g["values"].get_orthogonal_selection(part), g["indices"].get_orthogonal_selection(part)
-        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
-        hits += int((top1 == g["labels"].get_orthogonal_selection(part)[:, None]).sum())
-    return round(100.0 * hits / max(len(rows) * store.num_views, 1), 2)
-
-
-def top1_per_class(store: LogitStore, rows) -> dict[int, float]:
-    """Teacher top-1 (%) on the stored views of each label class over `rows` (classes with no row left
-    out), read one shard of rows at a time: a view plan that erases a few classes hides in the overall figure."""
-    g, rows = store.arrays, np.asarray(rows)
-    hits, counts = np.zeros(store.num_classes, np.int64), np.zeros(store.num_classes, np.int64)
-    for start in range(0, len(rows), store.shard_rows):
-        part = (rows[start:start + store.shard_rows],)
-        values, indices = g["values"].get_orthogonal_selection(part), g["indices"].get_orthogonal_selection(part)
-        labels = g["labels"].get_orthogonal_selection(part).astype(np.int64)
-        top1 = np.take_along_axis(indices, values.argmax(-1)[..., None], -1)[..., 0]
-        np.add.at(hits, labels, (top1 == labels[:, None]).sum(1))
-        np.add.at(counts, labels, store.num_views)
-    return {int(c): round(100.0 * hits[c] / counts[c], 2) for c in np.flatnonzero(counts)}
-
-
-# f16 log-probabilities round by at most ~1e-3 relative: a top-k mass beyond this is a broken store.
-MASS_SLACK = 2e-3
-
-
-def find_stores(root) -> list:
-    """Every store (a zarr group with provenance) under `root`, sorted: Paths under a local folder, URLs under an
-    fsspec URL (s3://bucket/prefix, listed through fsspec); `root` itself may be one."""
-    root = check_root(root, reach=True)
-    fs, top = fsspec.core.url_to_fs(str(root))
-    found = []
-    for folder, dirs, files in fs.walk(top):
-        if "zarr.json" not in files:
-            continue
-        try:
-            attrs = json.loads(fs.cat_file(f"{folder}/zarr.json")).get("attributes") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        if "provenance" in attrs:
-            found.append(folder)
-            dirs.clear()  # its arrays are no stores
-    return sorted(fs.unstrip_protocol(f) if is_url(root) else root / os.path.relpath(f, top) for f in found)
-
-
-def list_row(store: LogitStore) -> dict:
-    """One line of `pipeline store list`: what made the store, its shape, completeness and size."""
-    p, done = store.provenance, store.done_mask()
-    return {"teacher": p["teacher"]["name"], "dataset": f"{p['dataset']}/{p['split']}", "plan": p["plan_hash"][:8],
-            "K": store.k, "V": store.num_views, "samples": store.num_samples,
-            "complete": f"{int(done.sum())}/{len(done)}" + ("" if done.all() else " (unfinished)"),
-            "MB": round(bytes_on_disk(store.path) / 1e6, 2), "path": str(store.path)}

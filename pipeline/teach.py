@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.codec import array_dtypes, check_temperatures, encode_rest, encode_topk, value_scale
 from pipeline.defaults import DEFAULT_TEMPERATURES, DEFAULT_VALUES, STORE_ROOT
 from pipeline.errors import UserError
 from pipeline.progress import progress
 from pipeline.runtime import barrier, close_distributed, init_distributed, resolve_device
-from pipeline.store import (bytes_on_disk, check_pointer_ours, check_root, check_temperatures, create_or_open,
-                            encode_rest, encode_topk, store_key, store_path, top1_vs_labels, value_scale, write_pointer)
+from pipeline.inspection import top1_vs_labels
+from pipeline.store import (ARRAYS, bytes_on_disk, check_pointer_ours, check_root, create_or_open, store_key, store_path,
+                            write_pointer)
 from pipeline.teachers import Forward, check_num_classes, load_teacher, preprocess_of, source_of, teacher_spec
 
 
@@ -166,7 +168,7 @@ def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine
         for shard in np.unique(index // writer.shard_rows):
             sel = index // writer.shard_rows == shard
             if shard not in buffers:
-                buffers[shard] = _new_buffer(writer, shard, num_views, k, plan)
+                buffers[shard] = _new_buffer(writer, shard, num_views)
             buf = buffers[shard]
             r = index[sel] - buf["start"]
             v = view[sel]
@@ -183,13 +185,12 @@ def _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine
     bar.close()
 
 
-def _new_buffer(writer, shard, num_views, k, plan) -> dict:
+def _new_buffer(writer, shard, num_views) -> dict:
+    """One shard's arrays in memory, in the store's dtypes (codec.array_dtypes), filled batch by batch."""
     rows = writer.shard_rows_range(int(shard))
-    n, idx_dtype = len(rows), np.dtype(writer.provenance["index_dtype"])
-    return {"start": rows.start, "left": n * num_views, "values": np.zeros((n, num_views, k), writer.arrays["values"].dtype),
-            "indices": np.zeros((n, num_views, k), idx_dtype), "lse": np.zeros((n, num_views), np.float32),
-            "rest": np.zeros((n, num_views, len(writer.temperatures)), np.uint16),
-            "params": np.zeros((n, num_views, plan.params_dim), np.uint16), "labels": np.zeros(n, idx_dtype)}
+    n, dtypes = len(rows), array_dtypes(writer.provenance["values_encoding"], writer.num_classes)
+    return {"start": rows.start, "left": n * num_views,
+            **{name: np.zeros((n, *writer.arrays[name].shape[1:]), dtypes[name]) for name in ARRAYS}}
 
 
 VIEW_COST_WARN = 15.0  # points of top-1 the views may cost the teacher before teach warns

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.io import atomic_write_json, significant
 from stages import options
 
 
@@ -32,10 +31,8 @@ def command(fused_dir, shards, out_path, finetune_dir, latency_batch, **kwargs):
     """Score FUSED_DIR on the val split; write top-1/top-5, agreement, params, MACs, latency to OUT."""
     from pipeline.evaluate import evaluate_fused
 
-    metrics = evaluate_fused(fused_dir, shards, teacher_dir=finetune_dir, batch=latency_batch, **kwargs)
-    metrics = significant(metrics)  # 4 significant digits, not fixed decimals: small figures stay visible
-    atomic_write_json(out_path, metrics)
-    lat = metrics["latency_ms"]
-    click.echo(f"{metrics['student']}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%, "
-               f"{metrics['params'] / 1e6:.2f}M params, {metrics['macs'] / 1e6:.1f}M MACs, latency "
-               + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()) + f"; wrote {out_path}")
+    m = evaluate_fused(fused_dir, shards, teacher_dir=finetune_dir, batch=latency_batch, **kwargs)
+    m.write(out_path)
+    click.echo(f"{m.student}: top-1 {m.top1:.2f}% top-5 {m.top5:.2f}%, {m.params / 1e6:.2f}M params, "
+               f"{m.macs / 1e6:.1f}M MACs, latency " + ", ".join(f"{k} {v:.2f} ms" for k, v in m.latency_ms.items())
+               + f"; wrote {out_path}")

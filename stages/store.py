@@ -26,7 +26,8 @@ def inspect(path, as_json, verify):
 
     PATH is a store ({root}/{teacher}-{key}.zarr) or a pointer file {out}/{teacher}.json.
     """
-    from pipeline.store import open_pointer, open_store, summarize
+    from pipeline.inspection import summarize
+    from pipeline.store import open_pointer, open_store
 
     if path.suffix != ".json" and path.is_dir() and not (path / "zarr.json").is_file():
         path = _the_store_under(path)
@@ -150,7 +151,7 @@ def _lowest_classes(per_class: dict, show: int = 10) -> str:
 def _the_store_under(folder: Path) -> Path:
     """A folder holding exactly one store stands for it (e.g. a --store-root); otherwise say what to pass."""
     from pipeline.errors import UserError
-    from pipeline.store import find_stores
+    from pipeline.inspection import find_stores
 
     stores = find_stores(folder)
     if len(stores) == 1:
@@ -168,7 +169,8 @@ def _the_store_under(folder: Path) -> Path:
 def list_stores(root, as_json):
     """Every store under ROOT, a folder or an fsspec URL like `teach --store-root` (s3://bucket/prefix) [default:
     outputs/stores, where dvc.yaml puts them]: teacher, dataset, plan hash, K, V, samples, complete shards, size."""
-    from pipeline.store import find_stores, list_row, open_store
+    from pipeline.inspection import find_stores, list_row
+    from pipeline.store import open_store
 
     rows = [list_row(open_store(path, require_complete=False)) for path in find_stores(root)]
     if as_json:

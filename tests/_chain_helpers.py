@@ -54,3 +54,16 @@ def fake_student(out: Path, model: str = "rep_ghostnetv3_050", num_classes: int 
         val_curve=[{"epoch": 1, "top1": 0.0, "ema_top1": 0.0, "val_images": 1}],
         sha256={name: sha256_file(out / name) for name in ("model.safetensors", "ema.safetensors")}).write(out)
     return out
+
+
+def metrics(student, top1, latency, **extra):
+    """A metrics file's keys, as `pipeline evaluate` writes them."""
+    return {"student": student, "model": "rep_ghostnetv2_050", "stock_model": "ghostnetv2_050",
+            "deploy": 'timm GhostNet(width=0.5, version="v2", cfgs from fuse.json)', "dataset": "digits",
+            "val_samples": 360, "input_size": 64, "top1": top1, "top5": 99.5, "params": 1_500_000, "macs": 4_900_000,
+            "training_form": {"params": 2_100_000, "macs": 10_400_000}, "fused_check": {"max_abs_diff": 3.7e-7},
+            "onnx_check": None, "latency_ms": {"torch": latency * 10, "onnx": latency}, "latency_p10_p90_ms": {},
+            "throughput": {"torch": 900.0, "onnx": 4000.0}, "throughput_batch": 32, "latency_runs": 100,
+            "torch_threads": 1, "teachers": ["demo-resnet10t"], "teacher_agreement": {"demo-resnet10t": 97.25},
+            "teacher_top1": {},
+            "recipe_summary": "demo: KD a=0.5 tau=1, N=3+1x1, 6 ep lamb", "val_curve": [], **extra}

@@ -3,10 +3,11 @@
 import numpy as np
 import torch
 
+from pipeline.codec import encode_rest, encode_topk
 from pipeline.data.shards import ShardReader, read_manifest
 from pipeline.data.views import ViewPlan, view_params
 from pipeline.records import StudentSpec
-from pipeline.store import create_or_open, encode_rest, encode_topk, open_store, store_key, write_pointer
+from pipeline.store import create_or_open, open_store, store_key, write_pointer
 from tests._data_helpers import synthetic_shards
 
 SPEC = {"name": "tiny", "model": "test_efficientnet", "input_size": 64, "mean": [0.5, 0.5, 0.5],

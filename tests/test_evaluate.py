@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.evaluate import recipe_summary
+from pipeline.scores import Metrics
 from pipeline.fuse import fuse_student
 from pipeline.metrics import agreement, latency_ms, topk_accuracy
 from stages.cli import main
@@ -80,6 +81,7 @@ def test_evaluate_stage_writes_metrics_and_skips_unknown_teacher(tmp_path):
     assert m["throughput_batch"] == 2 and m["torch_threads"] == 1 and m["stock_model"] == "ghostnetv2_050"
     assert m["deploy"].startswith("timm GhostNet(width=0.5")  # what the report names: a call timm has
     assert m["val_curve"] == [{"epoch": 1, "top1": 0.0, "ema_top1": 0.0, "val_images": 1}]  # student.json's, via fuse
+    assert Metrics.read(out) == Metrics(**m)  # what report reads: every key evaluate writes, and no other
 
 
 def test_latency_is_interleaved_with_median_and_spread():

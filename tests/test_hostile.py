@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from stages.cli import main
+from tests._chain_helpers import metrics
 from tests._teach_helpers import NUM_CLASSES, teach_args, tiny_shards, tiny_teacher
 from tests.conftest import EMPTY_PARAMS
 
@@ -1134,9 +1135,7 @@ def test_a_checkpoint_missing_a_part_is_refused_on_resume(tmp_path, part):
 @pytest.mark.parametrize("field,value", [("top1", None), ("latency_ms", [1.0, 2.0])])
 def test_metrics_of_the_wrong_type_are_one_line(tmp_path, field, value):
     (tmp_path / "eval").mkdir()
-    metrics = {"student": "s", "deploy": "timm mobilenetv2_100", "params": 1, "macs": 1, "top1": 90.0, "top5": 99.0,
-               "latency_ms": {"torch": 1.0}}
-    (tmp_path / "eval" / "s.json").write_text(json.dumps({**metrics, field: value}))
+    (tmp_path / "eval" / "s.json").write_text(json.dumps({**metrics("s", 90.0, 1.0), field: value}))
     assert_one_line_error(cli("report", "--metrics", str(tmp_path / "eval"), "--out", str(tmp_path / "r")), field)
     assert not (tmp_path / "r").exists()
 

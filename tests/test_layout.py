@@ -1,10 +1,13 @@
 """The library's layout: `pipeline/` modules import each other without a cycle (a cycle means two modules
 that are really one, or a helper living on the wrong side), and never import `stages/` (the thin click
 commands sit above the library); teacher sources and model families are branched on only inside their registries
-(pipeline.teachers.SOURCES, the family modules of pipeline.models); no constant is spelled on both sides."""
+(pipeline.teachers.SOURCES, the family modules of pipeline.models); no constant is spelled on both sides;
+a store array's dtype is spelled by pipeline.codec alone."""
 
 import ast
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,3 +145,26 @@ def test_stages_spell_no_library_constant():
     library, commands = _constants("pipeline"), _constants("stages")
     twice = {name: (library[name], commands[name]) for name in library.keys() & commands.keys()}
     assert not twice, f"constants spelled in both pipeline/ and stages/: {twice}"
+
+
+# What handles store arrays: the modules importing one of these.
+STORE_MODULES = {"pipeline.codec", "pipeline.store", "pipeline.inspection"}
+
+
+def test_no_module_but_the_codec_spells_a_store_dtype():
+    """Each store array's dtype is spelled once, in pipeline.codec (array_dtypes): the zarr arrays are created
+    from it and teach's buffers filled from it. A module handling store arrays that writes np.uint16 or "<i2"
+    holds a second copy, which a change of encoding would leave behind."""
+    from pipeline.codec import STORE_DTYPES
+
+    dtypes = [np.dtype(name) for name in STORE_DTYPES]
+    spellings = {d.name for d in dtypes} | {d.str for d in dtypes}
+    offenders = []
+    for path, tree in _modules("pipeline", "stages").items():
+        if path == "pipeline/codec.py" or not _imported(REPO / path) & STORE_MODULES:
+            continue
+        for node in ast.walk(tree):
+            spelt = node.attr if isinstance(node, ast.Attribute) else node.value if isinstance(node, ast.Constant) else None
+            if spelt in spellings:
+                offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "store dtypes spelled outside pipeline.codec:\n" + "\n".join(offenders)

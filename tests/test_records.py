@@ -12,9 +12,10 @@ from pipeline.fuse import fuse_student
 from pipeline.preprocess import Preprocess
 from pipeline.recipes import load_recipe
 from pipeline.records import FusedStudent, StudentSpec, TrainedStudent
+from pipeline.scores import Metrics
 from pipeline.train import build_student
 from stages.cli import main
-from tests._chain_helpers import fake_student, tiny_shards
+from tests._chain_helpers import fake_student, metrics, tiny_shards
 from tests._student_helpers import make_shards
 
 
@@ -116,6 +117,32 @@ def test_older_or_edited_records_are_refused_with_the_stage_to_re_run(fused, tmp
     message = str(err.value)
     assert "\n" not in message and str(target / record) in message and f"re-run `{stage} --out {target}`" in message
     assert ("unknown keys ['weights_file']" if change == "unknown" else "no interpolation") in message
+
+
+@pytest.mark.parametrize("change", ["unknown", "missing"])
+def test_older_or_edited_metrics_are_refused_with_the_stage_to_re_run(tmp_path, change):
+    data = metrics("s", 90.0, 1.0)
+    if change == "unknown":
+        data["latency"] = 1.0
+    else:
+        del data["teacher_top1"]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError) as err:
+        Metrics.read(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "re-run `pipeline evaluate`" in message
+    assert ("unknown keys ['latency']" if change == "unknown" else "no teacher_top1") in message
+
+
+def test_metrics_round_trip_with_teacher_notes_only_when_a_teacher_was_skipped(tmp_path):
+    data = metrics("s", 90.0, 1.0)
+    Metrics(**data).write(tmp_path / "a.json")
+    assert json.loads((tmp_path / "a.json").read_text()) == data
+    assert Metrics.read(tmp_path / "a.json") == Metrics(**data)
+    noted = {**data, "teacher_notes": {"demo-resnet10t": "skipped: offline"}}
+    Metrics(**noted).write(tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text()) == noted
 
 
 def test_records_are_frozen(fused):

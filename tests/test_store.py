@@ -7,8 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.codec import encode_rest, encode_topk, index_dtype
 from pipeline.errors import UserError
-from pipeline.store import create_or_open, encode_rest, encode_topk, index_dtype, open_pointer, open_store, write_pointer
+from pipeline.store import create_or_open, open_pointer, open_store, write_pointer
 from stages.cli import main
 from tests.conftest import EMPTY_PARAMS
 

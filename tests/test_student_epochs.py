@@ -9,9 +9,10 @@ import torch
 
 import pipeline.store as store_mod
 import pipeline.train as train_mod
+from pipeline.codec import decode_logp, tempered_lse, value_scale
 from pipeline.data.loaders import student_batches
 from pipeline.recipes import load_recipe
-from pipeline.store import VIEW_ARRAYS, decode_logp, tempered_lse, value_scale
+from pipeline.store import VIEW_ARRAYS
 from pipeline.train import train
 from tests._student_helpers import STUDENT, make_shards, make_store
 
