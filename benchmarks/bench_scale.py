@@ -89,14 +89,14 @@ def stage_shard(out: Path, n: int) -> dict:
 
 
 def stage_open(out: Path, n: int) -> dict:
-    from pipeline.data.shards import ShardReader, read_manifest, scan_shard
+    from pipeline.data.shards import ShardManifest, ShardReader, scan_shard
 
     start = time.perf_counter()
     reader = ShardReader(out, "train")
     open_s = time.perf_counter() - start
     assert len(reader) == n
     start = time.perf_counter()
-    for shard in read_manifest(out)["splits"]["train"]["shards"]:
+    for shard in ShardManifest.read(out).splits["train"]["shards"]:
         scan_shard(out / shard["name"])
     return {"open_s": open_s, "scan_s": time.perf_counter() - start}
 

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.codec import encode_lse
 from pipeline.data.loaders import replay_mismatch, replay_views
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardManifest
 from pipeline.data.views import ViewPlan
 from pipeline.distill import bucket_kl, teacher_target
 from pipeline.errors import UserError
@@ -34,8 +34,8 @@ def audit_store(store, shards, *, teacher=None, weights=None, samples: int | str
     """Compare `samples` distinct random stored views (drawn without replacement; "all": every view of the
     finished shards) with a fresh teacher pass; "ok" is False beyond a tolerance."""
     p = store.provenance
-    manifest = read_manifest(shards)
-    store.check_compatible(manifest["fingerprint"], p["plan_hash"])
+    manifest = ShardManifest.read(shards)
+    store.check_compatible(manifest.fingerprint, p["plan_hash"])
     # the user's spec, else the store's provenance, which names a model but never grants trust
     spec = teacher_spec(teacher if teacher is not None else artifact_spec(p["teacher"], f"teacher store {store.path}"),
                         weights)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data.loaders import eval_loader
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardManifest
 from pipeline.errors import UserError
 from pipeline.io import significant
 from pipeline.metrics import agreement, onnx_runner, predict, speed, topk_accuracy, torch_runner
@@ -132,10 +132,10 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
 
     set_threads(threads)
     model, info = load_fused(fused_dir)
-    manifest = read_manifest(shard_dir)
-    if manifest["num_classes"] != info.num_classes:
+    manifest = ShardManifest.read(shard_dir)
+    if manifest.num_classes != info.num_classes:
         raise UserError(f"{fused_dir} predicts {info.num_classes} classes but {shard_dir} has "
-                        f"{manifest['num_classes']}; evaluate on the shards the student was trained on")
+                        f"{manifest.num_classes}; evaluate on the shards the student was trained on")
     size = info.preprocess.input_size
     val = eval_loader(shard_dir, "val", info.preprocess, batch_size=batch_size)
     logits, labels = predict(model, val, Normalize.of(info.preprocess), quiet=quiet, desc=info.student)
@@ -152,7 +152,7 @@ def evaluate_fused(fused_dir, shard_dir, *, teach_dir=None, teacher_dir=None, la
     timing = speed(runners, size, runs=latency_runs, batch=batch)
     return Metrics(**significant({
         "student": info.student, "model": info.model, "stock_model": info.stock_model,
-        "deploy": info.deploy["label"], "dataset": manifest["dataset"], "val_samples": len(labels), "input_size": size,
+        "deploy": info.deploy["label"], "dataset": manifest.dataset, "val_samples": len(labels), "input_size": size,
         "top1": acc[1], "top5": acc[5], "params": params, "macs": macs,
         "training_form": info.training_form, "fused_check": info.fused_check,
         "onnx_check": info.onnx_check, **timing, "latency_runs": latency_runs,

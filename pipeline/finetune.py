@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from pipeline.data.loaders import eval_loader, student_loader
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardManifest
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir
@@ -67,8 +67,8 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     """
     set_threads(threads)
     spec = resolve_spec(teacher)
-    manifest = read_manifest(shard_dir)
-    num_classes = manifest["num_classes"]
+    manifest = ShardManifest.read(shard_dir)
+    num_classes = manifest.num_classes
     size = int(img_size or spec["input_size"])
     pre = dataclasses.replace(preprocess_of(spec), input_size=size)  # scored on clean val at the size it trains at
     if epochs < 1:
@@ -99,13 +99,13 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
 
     before = {"clean": accuracy(model, val, normalize)[1], "views": views_top1()}  # the start weights
     recipe = finetune_recipe(epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed)
-    run_id = {"recipe": recipe.to_dict(), "teacher": spec, "shards": manifest["fingerprint"], "init": origin,
+    run_id = {"recipe": recipe.to_dict(), "teacher": spec, "shards": manifest.fingerprint, "init": origin,
               "plan": plan.to_dict(), "num_views": num_views}
     started = time.time()
     history, _ = fit(model, recipe, KDLoss.from_recipe(recipe, num_classes), epoch_loader,
-                     -(-manifest["splits"]["train"]["count"] // batch_size), out_dir, run_id, normalize=normalize,
+                     -(-manifest.splits["train"]["count"] // batch_size), out_dir, run_id, normalize=normalize,
                      resume=resume,
-                     val=lambda last: (val, manifest["splits"]["val"]["count"]), val_every=epochs, quiet=quiet,
+                     val=lambda last: (val, manifest.splits["val"]["count"]), val_every=epochs, quiet=quiet,
                      name=f"finetune {spec['name']}")
     last = history[-1]  # validated on clean val: the last epoch always is
     after = {"clean": last["top1"], "views": views_top1()}
@@ -113,11 +113,11 @@ def finetune_teacher(teacher, shard_dir, out_dir, *, epochs: int = 10, batch_siz
     atomic_write_bytes(out_dir / source.tuned_file, weights)
     tuned = {k: v for k, v in spec.items() if k != "pretrained"} | points_at  # relative to teacher.yaml
     tuned.update(name=name, num_classes=num_classes, input_size=size,
-                 description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest['dataset']} "
+                 description=f"{spec['model']} fine-tuned by `pipeline finetune-teacher` on {manifest.dataset} "
                              f"({epochs} epochs from {origin}; val top-1 {last['top1']:.2f}%; weights sha256 "
                              f"{hashlib.sha256(weights).hexdigest()[:16]})")
     atomic_write_bytes(out_dir / SPEC, yaml.safe_dump(tuned, sort_keys=False).encode())
-    metrics = {"teacher": spec["name"], "name": name, "dataset": manifest["dataset"], "epochs": epochs, "init": origin,
+    metrics = {"teacher": spec["name"], "name": name, "dataset": manifest.dataset, "epochs": epochs, "init": origin,
                "train_loss": last["loss"], "val_top1": last["top1"], "val_top5": last["top5"],
                "before": before, "after": after, "plan": plan.to_dict(), "num_views": num_views,
                "threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1)}

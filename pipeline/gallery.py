@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data.loaders import replay_views
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardManifest
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes
@@ -132,10 +132,10 @@ def _fit(text: str, font, width: int) -> str:
 def show(store, shards, out, n: int = 32, worst: bool = False) -> dict:
     """Write the gallery of `n` stored views of `store` to the PNG `out` (atomically); returns what it shows."""
     p = store.provenance
-    manifest = read_manifest(shards)
-    store.check_compatible(manifest["fingerprint"], p["plan_hash"])
+    manifest = ShardManifest.read(shards)
+    store.check_compatible(manifest.fingerprint, p["plan_hash"])
     rows = pick_views(store, n, worst)
-    notes = captions(store, rows, [str(c) for c in manifest["classes"]])
+    notes = captions(store, rows, [str(c) for c in manifest.classes])
     wrong = sum(note["wrong"] for note in notes)
     how = "lowest stored p(label) first" if worst else "a fixed sample"
     title = (f"teacher {p['teacher']['name']} on its stored views ({p['dataset']}/{p['split']}, plan "

@@ -55,14 +55,14 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     from pipeline.data.shards import verified_manifest
 
     manifest = verified_manifest(shards, full=verify_shards)
-    if split not in manifest["splits"]:
-        raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest['splits'])}); pass --split")
-    num_samples = manifest["splits"][split]["count"]
+    if split not in manifest.splits:
+        raise UserError(f"split '{split}' not in {shards} (has {', '.join(manifest.splits)}); pass --split")
+    num_samples = manifest.splits[split]["count"]
     spec = teacher_spec(teacher, weights)
     source_of(spec).check_weights(spec)
-    check_num_classes(spec, manifest["num_classes"])
-    if not 1 <= k <= manifest["num_classes"]:
-        raise UserError(f"--k {k} must lie in 1..{manifest['num_classes']} (the number of classes)")
+    check_num_classes(spec, manifest.num_classes)
+    if not 1 <= k <= manifest.num_classes:
+        raise UserError(f"--k {k} must lie in 1..{manifest.num_classes} (the number of classes)")
     if num_views < 1 or batch_size < 1:
         raise UserError(f"--num-views ({num_views}) and --batch-size ({batch_size}) must be >= 1")
     temperatures = check_temperatures(temperatures)
@@ -79,16 +79,16 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     # views are the plan's, at the teacher's input size and normalisation)
     key_spec = {k: v for k, v in spec.items()
                 if k not in ("weights", "pretrained", "description", "crop_pct", "interpolation")}
-    key = store_key(dataset_fingerprint=manifest["fingerprint"], split=split, plan_hash=plan.hash(), teacher=key_spec,
+    key = store_key(dataset_fingerprint=manifest.fingerprint, split=split, plan_hash=plan.hash(), teacher=key_spec,
                     weights_digest=digest, k=k, num_views=num_views, values=values, amp=amp,
                     temperatures=temperatures)
     path = store_path(store_root, f"{spec['name']}-{key}.zarr")
-    provenance = dict(key=key, dataset=manifest["dataset"], dataset_fingerprint=manifest["fingerprint"],
-                      split=split, split_fingerprint=manifest["splits"][split]["fingerprint"],
+    provenance = dict(key=key, dataset=manifest.dataset, dataset_fingerprint=manifest.fingerprint,
+                      split=split, split_fingerprint=manifest.splits[split]["fingerprint"],
                       plan=plan.to_dict(), plan_hash=plan.hash(), teacher=spec, weights_digest=digest, k=k,
                       num_views=num_views, amp=amp, temperatures=temperatures, versions=_versions())
     layout = dict(num_samples=num_samples, num_views=num_views, k=k, params_dim=plan.params_dim,
-                  num_classes=manifest["num_classes"], shard_rows=aligned_shard_rows(shard_rows, num_views, batch_size),
+                  num_classes=manifest.num_classes, shard_rows=aligned_shard_rows(shard_rows, num_views, batch_size),
                   values=values, temperatures=temperatures)
     if rank == 0:
         writer = create_or_open(path, provenance, **layout)
@@ -111,7 +111,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     else:
         forward = Forward(model, spec, dev, amp, channels_last)
         _run_shards(writer, forward, teacher_loader, shards, split, plan, spec, mine, num_views, k, batch_size,
-                    workers, values, quiet or rank != 0, num_classes=manifest["num_classes"],
+                    workers, values, quiet or rank != 0, num_classes=manifest.num_classes,
                     temperatures=temperatures)
     barrier(world)
     seconds = time.perf_counter() - start
@@ -122,7 +122,7 @@ def teach(*, teacher, shards, split="train", plan, num_views=4, k=10, batch_size
     if rank == 0:
         if pending:
             quality = {"teacher_top1_views": top1_vs_labels(writer)}
-            if "val" in manifest["splits"] and split != "val":
+            if "val" in manifest.splits and split != "val":
                 quality["teacher_top1_clean_val"] = clean_val_top1(forward, spec, shards, batch_size, workers)
             writer.record_quality(quality)
             writer.finish({"seconds": summary["seconds"], "views_per_s": summary["views_per_s"], "world_size": world,

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.models import pretrained_overlay  # (importing pipeline.models registers the rep_* students in timm)
 from pipeline.data.loaders import eval_loader, replay_mismatch, student_batches, student_loader, view_environment
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import ShardManifest
 from pipeline.data.views import ViewPlan
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, claim_out_dir, state_digest
@@ -220,17 +220,17 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
     set_threads(threads)
     device = resolve_device("auto")
     rank, world, _ = init_distributed(device)  # torchrun tears the group down with the process
-    manifest = read_manifest(shard_dir)
-    num_classes = int(manifest["num_classes"])
+    manifest = ShardManifest.read(shard_dir)
+    num_classes = int(manifest.num_classes)
     size = student_size(student, recipe)
     crop_pct = student.preprocess.crop_pct
     pre = dataclasses.replace(student.preprocess, input_size=size,  # the spec's eval crop, else the dataset's
-                              crop_pct=manifest.get("crop_pct", 1.0) if crop_pct is None else crop_pct)
+                              crop_pct=manifest.crop_pct if crop_pct is None else crop_pct)
     stores = list(stores) if recipe.alpha > 0 else []
     if views_from is not None and recipe.alpha > 0:
         raise UserError("--views-from is for labels-only students (alpha 0); a KD student replays its teachers' views")
     view_stores = stores or ([views_from] if views_from is not None else [])
-    plan, num_views = resolve_views(recipe, view_stores, manifest["fingerprint"], num_classes,
+    plan, num_views = resolve_views(recipe, view_stores, manifest.fingerprint, num_classes,
                                     size, pre.interpolation)
     loss = KDLoss.from_recipe(recipe, num_classes, stores, teacher_weights, flat_tail)
     if loss.targets is not None and not loss.targets.exact and rank == 0:
@@ -241,10 +241,10 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
     if recipe.batch_size % world:
         raise UserError(f"batch_size {recipe.batch_size} (global) is not divisible by {world} processes")
     local_batch = recipe.batch_size // world
-    steps_per_epoch = manifest["splits"]["train"]["count"] // recipe.batch_size
+    steps_per_epoch = manifest.splits["train"]["count"] // recipe.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"batch_size {recipe.batch_size} is larger than the train split "
-                        f"({manifest['splits']['train']['count']} samples); lower it (--batch-size)")
+                        f"({manifest.splits['train']['count']} samples); lower it (--batch-size)")
 
     if rank == 0:
         curves = ("metrics.json", "plots.csv")
@@ -261,7 +261,7 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
 
     # What a resumed run must share with the interrupted one.
     run_id = {"recipe": recipe.to_dict(), "teachers": list(teacher_names), "teacher_weights": teacher_weights,
-              "student": student.to_dict(), "shards": manifest["fingerprint"], "init": init_record,
+              "student": student.to_dict(), "shards": manifest.fingerprint, "init": init_record,
               "flat_tail": flat_tail, "views_from": views_from.key if views_from is not None else None}
 
     def batches(epoch):
@@ -284,7 +284,7 @@ def train(student: StudentSpec, recipe: Recipe, shard_dir, out_dir, stores=(), t
     val_args = (shard_dir, "val", pre, eval_batch_size, workers)
     val = eval_loader(*val_args) if rank == 0 else None
     val_subset = eval_loader(*val_args, subset=(val_samples, recipe.seed)) if rank == 0 and val_samples else val
-    full = manifest["splits"]["val"]["count"]
+    full = manifest.splits["val"]["count"]
 
     def validation(last):
         """The last epoch sees the whole val split, the others the fixed subset (if any)."""

@@ -57,8 +57,8 @@ def command(ctx, dataset, out, seed, on_bad_image, num_classes, per_class, image
                                    maxcount=options["shard_size"], on_bad_image=on_bad_image, quiet=quiet,
                                    crop_pct=options["crop_pct"], inputs=sources.source_paths(options["source"]))
     if not quiet:
-        counts = ", ".join(f"{k}={v['count']}" for k, v in manifest["splits"].items())
-        skipped = sum(len(v["skipped"]) for v in manifest["splits"].values())
-        click.echo(f"{out}: {manifest['dataset']} {len(classes)} classes, {counts}"
+        counts = ", ".join(f"{k}={v['count']}" for k, v in manifest.splits.items())
+        skipped = sum(len(v["skipped"]) for v in manifest.splits.values())
+        click.echo(f"{out}: {manifest.dataset} {len(classes)} classes, {counts}"
                    + (f", {skipped} bad images skipped" if skipped else "")
-                   + f", fingerprint {manifest['fingerprint']}")
+                   + f", fingerprint {manifest.fingerprint}")

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from pipeline.codec import encode_rest, encode_topk
-from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.shards import ShardManifest, ShardReader
 from pipeline.data.views import ViewPlan, view_params
 from pipeline.records import StudentSpec
 from pipeline.store import create_or_open, open_store, store_key, write_pointer
@@ -33,16 +33,16 @@ def make_store(shard_dir, root, name="t1", plan=PLAN, num_views=2, k=2, seed=0, 
     """A complete store for the train split + its pointer file {root}/{name}.json; returns the store.
     `params` [N, V, P] replaces the view params derived from the plan (a store drawn elsewhere); `values`
     is the value encoding; `shard_rows` (default: all rows in one shard)."""
-    manifest = read_manifest(shard_dir)
+    manifest = ShardManifest.read(shard_dir)
     reader = ShardReader(shard_dir, "train")
-    n, c = len(reader), manifest["num_classes"]
+    n, c = len(reader), manifest.num_classes
     labels = np.array([reader.label(i) for i in range(n)])
-    fingerprint = fingerprint or manifest["fingerprint"]
+    fingerprint = fingerprint or manifest.fingerprint
     teacher = {"name": name, "model": "synthetic"}
     key = store_key(dataset_fingerprint=fingerprint, split="train", plan_hash=plan.hash(), teacher=teacher,
                     weights_digest=str(seed), k=k, num_views=num_views, values=values, amp="none",
                     temperatures=temperatures)
-    provenance = {"key": key, "dataset": manifest["dataset"], "split": "train", "dataset_fingerprint": fingerprint,
+    provenance = {"key": key, "dataset": manifest.dataset, "split": "train", "dataset_fingerprint": fingerprint,
                   "plan": plan.to_dict(), "plan_hash": plan.hash(), "teacher": teacher, "k": k}
     writer = create_or_open(f"{root}/{name}-{key}.zarr", provenance, num_samples=n, num_views=num_views, k=k,
                             params_dim=plan.params_dim, num_classes=c, shard_rows=shard_rows or n, values=values,

@@ -9,7 +9,7 @@ from timm.data import create_transform
 
 from _data_helpers import synthetic_shards
 from pipeline.data.loaders import epoch_views, eval_loader, student_loader, teacher_loader
-from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.shards import ShardManifest, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
 from pipeline.preprocess import Preprocess
@@ -27,9 +27,9 @@ def shard_dir(tmp_path_factory):
 
 def test_reader_random_access(shard_dir):
     reader = ShardReader(shard_dir, "train")
-    manifest = read_manifest(shard_dir)
-    assert len(reader) == manifest["splits"]["train"]["count"] == 18
-    assert len(set(reader.keys)) == 18 and len(manifest["splits"]["train"]["shards"]) == 4
+    manifest = ShardManifest.read(shard_dir)
+    assert len(reader) == manifest.splits["train"]["count"] == 18
+    assert len(set(reader.keys)) == 18 and len(manifest.splits["train"]["shards"]) == 4
     assert reader.key(17) == reader.keys[17] and reader.image(17).size == (64, 64)
     assert reader.image_bytes(3).startswith(b"\x89PNG")
     assert sorted(collections.Counter(reader.labels.tolist()).values()) == [6, 6, 6]
@@ -37,10 +37,10 @@ def test_reader_random_access(shard_dir):
 
 def test_reader_errors(shard_dir, tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
-        read_manifest(tmp_path)
+        ShardManifest.read(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(UserError, match="corrupt"):
-        read_manifest(tmp_path)
+    with pytest.raises(UserError, match="unreadable"):
+        ShardManifest.read(tmp_path)
     with pytest.raises(UserError, match="split 'test'"):
         ShardReader(shard_dir, "test")
 

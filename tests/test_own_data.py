@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from pipeline.data.shards import ShardManifest
 from pipeline.io import sha256_file
 from pipeline.models import create_stock_model
 from stages.cli import main
@@ -57,8 +58,8 @@ def test_own_data_path_on_a_cifar10_subset(tmp_path):
     shards = tmp_path / "shards"
     _cli("shard", "--source", f"imagefolder:{tar}", "--out", shards, "--image-size", "64", "--val-fraction", "0.25",
          "--quiet")
-    manifest = json.loads((shards / "manifest.json").read_text())
-    assert manifest["dataset"] == "cifar10" and manifest["num_classes"] == 10 and manifest["crop_pct"] == 1.0
+    manifest = ShardManifest.read(shards)
+    assert manifest.dataset == "cifar10" and manifest.num_classes == 10 and manifest.crop_pct == 1.0
 
     # the user's own TorchScript teacher (random weights here), its spec without crop_pct
     torch.jit.save(torch.jit.script(timm.create_model("resnet10t", num_classes=10).eval()), str(tmp_path / "own.pt"))

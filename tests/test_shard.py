@@ -1,6 +1,7 @@
 """`pipeline shard`: sources, reproducible shards, manifest, and the errors a user can cause."""
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from _data_helpers import synthetic_shards
 from pipeline.data import sources
-from pipeline.data.shards import ShardReader, read_manifest, write_shards
+from pipeline.data.shards import ShardManifest, ShardReader, write_shards
 from pipeline.errors import UserError
 from pipeline.io import sha256_file
 from stages.cli import main
@@ -50,17 +51,35 @@ def test_same_input_gives_byte_identical_shards(tmp_path):
 
 def test_manifest_describes_the_shards(tmp_path):
     m = synthetic_shards(tmp_path / "s", num_classes=3, per_class=8, shard_size=5)
-    assert m == read_manifest(tmp_path / "s")
-    assert m["classes"] == ["class0", "class1", "class2"] and m["num_classes"] == 3 and m["tool_version"]
-    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 18, "val": 6}
-    for split in m["splits"].values():
+    assert m == ShardManifest.read(tmp_path / "s")
+    assert m.classes == ["class0", "class1", "class2"] and m.num_classes == 3 and m.tool_version
+    assert {k: v["count"] for k, v in m.splits.items()} == {"train": 18, "val": 6}
+    for split in m.splits.values():
         assert sum(s["count"] for s in split["shards"]) == split["count"]
         for s in split["shards"]:
             assert sha256_file(tmp_path / "s" / s["name"]) == s["sha256"]
     with tarfile.open(tmp_path / "s" / "train-000000.tar") as tar:
         member = tar.getmembers()[0]
         assert member.mtime == 0 and member.name.endswith((".cls", ".png"))
-    assert synthetic_shards(tmp_path / "t", per_class=9)["fingerprint"] != m["fingerprint"]
+    assert synthetic_shards(tmp_path / "t", per_class=9).fingerprint != m.fingerprint
+
+
+@pytest.mark.parametrize("edit", ["missing key", "unknown key"])
+def test_manifest_with_a_missing_or_unknown_key_is_refused(tmp_path, edit):
+    """An edited or foreign manifest.json is one line naming the file, the key and the fix, before any stage uses it."""
+    synthetic_shards(tmp_path / "s", per_class=2)
+    path = tmp_path / "s" / "manifest.json"
+    data = json.loads(path.read_text())
+    if edit == "missing key":
+        del data["source"]
+    else:
+        data["labels_file"] = "labels.txt"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError) as err:
+        ShardManifest.read(tmp_path / "s")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "pipeline shard" in message
+    assert ("no source" if edit == "missing key" else "unknown keys ['labels_file']") in message
 
 
 def test_imagefolder_with_train_and_val(tmp_path):
@@ -69,8 +88,8 @@ def test_imagefolder_with_train_and_val(tmp_path):
         "val/dog/d.png": _png("blue"), "train/dog/notes.txt": b"skip me"})
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 0, result.output
-    m = read_manifest(tmp_path / "o")
-    assert m["classes"] == ["cat", "dog"] and m["dataset"] == "src"
+    m = ShardManifest.read(tmp_path / "o")
+    assert m.classes == ["cat", "dog"] and m.dataset == "src"
     reader = ShardReader(tmp_path / "o", "train")
     assert sorted(reader.keys) == ["cat/a", "cat/b_v2", "dog/c"]
     assert reader.image_bytes(reader.keys.index("dog/c")) == _png("blue")
@@ -108,14 +127,14 @@ def test_corrupt_image_errors_or_is_skipped(tmp_path):
     assert not (tmp_path / "o").exists()
     previous = synthetic_shards(tmp_path / "prev")
     _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "prev"), "--val-fraction", "0"])
-    assert read_manifest(tmp_path / "prev") == previous  # a failed run leaves the old output intact
+    assert ShardManifest.read(tmp_path / "prev") == previous  # a failed run leaves the old output intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev", "src"]  # and no temp dirs
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--val-fraction", "0",
                      "--on-bad-image", "skip", "--quiet"])
     assert result.exit_code == 0, result.output
-    m = read_manifest(tmp_path / "o")
-    assert m["splits"]["train"]["count"] == 2
-    assert [s["key"] for s in m["splits"]["train"]["skipped"]] == ["a/bad"]
+    m = ShardManifest.read(tmp_path / "o")
+    assert m.splits["train"]["count"] == 2
+    assert [s["key"] for s in m.splits["train"]["skipped"]] == ["a/bad"]
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -140,14 +159,14 @@ def test_zero_images_and_unknown_source(tmp_path):
 
 
 def test_webdataset_source_verifies_and_reshards(tmp_path):
-    first = synthetic_shards(tmp_path / "a", shard_size=5)["splits"]["train"]
+    first = synthetic_shards(tmp_path / "a", shard_size=5).splits["train"]
     pattern = f"{tmp_path}/a/train-{{000000..{len(first['shards']) - 1:06d}}}.tar"
     result = _shard(["--source", f"webdataset:{pattern}", "--out", str(tmp_path / "b"), "--quiet",
                      "--val-fraction", "0", "--shard-size", "5"])
     assert result.exit_code == 0, result.output
-    again = read_manifest(tmp_path / "b")["splits"]["train"]
+    again = ShardManifest.read(tmp_path / "b").splits["train"]
     assert again["shards"] == first["shards"] and again["fingerprint"] == first["fingerprint"]
-    assert read_manifest(tmp_path / "b")["classes"] == ["class0", "class1", "class2"]
+    assert ShardManifest.read(tmp_path / "b").classes == ["class0", "class1", "class2"]
     _, _, splits = sources.webdataset_shards(f"{tmp_path}/a/{{train,val}}-000000.tar", 0.5, 0)
     assert [len(splits["train"]), len(splits["val"])] == [5, 5]  # val-*.tar is the val split, not a split-off
     result = _shard(["--source", f"webdataset:{tmp_path}/a/train-{{000000..000009}}.tar", "--out",
@@ -183,10 +202,10 @@ def test_real_cifar10_subset(tmp_path):
     result = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "o"), "--quiet",
                      "--shard-size", "64", "--val-fraction", "0.1"])
     assert result.exit_code == 0, result.output
-    m = read_manifest(tmp_path / "o")
-    assert len(m["classes"]) == 10 and "airplane" in m["classes"]
-    assert m["splits"]["train"]["count"] == 180 and len(m["splits"]["train"]["shards"]) == 3
-    assert m["splits"]["val"]["count"] == 20
+    m = ShardManifest.read(tmp_path / "o")
+    assert len(m.classes) == 10 and "airplane" in m.classes
+    assert m.splits["train"]["count"] == 180 and len(m.splits["train"]["shards"]) == 3
+    assert m.splits["val"]["count"] == 20
     reader = ShardReader(tmp_path / "o", "train")
     assert reader.image(0).size == (32, 32) and reader.image_bytes(0)[:2] == b"\xff\xd8"
 
@@ -196,8 +215,8 @@ def test_dataset_spec_sets_defaults_and_checks_classes(tmp_path):
     spec.write_text("source: synthetic\nimage_size: 32\nval_fraction: 0.5\nnum_classes: 4\n")
     result = _shard(["--dataset", str(spec), "--out", str(tmp_path / "o"), "--per-class", "4", "--quiet"])
     assert result.exit_code == 0, result.output
-    m = read_manifest(tmp_path / "o")
-    assert m["splits"]["val"]["count"] == 8 and ShardReader(tmp_path / "o", "val").image(0).size == (32, 32)
+    m = ShardManifest.read(tmp_path / "o")
+    assert m.splits["val"]["count"] == 8 and ShardReader(tmp_path / "o", "val").image(0).size == (32, 32)
     result = _shard(["--dataset", str(spec), "--out", str(tmp_path / "p"), "--num-classes", "3"])
     assert result.exit_code == 2 and "expects 4 classes" in result.output
     result = _shard(["--dataset", "nosuch", "--out", str(tmp_path / "p")])
@@ -210,7 +229,7 @@ def test_shard_writes_a_verified_index_and_the_reader_opens_from_it(tmp_path, mo
 
     m = synthetic_shards(tmp_path / "s", num_classes=3, per_class=8, shard_size=5, fmt="jpg")
     scanned = ShardReader(tmp_path / "s", "train")  # reference: what the tar headers say
-    for split in m["splits"].values():
+    for split in m.splits.values():
         for s in split["shards"]:
             index = tmp_path / "s" / s["index"]
             assert index.is_file() and sha256_file(index) == s["index_sha256"]
@@ -226,7 +245,7 @@ def test_shard_writes_a_verified_index_and_the_reader_opens_from_it(tmp_path, mo
 
 def test_a_changed_or_missing_index_is_a_user_error(tmp_path):
     m = synthetic_shards(tmp_path / "s", shard_size=5)
-    index = tmp_path / "s" / m["splits"]["train"]["shards"][0]["index"]
+    index = tmp_path / "s" / m.splits["train"]["shards"][0]["index"]
     index.write_bytes(index.read_bytes().replace(b'"labels":[0', b'"labels":[1'))
     with pytest.raises(UserError, match="does not match its sha256"):
         ShardReader(tmp_path / "s", "train")
@@ -249,14 +268,14 @@ def test_image_size_renders_every_source_larger_once(tmp_path):
     result = _shard(["--source", f"imagefolder:{tmp_path / 'mydata' / 'train.tar'}", "--out", str(tmp_path / "o"),
                      "--quiet", "--image-size", "64", "--val-fraction", "0.34"])
     assert result.exit_code == 0, result.output
-    m = read_manifest(tmp_path / "o")
+    m = ShardManifest.read(tmp_path / "o")
     reader = ShardReader(tmp_path / "o", "train")
     assert reader.image(0).size == (64, 64) and reader.image_bytes(0)[:2] == b"\xff\xd8"  # still a JPEG
-    assert m["dataset"] == "mydata" and m["crop_pct"] == 1.0  # not "train": the first meaningful name
+    assert m.dataset == "mydata" and m.crop_pct == 1.0  # not "train": the first meaningful name
     plain = _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / "p"), "--quiet", "--crop-pct", "0.875"])
     assert plain.exit_code == 0, plain.output
     assert ShardReader(tmp_path / "p", "train").image(0).size == (32, 32)  # no --image-size: original bytes
-    assert read_manifest(tmp_path / "p")["crop_pct"] == 0.875
+    assert ShardManifest.read(tmp_path / "p").crop_pct == 0.875
 
 
 def test_display_name_skips_generic_folder_names(tmp_path):
@@ -271,6 +290,6 @@ def test_split_fingerprints_hash_split_name_and_content(tmp_path):
     other = _folder(tmp_path / "other", {"train/a/0.png": _png("red"), "val/a/0.png": _png("blue")})
     for src in (same, other):
         assert _shard(["--source", f"imagefolder:{src}", "--out", str(tmp_path / f"{src.name}-o"), "--quiet"]).exit_code == 0
-    a, b = read_manifest(tmp_path / "same-o"), read_manifest(tmp_path / "other-o")  # --out inside a source is refused
-    assert a["splits"]["train"]["fingerprint"] != a["splits"]["val"]["fingerprint"]  # split name
-    assert a["splits"]["val"]["fingerprint"] != b["splits"]["val"]["fingerprint"]  # content
+    a, b = ShardManifest.read(tmp_path / "same-o"), ShardManifest.read(tmp_path / "other-o")  # --out inside a source is refused
+    assert a.splits["train"]["fingerprint"] != a.splits["val"]["fingerprint"]  # split name
+    assert a.splits["val"]["fingerprint"] != b.splits["val"]["fingerprint"]  # content

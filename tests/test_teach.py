@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.data.shards import ShardReader, read_manifest
+from pipeline.data.shards import ShardManifest, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
 from pipeline.store import ARRAYS, open_pointer, open_store
@@ -61,7 +61,7 @@ def test_store_equals_direct_forward(setup):
     spec = resolve_spec(spec_path)
     model, _ = load_teacher(spec)
     plan, reader = ViewPlan.load(store.plan), ShardReader(shards, "train")
-    assert store.complete and store.num_samples == read_manifest(shards)["splits"]["train"]["count"]
+    assert store.complete and store.num_samples == ShardManifest.read(shards).splits["train"]["count"]
     mean, std = torch.tensor(spec["mean"]).view(3, 1, 1), torch.tensor(spec["std"]).view(3, 1, 1)
     index = torch.arange(store.num_samples).repeat_interleave(store.num_views)
     view = torch.arange(store.num_views).repeat(store.num_samples)

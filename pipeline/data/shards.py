@@ -28,8 +28,8 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.data.images import Source, decode_image
 from pipeline.errors import UserError
-from pipeline.io import (MARKER, atomic_write_bytes, atomic_write_json, is_ours, mark_ours, sha256_file, stable_hash,
-                         umask_mode)
+from pipeline.io import (MARKER, atomic_write_bytes, atomic_write_json, check_keys, is_ours, mark_ours, read_json,
+                         sha256_file, stable_hash, umask_mode)
 from pipeline.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -120,29 +120,45 @@ def read_range(path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def read_manifest(shard_dir) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"no {MANIFEST} in {shard_dir}; create the shards with `pipeline shard --out {shard_dir}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise UserError(f"{path} is corrupt ({err}); re-run `pipeline shard` to rewrite it") from None
-    missing = [k for k in ("classes", "splits", "fingerprint") if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise UserError(f"{path} is corrupt (no {', '.join(missing)}); re-run `pipeline shard` to rewrite it")
-    if not isinstance(manifest["classes"], list) or manifest.get("num_classes") != len(manifest["classes"]):
-        raise UserError(f"{path} was edited: num_classes {manifest.get('num_classes')!r} is not the number of its "
-                        "classes; re-run `pipeline shard` to rewrite it")
-    return manifest
+@dataclasses.dataclass(frozen=True)
+class ShardManifest:
+    """What `pipeline shard` wrote into manifest.json, the one description of the shards every stage reads;
+    its fields are the file's keys (written sorted, so the file and its fingerprint stay as they were)."""
+
+    format: int
+    dataset: str
+    classes: list
+    num_classes: int
+    source: str
+    crop_pct: float                 # the dataset's evaluation centre crop, for the students' validation
+    tool_version: str
+    splits: dict                    # split -> {count, fingerprint, shards: [{name, count, sha256, index, ...}], skipped}
+    fingerprint: str                # dataset_fingerprint of classes and splits
+
+    @classmethod
+    def read(cls, shard_dir) -> "ShardManifest":
+        """The manifest of `shard_dir`; a missing, older, corrupt or edited one is one line naming the fix."""
+        path = Path(shard_dir) / MANIFEST
+        if not path.is_file():
+            raise UserError(f"no {MANIFEST} in {shard_dir}; create the shards with `pipeline shard --out {shard_dir}`")
+        fix = "re-run `pipeline shard` to rewrite it"
+        data = read_json(path, fix)
+        if isinstance(data, dict) and data.get("format", 1) != MANIFEST_FORMAT:
+            raise UserError(f"{path} is of format {data.get('format', 1)}, written by an older `pipeline shard` "
+                            f"(this one reads format {MANIFEST_FORMAT}); {fix}")
+        check_keys(cls, data, str(path), fix)
+        if not isinstance(data["classes"], list) or data["num_classes"] != len(data["classes"]):
+            raise UserError(f"{path} was edited: num_classes {data['num_classes']!r} is not the number of its "
+                            f"classes; {fix}")
+        return cls(**data)
 
 
-def dataset_fingerprint(manifest: dict) -> str:
+def dataset_fingerprint(classes: list, splits: dict) -> str:
     """Hash of the classes, each split's keys + labels, every shard's sha256 and its index's (the keys and
     labels readers use): the dataset's content."""
-    return stable_hash({"classes": manifest["classes"],
+    return stable_hash({"classes": classes,
                         "splits": {k: [v["fingerprint"], [[s["sha256"], s.get("index_sha256")] for s in v["shards"]]]
-                                   for k, v in manifest["splits"].items()}})
+                                   for k, v in splits.items()}})
 
 
 def _hash_cache_path() -> Path:
@@ -175,17 +191,13 @@ def _stat_key(path: Path) -> tuple[str, list]:
     return str(path.resolve()), [st.st_size, st.st_mtime_ns]
 
 
-def verified_manifest(shard_dir, full: bool = False) -> dict:
+def verified_manifest(shard_dir, full: bool = False) -> ShardManifest:
     """The manifest, after checking that every shard still has the sha256 it records and that the
     fingerprint is the one of that content. Fast path: a shard whose size and mtime match a cached
     hash is not read again (`full`: every shard is); any other is hashed in full (and cached)."""
-    manifest = read_manifest(shard_dir)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{Path(shard_dir) / MANIFEST} is of format {manifest.get('format', 1)}, written by an "
-                        f"older `pipeline shard` (this one reads format {MANIFEST_FORMAT}); re-run `pipeline shard` "
-                        "to rewrite it")
+    manifest = ShardManifest.read(shard_dir)
     cache, fresh = _read_hash_cache(), {}
-    for split in manifest["splits"].values():
+    for split in manifest.splits.values():
         for shard in split["shards"]:
             path = Path(shard_dir) / shard["name"]
             if not path.is_file():
@@ -201,7 +213,7 @@ def verified_manifest(shard_dir, full: bool = False) -> dict:
                 raise UserError(f"shard {path} changed since `pipeline shard` wrote it (sha256 {digest[:12]}, manifest "
                                 f"says {shard['sha256'][:12]}); re-run `pipeline shard` to rewrite the shards")
     _remember_hashes(fresh)
-    if dataset_fingerprint(manifest) != manifest["fingerprint"]:
+    if dataset_fingerprint(manifest.classes, manifest.splits) != manifest.fingerprint:
         raise UserError(f"{Path(shard_dir) / MANIFEST} was edited: its fingerprint does not match its shards; "
                         "re-run `pipeline shard` to rewrite it")
     return manifest
@@ -267,7 +279,7 @@ def recover_out_dir(out_dir) -> None:
 
 def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes: list[str],
                  source: str, maxcount: int = 10000, on_bad_image: str = "error",
-                 quiet: bool = False, crop_pct: float = 1.0, inputs=()) -> dict:
+                 quiet: bool = False, crop_pct: float = 1.0, inputs=()) -> ShardManifest:
     """Write every split as `{split}-NNNNNN.tar` + manifest.json into `out_dir`, atomically.
 
     crop_pct: the dataset's evaluation centre crop (1.0: whole image, right for small or object-centred
@@ -291,21 +303,22 @@ def write_shards(splits: dict[str, list[Sample]], out_dir, dataset: str, classes
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         mark_ours(tmp)  # a killed run's temp folder is recognised by it, and the output carries it
-        manifest = {"format": MANIFEST_FORMAT, "dataset": dataset, "classes": list(classes),
-                    "num_classes": len(classes), "source": source, "crop_pct": float(crop_pct),
-                    "tool_version": __version__, "splits": {}}
+        written = {}
         total = sum(len(s) for s in splits.values())
         with progress(total=total, desc="shard", unit="img", disable=quiet) as bar:
             for split, samples in splits.items():
                 if samples:
-                    manifest["splits"][split] = _write_split(tmp, split, samples, maxcount, on_bad_image, bar)
-        manifest["fingerprint"] = dataset_fingerprint(manifest)
-        atomic_write_json(tmp / MANIFEST, manifest)
+                    written[split] = _write_split(tmp, split, samples, maxcount, on_bad_image, bar)
+        manifest = ShardManifest(format=MANIFEST_FORMAT, dataset=dataset, classes=list(classes),
+                                 num_classes=len(classes), source=source, crop_pct=float(crop_pct),
+                                 tool_version=__version__, splits=written,
+                                 fingerprint=dataset_fingerprint(list(classes), written))
+        atomic_write_json(tmp / MANIFEST, dataclasses.asdict(manifest))
         os.chmod(tmp, umask_mode(directory=True))
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _remember_hashes({key: [*stat, shard["sha256"]] for split in manifest["splits"].values()
+    _remember_hashes({key: [*stat, shard["sha256"]] for split in manifest.splits.values()
                       for shard in split["shards"] for key, stat in [_stat_key(out_dir / shard["name"])]})
     return manifest
 
@@ -368,13 +381,13 @@ class ShardReader:
     def __init__(self, shard_dir, split: str):
         self.shard_dir = Path(shard_dir)
         manifest = verified_manifest(shard_dir)
-        if split not in manifest["splits"]:
+        if split not in manifest.splits:
             raise UserError(f"split '{split}' not in {self.shard_dir / MANIFEST} "
-                            f"(has: {', '.join(manifest['splits'])})")
+                            f"(has: {', '.join(manifest.splits)})")
         self.manifest, self.split = manifest, split
         self.paths: list[Path] = []
         keys, loc, labels = [], [], []
-        for shard in manifest["splits"][split]["shards"]:
+        for shard in manifest.splits[split]["shards"]:
             path = self.shard_dir / shard["name"]
             if not path.is_file():
                 raise UserError(f"shard {path} listed in the manifest is missing; re-run `pipeline shard`")
@@ -383,9 +396,9 @@ class ShardReader:
             keys += entries["keys"]
             labels += entries["labels"]
             loc += [(len(self.paths) - 1, o, n) for o, n in zip(entries["offsets"], entries["sizes"])]
-        if len(keys) != manifest["splits"][split]["count"]:
+        if len(keys) != manifest.splits[split]["count"]:
             raise UserError(f"{self.shard_dir}: split {split} holds {len(keys)} samples but the manifest "
-                            f"says {manifest['splits'][split]['count']}; re-run `pipeline shard`")
+                            f"says {manifest.splits[split]['count']}; re-run `pipeline shard`")
         self.keys = keys
         self._loc = np.asarray(loc, dtype=np.int64).reshape(-1, 3)
         self.labels = np.asarray(labels, dtype=np.int64)

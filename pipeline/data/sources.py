@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.images import decode_image
-from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, index_tar, normalise_member, read_manifest, read_range
+from pipeline.data.shards import IMAGE_EXTS, MANIFEST, Sample, ShardManifest, index_tar, normalise_member, read_range
 from pipeline.defaults import RENDERED_SIZE, SPEC_OPTIONS
 from pipeline.errors import UserError
 
@@ -188,7 +188,7 @@ def webdataset_shards(pattern: str, val_fraction: float, seed: int):
     num_classes = 1 + max((s.label for samples in splits.values() for s in samples), default=-1)
     classes = [str(c) for c in range(num_classes)]
     if (paths[0].parent / MANIFEST).is_file():  # shards we wrote before: keep their class names
-        classes = read_manifest(paths[0].parent)["classes"]
+        classes = ShardManifest.read(paths[0].parent).classes
     if not splits["val"]:
         splits = stratified_split(splits["train"], val_fraction, seed)
     return display_name(paths[0].parent), classes, splits
