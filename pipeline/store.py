@@ -23,6 +23,7 @@ over every shard, so an epoch reads the target and params files whole (the store
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -45,7 +46,7 @@ from zarr.storage import MemoryStore
 from pipeline.codec import (LSE_KEEPBITS, RECORD, STORE_DTYPES, array_dtypes, check_temperatures, decode_logp,
                             fixed_point, tempered_lse, value_scale, value_steps)
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, stable_hash
+from pipeline.io import atomic_write_json, check_keys, read_json, stable_hash
 
 
 FORMAT = 3  # 3: fixed-point values, the tempered rest per tau, checksummed done records (2: f16 lse offsets)
@@ -491,35 +492,58 @@ def open_store(path, require_complete: bool = True) -> LogitStore:
     return store
 
 
+POINTER_MARK = "pipeline teach pointer"  # a pointer file is ours by this field (its folder is shared with DVC)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeachPointer:
+    """{out}/{teacher}.json, written by `pipeline teach`: which store holds a teacher's logits, for the stages
+    after it and for DVC to track (the store itself may live outside the repo)."""
+
+    written_by: str                 # POINTER_MARK: the file is ours to replace
+    store: str                      # a URL, or a path relative to the pointer's folder
+    key: str
+    teacher: str
+    k: int
+    num_views: int
+    num_classes: int
+    split: str
+    dataset_fingerprint: str
+    plan: dict
+    plan_hash: str
+
+    @classmethod
+    def read(cls, pointer) -> "TeachPointer":
+        """A pointer file; a missing, unreadable, older or edited one is one line naming the fix."""
+        pointer = Path(pointer)
+        if not pointer.is_file():
+            raise UserError(f"no teacher pointer file {pointer}; run `pipeline teach --out {pointer.parent}` first")
+        fix = f"re-run `pipeline teach --out {pointer.parent}` to rewrite it"
+        data = read_json(pointer, fix)
+        check_keys(cls, data, f"teacher pointer {pointer}", fix)
+        if not all(isinstance(data[k], str) for k in ("store", "key", "teacher")):
+            raise UserError(f"teacher pointer {pointer} is unreadable (store, key or teacher not a string); {fix}")
+        return cls(**data)
+
+
 def open_pointer(pointer) -> LogitStore:
     """Open the store named by a pointer file {out}/{teacher}.json written by `pipeline teach`."""
     pointer = Path(pointer)
-    if not pointer.is_file():
-        raise UserError(f"no teacher pointer file {pointer}; run `pipeline teach --out {pointer.parent}` first")
-    try:
-        info = json.loads(pointer.read_text())
-        if not all(isinstance(info.get(k), str) for k in ("store", "key", "teacher")):
-            raise ValueError("no store/key/teacher")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as err:
-        raise UserError(f"teacher pointer {pointer} is unreadable ({type(err).__name__}); re-run "
-                        f"`pipeline teach --out {pointer.parent}` to rewrite it") from None
-    if info["teacher"] != pointer.stem:
-        raise UserError(f"pointer {pointer} names teacher '{info['teacher']}', not '{pointer.stem}'; re-run "
+    info = TeachPointer.read(pointer)
+    if info.teacher != pointer.stem:
+        raise UserError(f"pointer {pointer} names teacher '{info.teacher}', not '{pointer.stem}'; re-run "
                         f"`pipeline teach --out {pointer.parent}` for teacher '{pointer.stem}'")
-    path = store_location(info["store"])
+    path = store_location(info.store)
     if not is_url(path) and not path.is_absolute():
         path = (pointer.parent / path).resolve()
     store = open_store(path)
-    if store.key != info["key"]:
-        raise UserError(f"pointer {pointer} names store key {info['key']} but {path} holds {store.key}; "
+    if store.key != info.key:
+        raise UserError(f"pointer {pointer} names store key {info.key} but {path} holds {store.key}; "
                         "re-run `pipeline teach`")
-    if store.provenance["teacher"].get("name") != info["teacher"]:
-        raise UserError(f"pointer {pointer} is for teacher '{info['teacher']}' but {path} holds the logits of teacher "
+    if store.provenance["teacher"].get("name") != info.teacher:
+        raise UserError(f"pointer {pointer} is for teacher '{info.teacher}' but {path} holds the logits of teacher "
                         f"'{store.provenance['teacher'].get('name')}'; re-run `pipeline teach --out {pointer.parent}`")
     return store
-
-
-POINTER_MARK = "pipeline teach pointer"  # a pointer file is ours by this field (its folder is shared with DVC)
 
 
 def check_pointer_ours(pointer) -> None:
@@ -536,13 +560,13 @@ def check_pointer_ours(pointer) -> None:
                         "changed: choose another --out, or move that file away")
 
 
-def write_pointer(pointer, store: LogitStore) -> dict:
+def write_pointer(pointer, store: LogitStore) -> TeachPointer:
     p = store.provenance
     store_path = store.path if is_url(store.path) else os.path.relpath(store.path.resolve(), Path(pointer).parent.resolve())
-    info = {"written_by": POINTER_MARK, "store": store_path, "key": store.key, "teacher": p["teacher"]["name"], "k": store.k,
-            "num_views": store.num_views, "num_classes": store.num_classes, "split": p["split"],
-            "dataset_fingerprint": p["dataset_fingerprint"], "plan": store.plan, "plan_hash": p["plan_hash"]}
-    atomic_write_json(pointer, info)
+    info = TeachPointer(written_by=POINTER_MARK, store=store_path, key=store.key, teacher=p["teacher"]["name"],
+                        k=store.k, num_views=store.num_views, num_classes=store.num_classes, split=p["split"],
+                        dataset_fingerprint=p["dataset_fingerprint"], plan=store.plan, plan_hash=p["plan_hash"])
+    atomic_write_json(pointer, dataclasses.asdict(info))
     return info
 
 

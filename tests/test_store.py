@@ -1,5 +1,6 @@
 """The logit store on its own: encoding, index dtype, refusal of wrong inputs, interrupted creation, inspect."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,11 +84,29 @@ def test_store_for_other_inputs_is_refused(tmp_path):
 def test_pointer_resolves_relative_store_and_checks_key(tmp_path):
     store, _ = make_store(tmp_path / "stores" / "s.zarr")
     info = write_pointer(tmp_path / "out" / "t.json", store)
-    assert info["store"] == "../stores/s.zarr" and info["teacher"] == "t"
+    assert info.store == "../stores/s.zarr" and info.teacher == "t"
     assert open_pointer(tmp_path / "out" / "t.json").key == "k1"
-    (tmp_path / "out" / "t.json").write_text(json.dumps({**info, "key": "zz"}))
+    (tmp_path / "out" / "t.json").write_text(json.dumps({**dataclasses.asdict(info), "key": "zz"}))
     with pytest.raises(UserError, match="key zz"):
         open_pointer(tmp_path / "out" / "t.json")
+
+
+@pytest.mark.parametrize("edit", ["missing key", "unknown key"])
+def test_pointer_with_a_missing_or_unknown_key_is_refused(tmp_path, edit):
+    """An edited or older pointer is one line naming the file, the key and the fix, before its store is opened."""
+    store, _ = make_store(tmp_path / "stores" / "s.zarr")
+    pointer = tmp_path / "out" / "t.json"
+    data = dataclasses.asdict(write_pointer(pointer, store))
+    if edit == "missing key":
+        del data["plan_hash"]
+    else:
+        data["weights"] = "t.safetensors"
+    pointer.write_text(json.dumps(data))
+    with pytest.raises(UserError) as err:
+        open_pointer(pointer)
+    message = str(err.value)
+    assert "\n" not in message and str(pointer) in message and "pipeline teach" in message
+    assert ("no plan_hash" if edit == "missing key" else "unknown keys ['weights']") in message
 
 
 def test_cut_off_creation_is_recreated_and_partial_store_resumes(tmp_path):
