@@ -778,14 +778,16 @@ def test_fused_weights_of_another_graph_are_refused(fused_dir, tmp_path):
     assert_one_line_error(result, "fused.safetensors", "does not fit")
 
 
-def test_onnx_of_another_graph_is_refused(fused_dir, tmp_path):
+@pytest.mark.parametrize("classes", [0, 3], ids=["same head", "another head"])
+def test_onnx_of_another_graph_is_refused(fused_dir, tmp_path, classes):
     import hashlib
 
     from pipeline.fuse import export_onnx
 
     fused = fused_dir(tmp_path / "copy")
     info = json.loads((fused / "fuse.json").read_text())
-    other = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, info["num_classes"]))
+    other = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, info["num_classes"] + classes))
     export_onnx(other, info["input_size"], fused / "model.onnx")
     info["sha256"]["model.onnx"] = hashlib.sha256((fused / "model.onnx").read_bytes()).hexdigest()
     (fused / "fuse.json").write_text(json.dumps(info))
