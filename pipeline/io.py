@@ -4,6 +4,7 @@ reading of a record's JSON file that refuses a missing or an unknown key."""
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -125,6 +126,11 @@ def read_json(path, fix: str):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is unreadable ({type(err).__name__}); {fix}") from None
+
+
+def finite_number(value) -> bool:
+    """A real number a record or spec may hold: an int or float, finite (bool, NaN and inf are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_keys(cls, data, where: str, fix: str, spell=lambda name: (name,)) -> None:

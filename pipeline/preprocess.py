@@ -8,10 +8,10 @@ This module imports nothing heavy: stages read specs through it before any model
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
+from pipeline.io import finite_number
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class Preprocess:
             bad("input_size", "a positive number of pixels")
         for key in ("mean", "std"):
             values = data[key]
-            if (not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_number, values))
+            if (not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(finite_number, values))
                     or (key == "std" and min(values) <= 0)):
                 bad(key, "three numbers (R, G, B)" + (", each > 0" if key == "std" else ""))
         crop = data["crop_pct"]
-        if not (crop is None and data_crop) and not (_number(crop) and 0 < crop <= 1):
+        if not (crop is None and data_crop) and not (finite_number(crop) and 0 < crop <= 1):
             bad("crop_pct", "a number in (0, 1]" + (" or null (the dataset's)" if data_crop else ""))
         if data["interpolation"] not in INTERPOLATIONS:
             bad("interpolation", f"one of {', '.join(INTERPOLATIONS)}")
@@ -66,7 +66,3 @@ def timm_defaults(cfg) -> dict:
 
     config = resolve_data_config(pretrained_cfg=(cfg or PretrainedCfg()).to_dict())
     return {key: config[key] for key in KEYS}
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

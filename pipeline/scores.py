@@ -4,15 +4,10 @@ Its own module, not pipeline.records: the report stage then depends on this file
 not re-run by edits to the models or the student records (dvc.yaml).
 """
 
-import math
 from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, check_keys, read_json
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from pipeline.io import atomic_write_json, check_keys, finite_number, read_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,9 +47,9 @@ class Metrics:
         fix = "re-run `pipeline evaluate` for it"
         data = read_json(path, fix)
         check_keys(cls, data, str(path), fix)
-        wrong = [k for k in ("params", "macs", "top1", "top5") if not _number(data[k])]
+        wrong = [k for k in ("params", "macs", "top1", "top5") if not finite_number(data[k])]
         latency = data["latency_ms"]
-        if not isinstance(latency, dict) or not all(v is None or _number(v) for v in latency.values()):
+        if not isinstance(latency, dict) or not all(v is None or finite_number(v) for v in latency.values()):
             wrong.append("latency_ms")
         if wrong:
             raise UserError(f"{path}: {', '.join(wrong)} not a finite number (latency_ms: a mapping of them); {fix}")

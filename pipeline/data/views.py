@@ -35,7 +35,7 @@ from timm.data.transforms import str_to_pil_interp
 
 from pipeline.data.images import opencv
 from pipeline.errors import UserError
-from pipeline.io import stable_hash
+from pipeline.io import finite_number, stable_hash
 
 GRID = 1023  # erase-box fractions are stored as q / GRID: 10 bits, < 0.5 px at 500 px
 MAG_SCALE = 10  # RandAugment magnitudes are stored as round(m * 10): 0.3 degrees of rotation a step
@@ -177,9 +177,6 @@ class ViewPlan:
 
 def _check_types(plan: "ViewPlan") -> None:
     """Field types and ranges before anything uses them: a bad plan value is one line, not a traceback."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     def check(ok, field, want):
         if not ok:
             raise UserError(f"view plan {field}: {getattr(plan, field)!r} must be {want}")
@@ -188,10 +185,10 @@ def _check_types(plan: "ViewPlan") -> None:
     check(isinstance(plan.size, int) and not isinstance(plan.size, bool) and 8 <= plan.size <= MAX_SIZE, "size",
           f"an integer number of pixels in 8..{MAX_SIZE}")
     for field in ("hflip", "re_prob"):
-        check(number(getattr(plan, field)) and 0 <= getattr(plan, field) <= 1, field, "a probability in [0, 1]")
+        check(finite_number(getattr(plan, field)) and 0 <= getattr(plan, field) <= 1, field, "a probability in [0, 1]")
     for field in ("scale", "ratio"):
         value = getattr(plan, field)
-        check(isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)), field,
+        check(isinstance(value, (list, tuple)) and len(value) == 2 and all(map(finite_number, value)), field,
               "two numbers [min, max]")
     check(isinstance(plan.re_count, int) and not isinstance(plan.re_count, bool) and 1 <= plan.re_count <= MAX_ERASE,
           "re_count", f"an integer in 1..{MAX_ERASE}")
