@@ -3,22 +3,23 @@
 The arrays, their dtypes and how their numbers are encoded are pipeline.codec's; this module creates, opens,
 writes and checks them (locally or on an object store through fsspec).
 
-- rows are written one zarr shard at a time (sharding codec: few files, big compressed chunks), and
-  a shard is the unit of resume and of work sharing between torchrun ranks: no two processes ever
-  touch the same file, and zarr's LocalStore writes every file atomically (temp + rename).
-- `done` [S,W] u8 holds one record per shard of rows, written after that shard's arrays: a done flag, the
-  digest of the store's metadata and the sha256 of each array's shard file.
+- rows are written one shard of rows at a time, and a shard is the unit of resume and of work sharing
+  between torchrun ranks: no two processes ever touch the same file, and zarr's LocalStore writes every file
+  atomically (temp + rename).
+- each per-view array ([N, V, ...]) keeps one file per (shard of rows, view) (zarr sharding codec, shard shape
+  [shard_rows, 1, ...]): a student epoch uses one view (loaders.epoch_view), so it reads 1/V of the store.
+- `done` [S,W] u8 holds one record per shard of rows, written after that shard's files: a done flag, the
+  digest of the store's metadata and the sha256 of each of its files (shard_files order).
 
-What we write we can verify: the done record of a shard holds the sha256 of every array's shard file, as
-written, and the digest of the store's metadata (its provenance but the teacher's measured top-1, and every
+What we write we can verify: the done record of a shard holds the sha256 of every file of it, as written, and the digest of the store's metadata (its provenance but the teacher's measured top-1, and every
 array's zarr.json). `store inspect --verify` re-hashes every file; `read_views` (the student's epochs, the
 audit) hashes each file it reads as it reads it, before using a number of it; and every open checks the
 metadata digest: a changed byte anywhere, an edited plan or temperature list, a dtype changed in zarr.json or
 in consolidated metadata, is one line naming it.
 
 What a student reads: per epoch, the pairs (sample, that epoch's view) of its own samples (read_views): its
-memory is O(N / world x K), flat in V. The files hold every view of their rows, and a rank's samples are spread
-over every shard, so an epoch reads the target and params files whole (the store less `labels`), once per rank.
+memory is O(N / world x K), flat in V. A rank's samples are spread over every shard, so an epoch reads that
+view's target and params files of every shard: 1/V of the store (less `labels`), once per rank.
 """
 
 from __future__ import annotations
@@ -49,13 +50,12 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, check_keys, read_json, stable_hash
 
 
-FORMAT = 3  # 3: fixed-point values, the tempered rest per tau, checksummed done records (2: f16 lse offsets)
+FORMAT = 4  # 4: one file per (shard, view); 3: fixed-point values, the tempered rest per tau, checksummed records
 ARRAYS = ("values", "indices", "lse", "rest", "params", "labels")
 VIEW_ARRAYS = ARRAYS[:5]  # one entry per (sample, view)
 TARGET_ARRAYS = ("values", "indices", "lse", "rest")  # what the KD targets are decoded from
-READ_VIEWS = 1 << 18  # stored views LogitStore.read_views decodes at once (~10 MB of values at K = 10)
+READ_VIEWS = 1 << 18  # stored views LogitStore.read_views decodes at once (~5 MB of values at K = 10)
 DIGEST = 32  # sha256 bytes
-DONE_WIDTH = 1 + DIGEST * (1 + len(ARRAYS))  # flag, metadata digest, one digest per array's shard file
 # provenance fields written after the shards (the teacher's measured top-1): outside the metadata digest
 MEASURED = ("teacher_top1_views", "teacher_top1_clean_val")
 # What a store of ours may name: no pickle/object codec (numcodecs.pickle unpickles every chunk it reads).
@@ -80,10 +80,20 @@ def store_key(*, dataset_fingerprint: str, split: str, plan_hash: str, teacher: 
                             values=values, amp=amp, temperatures=check_temperatures(temperatures)))
 
 
-def rows_per_chunk(shard_rows: int, num_views: int) -> int:
-    """Inner chunk rows: the largest divisor of the shard giving <= ~4096 views per chunk."""
-    limit = max(1, 4096 // num_views)
-    return max(d for d in range(1, min(shard_rows, limit) + 1) if shard_rows % d == 0)
+def rows_per_chunk(shard_rows: int) -> int:
+    """Inner chunk rows (one view each): the largest divisor of the shard <= 4096."""
+    return max(d for d in range(1, min(shard_rows, 4096) + 1) if shard_rows % d == 0)
+
+
+def shard_files(num_views: int) -> list[tuple[str, int | None]]:
+    """The files of one shard of rows as (array, view), in done-record order: each per-view array's file of
+    each view, then `labels`' (view None)."""
+    return [(name, v) for name in VIEW_ARRAYS for v in range(num_views)] + [("labels", None)]
+
+
+def record_width(num_views: int) -> int:
+    """Bytes of a done record: flag, metadata digest, one sha256 per file of the shard."""
+    return 1 + DIGEST * (1 + len(shard_files(num_views)))
 
 
 def bytes_on_disk(path) -> int:
@@ -202,7 +212,7 @@ def check_format(path, provenance) -> None:
     """A store of another format (an older pipeline's) is refused in one line: teach writes a new one."""
     if isinstance(provenance, dict) and provenance.get("format", 2) != FORMAT:
         raise UserError(f"teacher store {path} has store format {provenance.get('format', 2)}; this pipeline reads "
-                        f"format {FORMAT} (fixed-point values, the rest mass per tau, chunk checksums): re-run "
+                        f"format {FORMAT} (one file per shard and view, checksummed): re-run "
                         "`pipeline teach` (the store key changed with the format: it writes a new store)")
 
 
@@ -220,9 +230,10 @@ def metadata_digest(metas: dict) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-def chunk_file(array, shard: int) -> str:
-    """The file (relative to the store) holding rows of `shard` of a sharded zarr array."""
-    coords = (shard,) + (0,) * (array.ndim - 1)
+def chunk_file(array, shard: int, view: int | None = None) -> str:
+    """The file (relative to the store) holding rows of `shard` (at `view`, for a per-view array)."""
+    coords = (shard,) + (() if view is None else (view,))
+    coords += (0,) * (array.ndim - len(coords))
     return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
@@ -312,6 +323,7 @@ class LogitStore:
         self.key = self.provenance["key"]
         self.shard_rows = self.provenance["shard_rows"]
         self.temperatures = list(self.provenance.get("temperatures", [1.0]))
+        self._read_records = None  # records() as the read path last read them (read_records)
 
     @property
     def num_shards(self) -> int:
@@ -321,16 +333,25 @@ class LogitStore:
         return self.records()[:, 0] == 1
 
     def records(self) -> np.ndarray:
-        """uint8 [S, DONE_WIDTH]: each shard's done record (flag, metadata digest, array file digests)."""
+        """uint8 [S, record_width]: each shard's done record (flag, metadata digest, its files' digests)."""
         try:
             recs = np.asarray(self.arrays["done"][:], dtype=RECORD)
         except Exception as err:  # noqa: BLE001 - any codec/IO failure: the records cannot be trusted
             raise UserError(f"teacher store {self.path}: its done records (done/) are unreadable ({type(err).__name__}); "
                             "re-run `pipeline teach` into a fresh --store-root") from None
-        if recs.shape != (self.num_shards, DONE_WIDTH):
+        width = record_width(self.num_views)
+        if recs.shape != (self.num_shards, width):
             raise UserError(f"teacher store {self.path}: its done records have shape {list(recs.shape)}, not "
-                            f"[{self.num_shards}, {DONE_WIDTH}]; re-run `pipeline teach` into a fresh --store-root")
+                            f"[{self.num_shards}, {width}]; re-run `pipeline teach` into a fresh --store-root")
         return recs
+
+    def read_records(self, shards) -> np.ndarray:
+        """records() for checking reads of `shards`, read once per open store (an epoch's reads then cost no
+        O(S x V) digest read), again when one of `shards` was not done then. A done shard's record stays as
+        it is until the shard is found damaged and rewritten: a cached one then refuses the new file."""
+        if self._read_records is None or not (self._read_records[shards, 0] == 1).all():
+            self._read_records = self.records()
+        return self._read_records
 
     @property
     def complete(self) -> bool:
@@ -346,16 +367,17 @@ class LogitStore:
                                 "`pipeline teach` into a fresh --store-root")
 
     def damaged_shards(self, full: bool = False, names=ARRAYS) -> dict[int, str]:
-        """Done shards whose data is gone or changed: {shard: why}. Cheap: every array's shard file exists.
+        """Done shards whose data is gone or changed: {shard: why}. Cheap: every file of the shard exists.
         `full`: every file's sha256 is the one its done record holds (one read and one hash per file)."""
         bad = {}
         fs, root = fsspec.core.url_to_fs(str(self.path))
         recs = self.records()
+        files = [(name, view) for name, view in shard_files(self.num_views) if name in names]
         for shard in map(int, np.flatnonzero(recs[:, 0] == 1)):
-            for name in names:
-                rel = chunk_file(self.arrays[name], shard)
+            for name, view in files:
+                rel = chunk_file(self.arrays[name], shard, view)
                 if full:
-                    why = self._checked_file(fs, root, name, shard, recs[shard])[1]
+                    why = self._checked_file(fs, root, name, shard, view, recs[shard])[1]
                 else:
                     why = None if fs.isfile(f"{root}/{rel}") else f"{rel} missing"
                 if why:
@@ -363,15 +385,16 @@ class LogitStore:
                     break
         return bad
 
-    def _checked_file(self, fs, root, name: str, shard: int, record: np.ndarray) -> tuple[bytes | None, str | None]:
-        """(the bytes of array `name`'s file of `shard`, None) when their sha256 is the one in the shard's done
-        `record`, else (None, why)."""
-        rel = chunk_file(self.arrays[name], shard)
+    def _checked_file(self, fs, root, name: str, shard: int, view: int | None,
+                      record: np.ndarray) -> tuple[bytes | None, str | None]:
+        """(the bytes of array `name`'s file of (`shard`, `view`), None) when their sha256 is the one in the
+        shard's done `record`, else (None, why)."""
+        rel = chunk_file(self.arrays[name], shard, view)
         try:
             data = fs.cat_file(f"{root}/{rel}")
         except FileNotFoundError:
             return None, f"{rel} missing"
-        at = 1 + DIGEST * (1 + ARRAYS.index(name))
+        at = 1 + DIGEST * (1 + shard_files(self.num_views).index((name, view)))
         if hashlib.sha256(data).digest() != record[at:at + DIGEST].tobytes():
             return None, f"{rel} is not the file written (its sha256 differs from the shard's done record)"
         return data, None
@@ -405,8 +428,9 @@ class LogitStore:
         """The stored `names` (of VIEW_ARRAYS) of the (index, view) pairs, in memory: what a student rank holds
         for one epoch (its own samples, each at that epoch's view: ~60 bytes + 2 P a pair at K = 10).
 
-        Only the shard files holding a pair are read, in runs of consecutive shards of at most READ_VIEWS stored
-        views, a run decoded at once: peak memory is the pairs' numbers plus one array's run, whatever V.
+        Only the files holding a pair are read (one per shard of rows and view: an epoch's single view is 1/V of
+        the store), in runs of consecutive shards of at most READ_VIEWS stored views, a run decoded at once: peak
+        memory is the pairs' numbers plus one array's run, whatever V.
 
         Integrity: each file is hashed as it is read and refused, in one line naming the shard, unless its sha256
         is the one its done record holds. So every number served was checked by the read that fetched it, at
@@ -415,33 +439,35 @@ class LogitStore:
         """
         codes = np.unique(np.asarray(index, np.int64) * self.num_views + np.asarray(view, np.int64))
         rows, cols = np.divmod(codes, self.num_views)
-        shards, starts = np.unique(rows // self.shard_rows, return_index=True)
-        bounds = [*starts.tolist(), len(codes)]
-        recs = self.records()
+        recs = self.read_records(np.unique(rows // self.shard_rows))
         out = {name: np.empty((len(codes), *self.arrays[name].shape[2:]), self.arrays[name].dtype) for name in names}
-        done = 0  # shards read so far
-        for run in consecutive_runs(shards.tolist(), max(1, READ_VIEWS // (self.shard_rows * self.num_views))):
-            a, b = bounds[done], bounds[done + len(run)]
-            first, last = self.shard_rows_range(run[0]).start, self.shard_rows_range(run[-1]).stop
-            for name in names:
-                out[name][a:b] = self._checked_copy(name, run, recs)[first:last][rows[a:b] - first, cols[a:b]]
-            done += len(run)
+        for v in map(int, np.unique(cols)):
+            at = np.flatnonzero(cols == v)  # this view's pairs, rows ascending
+            shards, starts = np.unique(rows[at] // self.shard_rows, return_index=True)
+            bounds = [*starts.tolist(), len(at)]
+            done = 0  # shards read so far
+            for run in consecutive_runs(shards.tolist(), max(1, READ_VIEWS // self.shard_rows)):
+                a, b = bounds[done], bounds[done + len(run)]
+                first, last = self.shard_rows_range(run[0]).start, self.shard_rows_range(run[-1]).stop
+                for name in names:
+                    out[name][at[a:b]] = self._checked_copy(name, v, run, recs)[first:last, v][rows[at[a:b]] - first]
+                done += len(run)
         step = value_scale(self.provenance["values_encoding"])
         if "values" in out:
             out["values"] = value_steps(out["values"], step)
         return StoredViews(codes, self.num_views, out, step or 1, self.temperatures)
 
-    def _checked_copy(self, name: str, shards: list[int], recs: np.ndarray) -> zarr.Array:
-        """Array `name` in memory, holding only the files of `shards` as read and checked against their done
-        records `recs` (_checked_file): zarr decodes the very bytes that were hashed."""
+    def _checked_copy(self, name: str, view: int, shards: list[int], recs: np.ndarray) -> zarr.Array:
+        """Per-view array `name` in memory, holding only its files of (`shards`, `view`) as read and checked
+        against their done records `recs` (_checked_file): zarr decodes the very bytes that were hashed."""
         fs, root = fsspec.core.url_to_fs(str(self.path))
         array, prototype = self.arrays[name], default_buffer_prototype()
         files = array.metadata.to_buffer_dict(prototype)
         for shard in shards:
-            data, why = self._checked_file(fs, root, name, shard, recs[shard])
+            data, why = self._checked_file(fs, root, name, shard, view, recs[shard])
             if why:
                 self._refuse_damaged({shard: why})
-            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            key = array.metadata.encode_chunk_key((shard, view) + (0,) * (array.ndim - 2))
             files[key] = prototype.buffer.from_bytes(data)
         with numcodecs_quiet():
             return zarr.open_array(MemoryStore(files), mode="r")
@@ -587,8 +613,8 @@ class StoreWriter(LogitStore):
         fs, root = fsspec.core.url_to_fs(str(self.path))
         for shard in map(int, shards):
             self.arrays["done"][shard] = 0
-            for name in ARRAYS:
-                chunk = f"{root}/{chunk_file(self.arrays[name], shard)}"
+            for name, view in shard_files(self.num_views):
+                chunk = f"{root}/{chunk_file(self.arrays[name], shard, view)}"
                 if fs.exists(chunk):
                     fs.rm_file(chunk)
 
@@ -603,14 +629,14 @@ class StoreWriter(LogitStore):
         self.seal(shard)
 
     def seal(self, shard: int) -> None:
-        """Write the done record of a shard whose array files are written: flag, metadata digest, file digests."""
+        """Write the done record of a shard whose files are written: flag, metadata digest, file digests."""
         g = self.arrays
         fs, root = fsspec.core.url_to_fs(str(self.path))
-        record = np.zeros(DONE_WIDTH, RECORD)
+        record = np.zeros(record_width(self.num_views), RECORD)
         record[0] = 1
         record[1:1 + DIGEST] = np.frombuffer(self.digest, RECORD)
-        for i, name in enumerate(ARRAYS):
-            data = fs.cat_file(f"{root}/{chunk_file(g[name], shard)}")
+        for i, (name, view) in enumerate(shard_files(self.num_views)):
+            data = fs.cat_file(f"{root}/{chunk_file(g[name], shard, view)}")
             record[1 + DIGEST * (1 + i):1 + DIGEST * (2 + i)] = np.frombuffer(hashlib.sha256(data).digest(), RECORD)
         g["done"][shard] = record  # last: a killed writer leaves the shard not done, to be written again
 
@@ -675,15 +701,17 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
     dtypes = array_dtypes(values, num_classes)
     idx = dtypes["indices"]
     step = value_scale(values)
-    chunk = rows_per_chunk(shard_rows, num_views)
+    chunk = rows_per_chunk(shard_rows)
 
     def blosc(typesize, bit=False):
         return [BloscCodec(cname="zstd", clevel=9, typesize=typesize,
                            shuffle=BloscShuffle.bitshuffle if bit else BloscShuffle.shuffle)]
 
-    def array(name, shape, filters=(), compressors=None):
-        group.create_array(name, shape=shape, dtype=dtypes[name], chunks=(chunk,) + shape[1:],
-                           shards=(shard_rows,) + shape[1:], filters=list(filters), compressors=compressors,
+    def array(name, shape, filters=(), compressors=None):  # per-view arrays: one file per (shard, view)
+        per_file = shape[2:] if len(shape) > 1 else ()
+        views = (1,) if len(shape) > 1 else ()
+        group.create_array(name, shape=shape, dtype=dtypes[name], chunks=(chunk, *views, *per_file),
+                           shards=(shard_rows, *views, *per_file), filters=list(filters), compressors=compressors,
                            fill_value=0)
 
     if step is None:
@@ -695,8 +723,9 @@ def _create(path, provenance, *, num_samples, num_views, k, params_dim, num_clas
     array("rest", (num_samples, num_views, len(temperatures)), [TransposeCodec(order=(2, 0, 1))], blosc(2, bit=True))
     array("params", (num_samples, num_views, params_dim), [TransposeCodec(order=(2, 0, 1))], blosc(2))
     array("labels", (num_samples,), [], blosc(idx.itemsize))
-    group.create_array("done", shape=(math.ceil(num_samples / shard_rows), DONE_WIDTH), dtype=dtypes["done"],
-                       chunks=(1, DONE_WIDTH), compressors=None, fill_value=0)
+    width = record_width(num_views)
+    group.create_array("done", shape=(math.ceil(num_samples / shard_rows), width), dtype=dtypes["done"],
+                       chunks=(1, width), compressors=None, fill_value=0)
     group.attrs["provenance"] = {**provenance, "format": FORMAT, "shard_rows": shard_rows, "num_classes": num_classes,
                                  "index_dtype": str(idx), "values_encoding": values, "temperatures": temperatures}
     return StoreWriter(group, path, check_metadata(path))

@@ -8,7 +8,7 @@ import torch
 from timm.data import create_transform
 
 from _data_helpers import synthetic_shards
-from pipeline.data.loaders import epoch_views, eval_loader, student_loader, teacher_loader
+from pipeline.data.loaders import epoch_view, eval_loader, student_loader, teacher_loader
 from pipeline.data.shards import ShardManifest, ShardReader
 from pipeline.data.views import ViewPlan, render, view_params
 from pipeline.errors import UserError
@@ -87,7 +87,7 @@ def test_student_views_cover_all_views_over_epochs(shard_dir):
                 per_sample[i].append(v)
         assert sorted(order) == list(range(18)) and order != list(range(18))
     assert all(sorted(v) == list(range(views)) for v in per_sample.values())
-    assert epoch_views(1, 4, ["k"], 3) == epoch_views(1, 1, ["k"], 3)
+    assert epoch_view(1, 4, 3) == epoch_view(1, 1, 3)
 
 
 def test_student_ranks_split_global_batches(shard_dir):

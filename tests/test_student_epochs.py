@@ -89,6 +89,27 @@ def test_a_rank_reads_and_holds_only_its_pairs_of_the_epoch(data, world, read_vi
                     held.params([pairs[0, 0]], [(pairs[0, 1] + 1) % 3])
 
 
+def test_an_epoch_reads_one_view_of_the_store(data, monkeypatch):
+    """An epoch's reads are the files of its one view: 1/V of the store's per-view bytes, not all of them."""
+    root, stores = data
+    store = stores[0]
+    read = []
+    real = store_mod.LogitStore._checked_file
+
+    def spying(self, fs, root_, name, shard, *args):
+        data_, why = real(self, fs, root_, name, shard, *args)
+        read.append(len(data_))
+        return data_, why
+
+    monkeypatch.setattr(store_mod.LogitStore, "_checked_file", spying)
+    pairs = np.concatenate(student_batches(root / "shards", "train", 3, 8, 0, 1, drop_last=True))
+    assert len(set(pairs[:, 1].tolist())) == 1  # one view for the whole epoch
+    store.read_views(pairs[:, 0], pairs[:, 1], VIEW_ARRAYS)
+    view_bytes = sum(f.stat().st_size for name in VIEW_ARRAYS for f in (store.path / name / "c").rglob("*")
+                     if f.is_file())
+    assert 0 < sum(read) <= 0.5 * view_bytes, (sum(read), view_bytes)  # V = 3: ~1/3 (per-view files differ a little)
+
+
 def test_student_trains_bit_for_bit_as_with_every_target_in_memory(data, tmp_path, monkeypatch):
     """Two epochs of a two-teacher ensemble at a stored tau: the epoch-wise reads give the same weights, byte
     for byte, as the all-in-memory path; each epoch's reads hold that epoch's pairs only."""

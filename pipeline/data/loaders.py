@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -151,13 +150,11 @@ def teacher_loader(shard_dir, split, plan: ViewPlan, num_views: int, indices, si
     return _loader(reader, rows, _TeacherBatch(plan, size), workers)
 
 
-def epoch_views(seed: int, epoch: int, keys, num_views: int) -> np.ndarray:
-    """The view each key uses in `epoch`: (key offset + seeded permutation of the epoch phase) mod V,
-    a per-key permutation of range(V) over any V consecutive epochs, so all V views get used."""
-    offsets = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}\x00{k}".encode(), digest_size=8).digest(),
-                                          "little") % num_views for k in keys), dtype=np.int64, count=len(keys))
-    phase = np.random.default_rng([seed, num_views]).permutation(num_views)[epoch % num_views]
-    return (offsets + phase) % num_views
+def epoch_view(seed: int, epoch: int, num_views: int) -> int:
+    """The stored view every sample uses in `epoch`: a seeded permutation of range(V) over each V consecutive
+    epochs, so all V views get used. One view for all samples is the same law as one drawn per sample (view v
+    of each sample is its own draw from (plan seed, key, v)), and it makes an epoch read 1/V of the store."""
+    return int(np.random.default_rng([seed, num_views]).permutation(num_views)[epoch % num_views])
 
 
 def student_batches(shard_dir, split, num_views: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -169,8 +166,7 @@ def student_batches(shard_dir, split, num_views: int, batch_size: int, seed: int
     reader = _reader(shard_dir, split)
     perm = np.random.default_rng([seed, epoch]).permutation(len(reader))
     perm = perm[: len(perm) // world_size * world_size][rank::world_size]
-    views = epoch_views(seed, epoch, [reader.keys[i] for i in perm], num_views)
-    rows = _chunks(np.stack([perm, views], 1), batch_size)
+    rows = _chunks(np.stack([perm, np.full_like(perm, epoch_view(seed, epoch, num_views))], 1), batch_size)
     if drop_last and rows and len(rows[-1]) < batch_size:
         rows = rows[:-1]
     return rows
