@@ -20,7 +20,8 @@ _REF = "__tensor__"
 def _flatten(obj, prefix: str, tensors: dict):
     """JSON-able copy of `obj` whose tensors are moved into `tensors` under path-like names."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().clone()  # a copy: safetensors refuses shared storage
+        # a packed NCHW copy: safetensors refuses shared storage and channels_last strides
+        tensors[prefix] = obj.detach().cpu().clone(memory_format=torch.contiguous_format)
         return {_REF: prefix}
     if isinstance(obj, dict):
         if not all(isinstance(k, (str, int)) for k in obj):

@@ -122,6 +122,15 @@ def _check_finite(loss, epoch, step) -> None:
                         f"(--lr) or check the teacher store")
 
 
+def _match_param_layout(optimizer) -> None:
+    """Give each per-parameter optimizer buffer its parameter's strides (channels_last): checkpoints hold packed
+    tensors, and a norm over a differently laid-out buffer sums in another order, so a resume would drift."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def _resume(path: Path, run_id: dict, model, optimizer, ema) -> tuple[int, int, list]:
     """Restore model, optimizer and EMA from the checkpoint at `path` if the same run wrote it; return its (epoch,
     step, history). A different run's checkpoint, or one lacking a part (its digest covers the tensors, not the
@@ -135,6 +144,7 @@ def _resume(path: Path, run_id: dict, model, optimizer, ema) -> tuple[int, int, 
                             f"(or delete it) to start over")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        _match_param_layout(optimizer)
         if ema:
             ema.module.load_state_dict(ckpt["ema"])
         return state["epoch"], state["step"], state["history"]
@@ -150,7 +160,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
     """Train `model` for recipe.epochs epochs; return (history, ema): the per-epoch rows and the EMA (or None).
 
     Args:
-        model: on the CPU or already on `device`; moved there (channels_last on CUDA), DDP-wrapped when world > 1.
+        model: on the CPU or already on `device`; moved there (channels_last), DDP-wrapped when world > 1.
         recipe: optimizer, schedule, epochs, grad clip, EMA and seed (Recipe fields).
         loss: the batch objective (KDLoss).
         epoch_loader: epoch -> this rank's loader of {"image", "label", "index", "view"} batches, images uint8
@@ -170,10 +180,8 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
     """
     out = Path(out_dir)
     run_id = json.loads(json.dumps(run_id))  # tuples compare as lists, as they come back from the checkpoint
-    channels_last = device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    # channels_last: these CNNs train faster so on CUDA and on the CPU too (benchmarks/bench_memory_format.py)
+    model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, recipe)
     scheduler = create_scheduler(optimizer, recipe, steps_per_epoch)
     ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup) if recipe.ema_decay else None
@@ -198,9 +206,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
                        disable=quiet or rank != 0, leave=False)
         for batch in bar:
             scheduler.step_update(step)  # lr of this update: a pure function of the update count
-            x = normalize(batch["image"])
-            if channels_last:
-                x = x.to(memory_format=torch.channels_last)
+            x = normalize(batch["image"]).contiguous(memory_format=torch.channels_last)
             losses = loss(model, x, batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -220,10 +226,9 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
         last = epoch + 1 == recipe.epochs
         if rank == 0 and val is not None and (last or (epoch + 1) % val_every == 0):
             val_loader, row["val_images"] = val(last)
-            row["top1"], row["top5"] = _top1_top5(core, val_loader, normalize, device, channels_last, amp)
+            row["top1"], row["top5"] = _top1_top5(core, val_loader, normalize, device, amp)
             if ema:
-                row["ema_top1"], row["ema_top5"] = _top1_top5(ema.module, val_loader, normalize, device,
-                                                              channels_last, amp)
+                row["ema_top1"], row["ema_top5"] = _top1_top5(ema.module, val_loader, normalize, device, amp)
         if rank == 0:
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
@@ -241,7 +246,7 @@ def fit(model, recipe: Recipe, loss: KDLoss, epoch_loader, steps_per_epoch: int,
     return history, ema
 
 
-def _top1_top5(model, loader, normalize, device, channels_last, amp) -> tuple[float, float]:
-    acc = accuracy(model, loader, normalize, device, channels_last=channels_last, amp=amp)
+def _top1_top5(model, loader, normalize, device, amp) -> tuple[float, float]:
+    acc = accuracy(model, loader, normalize, device, channels_last=True, amp=amp)
     return acc[1], acc[5]
 

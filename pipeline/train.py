@@ -15,8 +15,8 @@ a resumed run replays the uninterrupted one.
 
 More than one process: run under torchrun; each rank takes a strided share of every global batch
 (the recipe's batch_size is global) and DDP averages gradients. BatchNorm statistics are per rank
-unless recipe.sync_bn (CUDA only: torch has no CPU SyncBatchNorm). CUDA: bf16 autocast and
-channels_last.
+unless recipe.sync_bn (CUDA only: torch has no CPU SyncBatchNorm). channels_last everywhere; CUDA: bf16
+autocast.
 """
 
 import csv
@@ -179,7 +179,7 @@ def check_replay(store, shard_dir, plan: ViewPlan, stored) -> None:
 
 
 def _safetensors_bytes(state_dict) -> bytes:
-    return save({k: v.detach().cpu().clone() for k, v in state_dict.items()})
+    return save({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()})
 
 
 def _write_plots(path, history) -> None:

@@ -7,6 +7,7 @@ Keys are spelt as the options are typed (`num-views: 4` for --num-views), like t
 that dvc.yaml unpacks into flags: one spelling in the whole file.
 """
 
+import copy
 import errno
 import importlib
 import importlib.util
@@ -37,10 +38,18 @@ class StageGroup(click.Group):
         return [name for name, (module, _, _) in STAGES.items() if importlib.util.find_spec(module)]
 
     def get_command(self, ctx, name):
+        """The stage's command; within an invocation, one copy of it, which --help's sources may annotate
+        without changing the module-level command that the next invocation gets."""
         if name not in STAGES:
             return None
         module, attr, _ = STAGES[name]
-        return getattr(importlib.import_module(module), attr)
+        command = getattr(importlib.import_module(module), attr)
+        if ctx is None or isinstance(command, click.Group):
+            return command
+        key = f"{__name__}.command.{name}"
+        if key not in ctx.meta:
+            ctx.meta[key] = _own_copy(command)
+        return ctx.meta[key]
 
     def format_commands(self, ctx, formatter):
         rows = [(name, STAGES[name][2]) for name in self.list_commands(ctx)]
@@ -70,6 +79,12 @@ class StageGroup(click.Group):
             click.echo(f"error: disk full{where} ({err.strerror}); every output is written as a temp file + rename, "
                        "so what was already there is unchanged: free space and re-run the same command", err=True)
             sys.exit(2)
+
+
+def _own_copy(command: click.Command) -> click.Command:
+    own = copy.copy(command)
+    own.params = [copy.copy(param) for param in command.params]
+    return own
 
 
 def usage_error(err: click.UsageError):

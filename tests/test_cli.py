@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from stages.cli import STAGES, main
+from tests.conftest import EMPTY_PARAMS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,17 @@ def test_help_names_where_a_default_comes_from_and_does_not_print_a_dict(tmp_pat
     assert f"7 from {params} `teach:`" in result.output
     assert f"a mapping of 3 fields from {params} `teach:`" in result.output and "'seed'" not in result.output
     assert "[default: 64;" in result.output  # --batch-size: not in the section, the built-in default
+
+
+def test_a_params_file_annotates_only_its_own_invocation(tmp_path):
+    """The sources shown by --help belong to one run: a later run with another file shows its own defaults
+    (the module-level command is not edited in place)."""
+    params = tmp_path / "params.yaml"
+    params.write_text("teach:\n  k: 7\n")
+    CliRunner().invoke(main, ["--params", str(params), "teach", "--help"], terminal_width=200)
+    result = CliRunner().invoke(main, ["--params", EMPTY_PARAMS, "teach", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"from {params}" not in result.output, result.output
 
 
 def _all_commands():
