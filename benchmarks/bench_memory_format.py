@@ -20,9 +20,9 @@ import time
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import pipeline.models  # noqa: F401 - registers the rep students
+from bench_compile import make_step  # forward + cross-entropy + backward + SGD; returns the loss
 
 MODELS = {  # the demo's students and teacher ("plain": the stock GhostNetV2 form, trained as such)
     "rep_ghostnetv3_050": {"num_branches": 3, "scale_branch": True},
@@ -31,21 +31,6 @@ MODELS = {  # the demo's students and teacher ("plain": the stock GhostNetV2 for
     "rep_mobilenetv2_100": {"num_branches": 3, "scale_branch": True},
     "resnet10t": {},
 }
-
-
-def make_step(model, memory_format):
-    """A training step of `model` in `memory_format`; returns the loss before the update."""
-    model.to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def step(x, y):
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x.contiguous(memory_format=memory_format)), y)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
 
 
 def timed(step, x, y) -> float:
@@ -67,16 +52,17 @@ def main():
     for name, kwargs in MODELS.items():
         torch.manual_seed(0)
         model = timm.create_model(name.split()[0], num_classes=10, drop_rate=0.0, **kwargs)
-        nchw = make_step(copy.deepcopy(model), torch.contiguous_format)
-        last = make_step(model, torch.channels_last)
+        _, nchw = make_step(copy.deepcopy(model).train())
+        _, last = make_step(model.to(memory_format=torch.channels_last).train())
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        x_last = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (args.batch_size,))
-        loss_diff = abs(nchw(x, y) - last(x, y))
-        last(x, y), nchw(x, y)  # warm-up
+        loss_diff = abs(nchw(x, y) - last(x_last, y))
+        last(x_last, y), nchw(x, y)  # warm-up
         times = {"nchw": [], "channels_last": []}
         for _ in range(args.runs):
             times["nchw"].append(timed(nchw, x, y))
-            times["channels_last"].append(timed(last, x, y))
+            times["channels_last"].append(timed(last, x_last, y))
         a, b = statistics.median(times["nchw"]), statistics.median(times["channels_last"])
         results[name] = {"nchw_s": round(a, 4), "channels_last_s": round(b, 4), "speedup": round(a / b, 2),
                          "max_abs_loss_diff": loss_diff}
