@@ -96,6 +96,12 @@ def record_width(num_views: int) -> int:
     return 1 + DIGEST * (1 + len(shard_files(num_views)))
 
 
+def digest_slot(file: int | None) -> slice:
+    """Where a done record holds a digest: the metadata's (file None), else that of shard_files()[file]."""
+    at = 1 if file is None else 1 + DIGEST * (1 + file)
+    return slice(at, at + DIGEST)
+
+
 def bytes_on_disk(path) -> int:
     if is_url(path):
         fs, root = fsspec.core.url_to_fs(str(path))
@@ -361,7 +367,7 @@ class LogitStore:
         """Every done shard was written under metadata with this digest (check_metadata's); else one line."""
         recs = self.records()
         for shard in map(int, np.flatnonzero(recs[:, 0] == 1)):
-            if recs[shard, 1:1 + DIGEST].tobytes() != digest:
+            if recs[shard, digest_slot(None)].tobytes() != digest:
                 raise UserError(f"teacher store {self.path}: its metadata (zarr.json: provenance, plan, temperatures or an "
                                 f"array's dtype/codecs) is not what shard {shard} was written under; refused: re-run "
                                 "`pipeline teach` into a fresh --store-root")
@@ -394,8 +400,8 @@ class LogitStore:
             data = fs.cat_file(f"{root}/{rel}")
         except FileNotFoundError:
             return None, f"{rel} missing"
-        at = 1 + DIGEST * (1 + shard_files(self.num_views).index((name, view)))
-        if hashlib.sha256(data).digest() != record[at:at + DIGEST].tobytes():
+        at = digest_slot(shard_files(self.num_views).index((name, view)))
+        if hashlib.sha256(data).digest() != record[at].tobytes():
             return None, f"{rel} is not the file written (its sha256 differs from the shard's done record)"
         return data, None
 
@@ -634,10 +640,10 @@ class StoreWriter(LogitStore):
         fs, root = fsspec.core.url_to_fs(str(self.path))
         record = np.zeros(record_width(self.num_views), RECORD)
         record[0] = 1
-        record[1:1 + DIGEST] = np.frombuffer(self.digest, RECORD)
+        record[digest_slot(None)] = np.frombuffer(self.digest, RECORD)
         for i, (name, view) in enumerate(shard_files(self.num_views)):
             data = fs.cat_file(f"{root}/{chunk_file(g[name], shard, view)}")
-            record[1 + DIGEST * (1 + i):1 + DIGEST * (2 + i)] = np.frombuffer(hashlib.sha256(data).digest(), RECORD)
+            record[digest_slot(i)] = np.frombuffer(hashlib.sha256(data).digest(), RECORD)
         g["done"][shard] = record  # last: a killed writer leaves the shard not done, to be written again
 
     def finish(self, run: dict) -> None:
